@@ -1,0 +1,68 @@
+//! Collective communication between Trellis ranks (DESIGN §4), behind one trait:
+//! a TCP ring for CPU ranks (tests, CI, CPU training) and a no-op for world size 1.
+//! (NCCL for CUDA tensors comes with tensor parallelism.)
+//!
+//! Buffers are host `f32` slices; callers flatten gradients into buckets.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("collective: peer {peer} ({addr}) {what}: {source}; check that every rank of the group is running and reachable")]
+    Peer {
+        peer: usize,
+        addr: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("collective: {0}")]
+    Protocol(String),
+    #[error("collective timed out after {0:?} waiting for a peer; a rank has probably died")]
+    Timeout(std::time::Duration),
+}
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A process group. Every rank must call the same collectives in the same order.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over all ranks, in place.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Replace `buf` on every rank with `root`'s.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Return once every rank has entered.
+    fn barrier(&mut self) -> Result<()>;
+    /// Max of one u64 over all ranks (used to agree a step or a command number).
+    fn all_reduce_max_u64(&mut self, v: u64) -> Result<u64>;
+    /// Min of one u64 over all ranks.
+    fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64>;
+}
+
+/// World size 1: every collective is the identity.
+#[derive(Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_max_u64(&mut self, v: u64) -> Result<u64> {
+        Ok(v)
+    }
+    fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64> {
+        Ok(v)
+    }
+}
+
+// H5: `pub mod ring;` with `TcpRing`.

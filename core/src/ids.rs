@@ -1,0 +1,60 @@
+//! Typed ids: never pass a bare integer where one of these is meant.
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! int_id {
+    ($(#[$m:meta])* $name:ident, $t:ty) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $t);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+macro_rules! str_id {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name(s.to_string())
+            }
+        }
+    };
+}
+
+str_id!(
+    /// A training job's name, as in the job spec.
+    JobId
+);
+str_id!(
+    /// A worker process, chosen by the worker at registration (host + pid + nonce).
+    WorkerId
+);
+int_id!(
+    /// A global rank in `0..world`.
+    Rank,
+    u32
+);
+int_id!(
+    /// The model-structure generation: 0 at start, +1 at every growth.
+    Generation,
+    u64
+);
+int_id!(
+    /// Optimizer steps completed.
+    Step,
+    u64
+);

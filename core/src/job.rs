@@ -1,0 +1,327 @@
+//! The job spec (TOML). One struct, `deny_unknown_fields` everywhere, relative paths resolved
+//! against the spec file's directory. `deploy/jobs/*.toml` are documented examples that a test
+//! parses.
+use crate::config::ModelConfig;
+use crate::growth::{GrowthSpec, Operator, OptimizerPolicy};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub job: JobSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+    /// Growth stages, applied in order.
+    #[serde(default)]
+    pub growth: Vec<GrowthStage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    pub name: String,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+}
+
+/// A preset, optionally with fields overridden. `vocab_size` defaults to the tokenizer's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub preset: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training text (UTF-8; `<|endoftext|>` lines separate documents).
+    pub train: PathBuf,
+    /// Held-out text for validation loss.
+    pub valid: PathBuf,
+    /// A `tokenizer.json` to load. Without it a byte-level BPE of `vocab_size` is trained on
+    /// `train` (and cached).
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Where tokenized corpora and trained tokenizers are cached. Default: `<out>/data`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Sequences per optimizer step, over all data-parallel ranks (constant across growth).
+    pub global_batch: usize,
+    /// Sequences per forward/backward on one rank; gradient accumulation fills the rest.
+    /// Default: the whole per-rank batch.
+    pub micro_batch: Option<usize>,
+    /// Total optimizer steps of the job (all stages).
+    pub max_steps: u64,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_min_lr")]
+    pub min_lr: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_b1")]
+    pub beta1: f64,
+    #[serde(default = "d_b2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_eps: f64,
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// Validation every this many steps (0 = only at the end).
+    #[serde(default = "d_eval_interval")]
+    pub eval_interval: u64,
+    /// Sequences of the validation split used per evaluation (0 = all).
+    #[serde(default = "d_eval_seqs")]
+    pub eval_sequences: usize,
+    /// libtorch intra-op threads (default: libtorch's).
+    pub threads: Option<usize>,
+    /// `cpu` or `cuda[:N]`.
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Checkpoint root. Default: `<out>/checkpoints`.
+    pub dir: Option<PathBuf>,
+    /// Steps between periodic checkpoints (0 = only at growth and at the end).
+    #[serde(default = "d_ckpt_interval")]
+    pub interval: u64,
+    /// Committed checkpoints to keep.
+    #[serde(default = "d_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            dir: None,
+            interval: d_ckpt_interval(),
+            keep: d_keep(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    #[serde(default = "d_one")]
+    pub dp: usize,
+    #[serde(default = "d_one")]
+    pub tp: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection { dp: 1, tp: 1 }
+    }
+}
+
+/// One growth stage. Exactly one of `at_step` / `at_tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthStage {
+    pub at_step: Option<u64>,
+    pub at_tokens: Option<u64>,
+    #[serde(default = "d_factor")]
+    pub factor: usize,
+    #[serde(default = "d_operator")]
+    pub operator: String,
+    /// For `operator = "stacking_list"`.
+    pub stacking_list: Option<Vec<usize>>,
+    /// For `operator = "random"`.
+    #[serde(default)]
+    pub mask_ramp_steps: u64,
+    #[serde(default)]
+    pub optimizer: OptimizerPolicy,
+    /// Post-growth peak LR under `reset` (the paper: 3e-4).
+    #[serde(default = "d_grow_lr")]
+    pub lr: f64,
+    /// Post-growth final LR under `reset` (the paper: 3e-5).
+    #[serde(default = "d_grow_min_lr")]
+    pub min_lr: f64,
+    /// Re-warmup steps under `reset`.
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+}
+
+fn d_seed() -> u64 { 1234 }
+fn d_vocab() -> usize { 4096 }
+fn d_lr() -> f64 { 1e-3 }
+fn d_min_lr() -> f64 { 1e-4 }
+fn d_warmup() -> u64 { 20 }
+fn d_wd() -> f64 { 0.1 }
+fn d_b1() -> f64 { 0.9 }
+fn d_b2() -> f64 { 0.95 }
+fn d_eps() -> f64 { 1e-8 }
+fn d_clip() -> f64 { 1.0 }
+fn d_eval_interval() -> u64 { 50 }
+fn d_eval_seqs() -> usize { 64 }
+fn d_device() -> String { "cpu".into() }
+fn d_ckpt_interval() -> u64 { 100 }
+fn d_keep() -> usize { 3 }
+fn d_one() -> usize { 1 }
+fn d_factor() -> usize { 4 }
+fn d_operator() -> String { "stack".into() }
+fn d_grow_lr() -> f64 { 3e-4 }
+fn d_grow_min_lr() -> f64 { 3e-5 }
+
+impl GrowthStage {
+    /// The growth request this stage makes.
+    pub fn spec(&self) -> Result<GrowthSpec> {
+        let operator = match self.operator.as_str() {
+            "stacking_list" => Operator::StackingList {
+                layers: self.stacking_list.clone().ok_or_else(|| {
+                    Error::InvalidGrowth("operator 'stacking_list' needs stacking_list = [..]".into())
+                })?,
+            },
+            "random" => Operator::Random {
+                mask_ramp_steps: self.mask_ramp_steps,
+            },
+            other => Operator::parse(other)?,
+        };
+        Ok(GrowthSpec {
+            factor: self.factor,
+            operator,
+            optimizer: self.optimizer,
+        })
+    }
+}
+
+impl JobSpec {
+    /// Read and validate a spec; relative paths are resolved against the file's directory.
+    pub fn from_file(path: &Path) -> Result<JobSpec> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("cannot read job spec {}", path.display()), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base, &path.display().to_string())
+    }
+
+    /// Parse spec text; `origin` names it in errors.
+    pub fn from_toml(text: &str, base: &Path, origin: &str) -> Result<JobSpec> {
+        let err = |message: String| Error::InvalidJobSpec {
+            path: origin.to_string(),
+            message,
+        };
+        let mut spec: JobSpec = toml::from_str(text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))?;
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut spec.data.train);
+        resolve(&mut spec.data.valid);
+        if let Some(t) = spec.data.tokenizer.as_mut() {
+            resolve(t);
+        }
+        if let Some(c) = spec.data.cache_dir.as_mut() {
+            resolve(c);
+        }
+        if let Some(c) = spec.checkpoint.dir.as_mut() {
+            resolve(c);
+        }
+        spec.validate().map_err(|e| err(e.to_string()))?;
+        Ok(spec)
+    }
+
+    /// Cross-field checks a TOML schema cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.job.name.is_empty() || !self.job.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return bad(format!("job.name '{}' must be non-empty and use only letters, digits, '-' and '_'", self.job.name));
+        }
+        if self.data.seq_len < 2 {
+            return bad("data.seq_len must be at least 2".into());
+        }
+        let dp = self.parallel.dp;
+        if dp == 0 || self.parallel.tp == 0 {
+            return bad("parallel.dp and parallel.tp must be at least 1".into());
+        }
+        if self.train.global_batch == 0 || self.train.global_batch % dp != 0 {
+            return bad(format!("train.global_batch {} must be a positive multiple of parallel.dp {dp}", self.train.global_batch));
+        }
+        let per_rank = self.train.global_batch / dp;
+        if let Some(mb) = self.train.micro_batch {
+            if mb == 0 || per_rank % mb != 0 {
+                return bad(format!("train.micro_batch {mb} must divide the per-rank batch {per_rank} (global_batch / dp)"));
+            }
+        }
+        if self.train.max_steps == 0 {
+            return bad("train.max_steps must be at least 1".into());
+        }
+        let mut last = 0u64;
+        for (i, g) in self.growth.iter().enumerate() {
+            let step = match (g.at_step, g.at_tokens) {
+                (Some(s), None) => s,
+                (None, Some(t)) => self.step_for_tokens(t),
+                _ => return bad(format!("growth[{i}]: set exactly one of at_step and at_tokens")),
+            };
+            if step == 0 || step >= self.train.max_steps {
+                return bad(format!("growth[{i}] at step {step} must lie inside the run (1..{})", self.train.max_steps));
+            }
+            if step <= last {
+                return bad(format!("growth[{i}] at step {step} must come after the previous stage (step {last})"));
+            }
+            last = step;
+            g.spec().map_err(|e| Error::InvalidConfig(format!("growth[{i}]: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Tokens consumed by one optimizer step.
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.train.global_batch * self.data.seq_len) as u64
+    }
+
+    /// The first step at whose end at least `tokens` tokens have been consumed.
+    pub fn step_for_tokens(&self, tokens: u64) -> u64 {
+        tokens.div_ceil(self.tokens_per_step())
+    }
+
+    /// The step at which growth stage `i` fires.
+    pub fn growth_step(&self, i: usize) -> u64 {
+        let g = &self.growth[i];
+        g.at_step.unwrap_or_else(|| self.step_for_tokens(g.at_tokens.unwrap_or(0)))
+    }
+
+    /// The initial model config, given the tokenizer's vocabulary size.
+    pub fn model_config(&self, tokenizer_vocab: usize) -> Result<ModelConfig> {
+        let m = &self.model;
+        let mut cfg = ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"), tokenizer_vocab)?;
+        if let Some(v) = m.vocab_size { cfg.vocab_size = v; }
+        if let Some(v) = m.hidden_size { cfg.hidden_size = v; }
+        if let Some(v) = m.intermediate_size { cfg.intermediate_size = v; }
+        if let Some(v) = m.num_hidden_layers { cfg.num_hidden_layers = v; }
+        if let Some(v) = m.num_attention_heads { cfg.num_attention_heads = v; }
+        if let Some(v) = m.num_key_value_heads { cfg.num_key_value_heads = v; }
+        if let Some(v) = m.max_position_embeddings { cfg.max_position_embeddings = v; }
+        if cfg.max_position_embeddings < self.data.seq_len {
+            cfg.max_position_embeddings = self.data.seq_len;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
