@@ -1,0 +1,29 @@
+# Trellis — the two commands a newcomer needs:
+#   make demo   installs what is missing, builds, runs coordinator + 2 CPU workers with one growth
+#   make test   installs what is missing and runs every test tier
+SHELL := /bin/bash
+ENV := source scripts/env.sh
+CARGO_FLAGS := --release --locked
+
+.PHONY: setup build test demo bench fmt clean-runs
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	@$(ENV) && cargo build $(CARGO_FLAGS) --workspace --bins
+
+test: setup
+	@$(ENV) && scripts/test.sh
+
+demo: build
+	@$(ENV) && scripts/demo.sh
+
+bench: build
+	@$(ENV) && bench/run.sh
+
+fmt:
+	@$(ENV) && cargo fmt --all
+
+clean-runs:
+	rm -rf runs

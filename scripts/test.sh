@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every test tier: repo hygiene, formatting, build, unit + service + real-etcd + multi-process
+# end-to-end tests (cargo test), deployment checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== repo hygiene"
+scripts/check-repo.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== build (release)"
+cargo build --release --locked --workspace --bins
+echo "== cargo test (release)"
+# Two test binaries at a time at most: the machine has 2 cores and the e2e tests run processes.
+cargo test --release --locked --workspace -- --test-threads=2
+if [ -x scripts/check-deploy.sh ]; then
+  echo "== deployment checks"
+  scripts/check-deploy.sh
+fi
