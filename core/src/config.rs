@@ -41,14 +41,78 @@ pub struct Preset {
 /// Presets from CPU-test size to Llama-2-7B. `coordctl plan` and the docs quote their parameter
 /// counts from [`ModelConfig::num_parameters`].
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "tiny", hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256 },
-    Preset { name: "small", hidden_size: 256, intermediate_size: 688, num_hidden_layers: 2, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 512 },
-    Preset { name: "base", hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 8, max_position_embeddings: 1024 },
-    Preset { name: "125m", hidden_size: 768, intermediate_size: 2048, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12, max_position_embeddings: 2048 },
-    Preset { name: "410m", hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 24, num_attention_heads: 16, num_key_value_heads: 16, max_position_embeddings: 2048 },
-    Preset { name: "1b", hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, max_position_embeddings: 2048 },
-    Preset { name: "3b", hidden_size: 3200, intermediate_size: 8640, num_hidden_layers: 26, num_attention_heads: 32, num_key_value_heads: 32, max_position_embeddings: 2048 },
-    Preset { name: "7b", hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 32, max_position_embeddings: 4096 },
+    Preset {
+        name: "tiny",
+        hidden_size: 64,
+        intermediate_size: 176,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 256,
+    },
+    Preset {
+        name: "small",
+        hidden_size: 256,
+        intermediate_size: 688,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        max_position_embeddings: 512,
+    },
+    Preset {
+        name: "base",
+        hidden_size: 512,
+        intermediate_size: 1376,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        max_position_embeddings: 1024,
+    },
+    Preset {
+        name: "125m",
+        hidden_size: 768,
+        intermediate_size: 2048,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_key_value_heads: 12,
+        max_position_embeddings: 2048,
+    },
+    Preset {
+        name: "410m",
+        hidden_size: 1024,
+        intermediate_size: 2816,
+        num_hidden_layers: 24,
+        num_attention_heads: 16,
+        num_key_value_heads: 16,
+        max_position_embeddings: 2048,
+    },
+    Preset {
+        name: "1b",
+        hidden_size: 2048,
+        intermediate_size: 5632,
+        num_hidden_layers: 22,
+        num_attention_heads: 32,
+        num_key_value_heads: 4,
+        max_position_embeddings: 2048,
+    },
+    Preset {
+        name: "3b",
+        hidden_size: 3200,
+        intermediate_size: 8640,
+        num_hidden_layers: 26,
+        num_attention_heads: 32,
+        num_key_value_heads: 32,
+        max_position_embeddings: 2048,
+    },
+    Preset {
+        name: "7b",
+        hidden_size: 4096,
+        intermediate_size: 11008,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 32,
+        max_position_embeddings: 4096,
+    },
 ];
 
 impl ModelConfig {
@@ -100,9 +164,13 @@ impl ModelConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        {
             return bad(format!(
                 "num_attention_heads {} must be divisible by num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
@@ -228,6 +296,9 @@ mod tests {
     #[test]
     fn unknown_preset_names_the_choices() {
         let e = ModelConfig::preset("huge", 10).unwrap_err().to_string();
-        assert!(e.contains("unknown model preset 'huge'") && e.contains("tiny"), "{e}");
+        assert!(
+            e.contains("unknown model preset 'huge'") && e.contains("tiny"),
+            "{e}"
+        );
     }
 }

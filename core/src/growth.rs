@@ -15,7 +15,8 @@ pub enum Operator {
     Stack,
     /// Each source layer repeated g times in place (`[0,0,…,1,1,…]`).
     Interpolate,
-    /// MIDAS-style: the middle block of layers is repeated.
+    /// MIDAS-style: the first and last layers kept once, the middle block `1..L−1` repeated in
+    /// order to fill depth `g·L` (exact definition at [`plan`]; needs `L ≥ 3`).
     Middle,
     /// Any list of source indices (covers partial stacking). Its length is the new depth.
     StackingList { layers: Vec<usize> },
@@ -133,7 +134,6 @@ pub struct GrowthPlan {
     pub mask_ramp_steps: u64,
 }
 
-
 impl GrowthPlan {
     /// The source of an Adam moment of target tensor `i` under `carry`: the *parameter* name whose
     /// moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) are copied. `None` means zero moments:
@@ -148,7 +148,10 @@ impl GrowthPlan {
 
     /// The source of target tensor `name`, if the plan has it.
     pub fn source_of(&self, name: &str) -> Option<&TensorSource> {
-        self.tensors.iter().find(|(n, _, _)| n == name).map(|(_, _, s)| s)
+        self.tensors
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, s)| s)
     }
 
     /// Number of target layers.

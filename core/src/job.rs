@@ -168,26 +168,66 @@ pub struct GrowthStage {
     pub warmup_steps: u64,
 }
 
-fn d_seed() -> u64 { 1234 }
-fn d_vocab() -> usize { 4096 }
-fn d_lr() -> f64 { 1e-3 }
-fn d_min_lr() -> f64 { 1e-4 }
-fn d_warmup() -> u64 { 20 }
-fn d_wd() -> f64 { 0.1 }
-fn d_b1() -> f64 { 0.9 }
-fn d_b2() -> f64 { 0.95 }
-fn d_eps() -> f64 { 1e-8 }
-fn d_clip() -> f64 { 1.0 }
-fn d_eval_interval() -> u64 { 50 }
-fn d_eval_seqs() -> usize { 64 }
-fn d_device() -> String { "cpu".into() }
-fn d_ckpt_interval() -> u64 { 100 }
-fn d_keep() -> usize { 3 }
-fn d_one() -> usize { 1 }
-fn d_factor() -> usize { 4 }
-fn d_operator() -> String { "stack".into() }
-fn d_grow_lr() -> f64 { 3e-4 }
-fn d_grow_min_lr() -> f64 { 3e-5 }
+fn d_seed() -> u64 {
+    1234
+}
+fn d_vocab() -> usize {
+    4096
+}
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_min_lr() -> f64 {
+    1e-4
+}
+fn d_warmup() -> u64 {
+    20
+}
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.95
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_eval_interval() -> u64 {
+    50
+}
+fn d_eval_seqs() -> usize {
+    64
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_ckpt_interval() -> u64 {
+    100
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_one() -> usize {
+    1
+}
+fn d_factor() -> usize {
+    4
+}
+fn d_operator() -> String {
+    "stack".into()
+}
+fn d_grow_lr() -> f64 {
+    3e-4
+}
+fn d_grow_min_lr() -> f64 {
+    3e-5
+}
 
 impl GrowthStage {
     /// The growth request this stage makes.
@@ -195,7 +235,9 @@ impl GrowthStage {
         let operator = match self.operator.as_str() {
             "stacking_list" => Operator::StackingList {
                 layers: self.stacking_list.clone().ok_or_else(|| {
-                    Error::InvalidGrowth("operator 'stacking_list' needs stacking_list = [..]".into())
+                    Error::InvalidGrowth(
+                        "operator 'stacking_list' needs stacking_list = [..]".into(),
+                    )
                 })?,
             },
             "random" => Operator::Random {
@@ -226,7 +268,8 @@ impl JobSpec {
             path: origin.to_string(),
             message,
         };
-        let mut spec: JobSpec = toml::from_str(text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))?;
+        let mut spec: JobSpec =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))?;
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -250,8 +293,17 @@ impl JobSpec {
     /// Cross-field checks a TOML schema cannot express.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
-        if self.job.name.is_empty() || !self.job.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return bad(format!("job.name '{}' must be non-empty and use only letters, digits, '-' and '_'", self.job.name));
+        if self.job.name.is_empty()
+            || !self
+                .job
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "job.name '{}' must be non-empty and use only letters, digits, '-' and '_'",
+                self.job.name
+            ));
         }
         if self.data.seq_len < 2 {
             return bad("data.seq_len must be at least 2".into());
@@ -261,7 +313,10 @@ impl JobSpec {
             return bad("parallel.dp and parallel.tp must be at least 1".into());
         }
         if self.train.global_batch == 0 || self.train.global_batch % dp != 0 {
-            return bad(format!("train.global_batch {} must be a positive multiple of parallel.dp {dp}", self.train.global_batch));
+            return bad(format!(
+                "train.global_batch {} must be a positive multiple of parallel.dp {dp}",
+                self.train.global_batch
+            ));
         }
         let per_rank = self.train.global_batch / dp;
         if let Some(mb) = self.train.micro_batch {
@@ -277,16 +332,26 @@ impl JobSpec {
             let step = match (g.at_step, g.at_tokens) {
                 (Some(s), None) => s,
                 (None, Some(t)) => self.step_for_tokens(t),
-                _ => return bad(format!("growth[{i}]: set exactly one of at_step and at_tokens")),
+                _ => {
+                    return bad(format!(
+                        "growth[{i}]: set exactly one of at_step and at_tokens"
+                    ))
+                }
             };
             if step == 0 || step >= self.train.max_steps {
-                return bad(format!("growth[{i}] at step {step} must lie inside the run (1..{})", self.train.max_steps));
+                return bad(format!(
+                    "growth[{i}] at step {step} must lie inside the run (1..{})",
+                    self.train.max_steps
+                ));
             }
             if step <= last {
-                return bad(format!("growth[{i}] at step {step} must come after the previous stage (step {last})"));
+                return bad(format!(
+                    "growth[{i}] at step {step} must come after the previous stage (step {last})"
+                ));
             }
             last = step;
-            g.spec().map_err(|e| Error::InvalidConfig(format!("growth[{i}]: {e}")))?;
+            g.spec()
+                .map_err(|e| Error::InvalidConfig(format!("growth[{i}]: {e}")))?;
         }
         Ok(())
     }
@@ -304,20 +369,35 @@ impl JobSpec {
     /// The step at which growth stage `i` fires.
     pub fn growth_step(&self, i: usize) -> u64 {
         let g = &self.growth[i];
-        g.at_step.unwrap_or_else(|| self.step_for_tokens(g.at_tokens.unwrap_or(0)))
+        g.at_step
+            .unwrap_or_else(|| self.step_for_tokens(g.at_tokens.unwrap_or(0)))
     }
 
     /// The initial model config, given the tokenizer's vocabulary size.
     pub fn model_config(&self, tokenizer_vocab: usize) -> Result<ModelConfig> {
         let m = &self.model;
         let mut cfg = ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"), tokenizer_vocab)?;
-        if let Some(v) = m.vocab_size { cfg.vocab_size = v; }
-        if let Some(v) = m.hidden_size { cfg.hidden_size = v; }
-        if let Some(v) = m.intermediate_size { cfg.intermediate_size = v; }
-        if let Some(v) = m.num_hidden_layers { cfg.num_hidden_layers = v; }
-        if let Some(v) = m.num_attention_heads { cfg.num_attention_heads = v; }
-        if let Some(v) = m.num_key_value_heads { cfg.num_key_value_heads = v; }
-        if let Some(v) = m.max_position_embeddings { cfg.max_position_embeddings = v; }
+        if let Some(v) = m.vocab_size {
+            cfg.vocab_size = v;
+        }
+        if let Some(v) = m.hidden_size {
+            cfg.hidden_size = v;
+        }
+        if let Some(v) = m.intermediate_size {
+            cfg.intermediate_size = v;
+        }
+        if let Some(v) = m.num_hidden_layers {
+            cfg.num_hidden_layers = v;
+        }
+        if let Some(v) = m.num_attention_heads {
+            cfg.num_attention_heads = v;
+        }
+        if let Some(v) = m.num_key_value_heads {
+            cfg.num_key_value_heads = v;
+        }
+        if let Some(v) = m.max_position_embeddings {
+            cfg.max_position_embeddings = v;
+        }
         if cfg.max_position_embeddings < self.data.seq_len {
             cfg.max_position_embeddings = self.data.seq_len;
         }

@@ -12,6 +12,7 @@ pub mod guideline;
 pub mod ids;
 pub mod job;
 pub mod layout;
+pub mod offline;
 pub mod plot;
 
 pub use error::{Error, Result};
