@@ -346,14 +346,14 @@ fn export_hf_writes_config_and_full_tensors() {
     export_hf(&src_dir, &out).unwrap();
 }
 
-/// transformers loads the export as LlamaForCausalLM with the same weights (skipped without
-/// the venv).
+/// transformers loads the export as LlamaForCausalLM with the same weights (needs the venv).
 #[test]
 fn transformers_loads_the_export() {
-    if !Path::new(PYTHON).exists() {
-        eprintln!("skipping: {PYTHON} not found");
-        return;
-    }
+    assert!(
+        Path::new(&python()).exists(),
+        "{} not found: run scripts/setup.sh (make test does) or set TRELLIS_PYTHON",
+        python()
+    );
     let dir = tempfile::tempdir().unwrap();
     let cfg = gqa(2);
     let src_dir = input(dir.path(), &cfg, 1, false);
@@ -374,7 +374,7 @@ fn transformers_loads_the_export() {
          print('ok')",
         out.display()
     );
-    let o = std::process::Command::new(PYTHON)
+    let o = std::process::Command::new(python())
         .arg("-c")
         .arg(&script)
         .output()

@@ -7,7 +7,14 @@ use trellis_core::checkpoint::{
 use trellis_core::config::ModelConfig;
 use trellis_core::offline::normal_tensor;
 
-pub const PYTHON: &str = "/root/.cache/trellis/venv-torch2.11.0/bin/python";
+/// The venv python with torch, transformers and safetensors (scripts/setup.sh makes it;
+/// scripts/env.sh exports TRELLIS_PYTHON).
+pub fn python() -> String {
+    std::env::var("TRELLIS_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cache/trellis/venv-torch2.11.0/bin/python")
+    })
+}
 
 /// A tiny LLaMA: 4 heads, 2 KV heads, every TP-split dim divisible by 4.
 pub fn tiny(layers: usize) -> ModelConfig {
