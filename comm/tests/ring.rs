@@ -1,0 +1,289 @@
+//! TcpRing on 127.0.0.1, one thread per rank.
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+use trellis_comm::{Collective, Error, TcpRing};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+    let ls: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    (ls, addrs)
+}
+
+/// Form a ring of `world` threads and run `f(rank, ring)` on each; results by rank.
+fn with_ring<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, TcpRing) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let (ls, addrs) = listeners(world);
+    let hs: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let (addrs, f) = (addrs.clone(), f.clone());
+            std::thread::spawn(move || {
+                let ring = TcpRing::new(r, world, l, addrs, 0xfeed, timeout).unwrap();
+                assert_eq!((ring.rank(), ring.world()), (r, world));
+                f(r, ring)
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn data(rank: usize, n: usize, salt: u64) -> Vec<f32> {
+    // A cheap deterministic generator with values of mixed magnitude and sign.
+    let mut x = (rank as u64 + 1)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(salt);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x % 2_000_001) as f32 / 1000.0 - 1000.0) * if x & 1 == 0 { 1.0 } else { 1e-3 }
+        })
+        .collect()
+}
+
+fn check_sum(world: usize, lens: &[usize]) {
+    let lens = lens.to_vec();
+    let results = with_ring(world, TIMEOUT, move |r, mut ring| {
+        let mut out = Vec::new();
+        for (i, &n) in lens.iter().enumerate() {
+            let mut buf = data(r, n, i as u64);
+            ring.all_reduce_sum(&mut buf).unwrap();
+            out.push(buf);
+        }
+        out
+    });
+    for (i, got0) in results[0].iter().enumerate() {
+        let n = got0.len();
+        for (r, res) in results.iter().enumerate() {
+            let a: Vec<u32> = res[i].iter().map(|x| x.to_bits()).collect();
+            let b: Vec<u32> = got0.iter().map(|x| x.to_bits()).collect();
+            assert!(
+                a == b,
+                "world {world} len {n}: rank {r} differs from rank 0"
+            );
+        }
+        let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, n, i as u64)).collect();
+        for (j, &g) in got0.iter().enumerate() {
+            let exact: f64 = inputs.iter().map(|v| v[j] as f64).sum();
+            let scale: f64 = inputs.iter().map(|v| (v[j] as f64).abs()).sum();
+            assert!(
+                (g as f64 - exact).abs() <= 1e-6 * scale + 1e-30,
+                "world {world} len {n} [{j}]: {g} vs {exact}"
+            );
+        }
+    }
+}
+
+const LENS: &[usize] = &[0, 1, 2, 3, 4, 5, 7, 64, 1001, 300_007];
+
+#[test]
+fn all_reduce_world_1() {
+    check_sum(1, LENS);
+}
+#[test]
+fn all_reduce_world_2() {
+    check_sum(2, LENS);
+}
+#[test]
+fn all_reduce_world_3() {
+    check_sum(3, LENS);
+}
+#[test]
+fn all_reduce_world_4() {
+    check_sum(4, LENS);
+}
+
+#[test]
+fn all_reduce_large_streams_and_is_deterministic() {
+    // 16 MiB per rank: far beyond socket buffers and the 1 MiB scratch.
+    let n = 4 << 20;
+    let run = || {
+        with_ring(3, TIMEOUT, move |r, mut ring| {
+            let mut buf = data(r, n, 7);
+            ring.all_reduce_sum(&mut buf).unwrap();
+            buf.iter()
+                .fold(0u64, |h, x| h.rotate_left(5) ^ x.to_bits() as u64)
+        })
+    };
+    let a = run();
+    assert!(a.iter().all(|h| *h == a[0]), "ranks differ: {a:?}");
+    assert_eq!(run(), a, "not deterministic run to run");
+}
+
+#[test]
+fn broadcast_every_root() {
+    for world in 1..=4 {
+        let res = with_ring(world, TIMEOUT, move |r, mut ring| {
+            let mut out = Vec::new();
+            for root in 0..world {
+                for n in [0usize, 3, 300_001] {
+                    let mut buf = data(r, n, root as u64);
+                    ring.broadcast(&mut buf, root).unwrap();
+                    out.push((root, buf));
+                }
+            }
+            assert!(matches!(
+                ring.broadcast(&mut [1.0], world),
+                Err(Error::Protocol(_))
+            ));
+            out
+        });
+        for res_r in &res {
+            for (root, buf) in res_r {
+                let want = data(*root, buf.len(), *root as u64);
+                assert!(
+                    buf.iter()
+                        .map(|x| x.to_bits())
+                        .eq(want.iter().map(|x| x.to_bits())),
+                    "world {world} root {root} len {}",
+                    buf.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn barrier_and_u64_reductions() {
+    for world in 1..=4 {
+        let res = with_ring(world, TIMEOUT, move |r, mut ring| {
+            ring.barrier().unwrap();
+            let v = 10 + (r as u64 * 7) % 5;
+            let mx = ring.all_reduce_max_u64(v).unwrap();
+            let mn = ring.all_reduce_min_u64(v).unwrap();
+            ring.barrier().unwrap();
+            let big = ring
+                .all_reduce_max_u64(if r == 0 { u64::MAX } else { 0 })
+                .unwrap();
+            (mx, mn, big)
+        });
+        let vals: Vec<u64> = (0..world).map(|r| 10 + (r as u64 * 7) % 5).collect();
+        let want = (
+            *vals.iter().max().unwrap(),
+            *vals.iter().min().unwrap(),
+            u64::MAX,
+        );
+        assert!(res.iter().all(|x| *x == want), "world {world}: {res:?}");
+    }
+}
+
+#[test]
+fn barrier_waits_for_the_last_rank() {
+    let t0 = Instant::now();
+    let res = with_ring(3, TIMEOUT, move |r, mut ring| {
+        if r == 2 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ring.barrier().unwrap();
+        Instant::now()
+    });
+    for t in res {
+        assert!(t.duration_since(t0) >= Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn mismatched_collectives_are_a_protocol_error() {
+    let res = with_ring(2, TIMEOUT, move |r, mut ring| {
+        if r == 0 {
+            ring.barrier()
+        } else {
+            ring.all_reduce_sum(&mut [1.0, 2.0])
+        }
+    });
+    for r in res {
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e}");
+        assert!(e.to_string().contains("same collectives"), "{e}");
+    }
+}
+
+#[test]
+fn stale_peer_of_an_old_group_is_rejected() {
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let a0 = addrs.clone();
+    let rank0 = std::thread::spawn(move || {
+        let mut ring = TcpRing::new(0, 2, l0, a0, 2, TIMEOUT)?;
+        ring.all_reduce_max_u64(5)
+    });
+    // A rank 1 of the old group (token 1) reaches rank 0 first and is turned away...
+    let stale_l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stale_peers = vec![addrs[0], stale_l.local_addr().unwrap()];
+    let stale = TcpRing::new(1, 2, stale_l, stale_peers, 1, Duration::from_secs(2));
+    let e = stale.unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e}");
+    assert!(e.to_string().contains("old group"), "{e}");
+    // ...and the ring still forms with the right one.
+    let mut ring1 = TcpRing::new(1, 2, l1, addrs, 2, TIMEOUT).unwrap();
+    assert_eq!(ring1.all_reduce_max_u64(3).unwrap(), 5);
+    assert_eq!(rank0.join().unwrap().unwrap(), 5);
+}
+
+#[test]
+fn bad_parameters() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    let e = TcpRing::new(2, 2, l, vec![a, a], 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e}");
+}
+
+#[test]
+fn dead_peer_is_an_error_not_a_hang() {
+    // Rank 2 exits (its sockets close) while the others all-reduce.
+    let timeout = Duration::from_secs(3);
+    let t0 = Instant::now();
+    let res = with_ring(3, timeout, move |r, mut ring| {
+        if r == 2 {
+            drop(ring);
+            return None;
+        }
+        let mut buf = vec![1.0f32; 1 << 20];
+        Some(ring.all_reduce_sum(&mut buf))
+    });
+    for r in res.into_iter().flatten() {
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::Peer { .. } | Error::Timeout(_)), "{e}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn hung_peer_times_out() {
+    // Rank 1 is alive but never calls the collective.
+    let timeout = Duration::from_secs(1);
+    let res = with_ring(2, timeout, move |r, mut ring| {
+        if r == 1 {
+            std::thread::sleep(Duration::from_secs(4));
+            drop(ring);
+            return None;
+        }
+        let t0 = Instant::now();
+        let e = ring.all_reduce_sum(&mut vec![1.0f32; 1000]).unwrap_err();
+        Some((e, t0.elapsed()))
+    });
+    let (e, took) = res.into_iter().flatten().next().unwrap();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[test]
+fn formation_times_out_without_peers() {
+    let (mut ls, addrs) = listeners(2);
+    let l0 = ls.remove(0);
+    drop(ls); // rank 1 never comes
+    let t0 = Instant::now();
+    let e = TcpRing::new(0, 2, l0, addrs, 0, Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
