@@ -1,0 +1,208 @@
+//! The coordinator's `ControlService`: connect, then one function per RPC. Every gRPC failure
+//! becomes a [`Failure`] here, with its exit code (1 refused, 3 unreachable / retryable).
+use crate::Failure;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use trellis_proto as pb;
+use trellis_proto::control_service_client::ControlServiceClient;
+
+pub struct Client {
+    inner: ControlServiceClient<Channel>,
+    url: String,
+    timeout: Duration,
+}
+
+/// `host:port` without a scheme means `http://host:port`.
+pub fn normalize_endpoint(url: &str) -> Result<String, Failure> {
+    let url = url.trim();
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    if let Some(rest) = url.strip_prefix("https://") {
+        return Err(Failure::invalid(format!(
+            "--endpoint https://{rest}: this coordctl speaks plain gRPC only; use http:// (put TLS in a proxy in front of the coordinator)"
+        )));
+    }
+    if !url.starts_with("http://") {
+        return Err(Failure::invalid(format!(
+            "--endpoint '{url}' is not an http:// URL; use e.g. http://127.0.0.1:50051"
+        )));
+    }
+    Endpoint::from_shared(url.clone()).map_err(|e| {
+        Failure::invalid(format!(
+            "--endpoint '{url}' is not a valid URL ({e}); use e.g. http://127.0.0.1:50051"
+        ))
+    })?;
+    Ok(url)
+}
+
+/// The innermost cause of an error, short and lowercase ("connection refused").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    let s = cur.to_string();
+    let s = match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    };
+    s.to_lowercase()
+}
+
+fn unreachable_message(url: &str, cause: &str) -> String {
+    format!(
+        "cannot reach the coordinator at {url} ({cause}); is trellis-coordinator running? set --endpoint or TRELLIS_ENDPOINT"
+    )
+}
+
+impl Client {
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Client, Failure> {
+        let url = normalize_endpoint(url)?;
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Failure::invalid(format!("--endpoint '{url}': {e}")))?
+            .connect_timeout(timeout.min(Duration::from_secs(10)));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Failure::unreachable(unreachable_message(&url, &root_cause(&e))))?;
+        Ok(Client {
+            inner: ControlServiceClient::new(channel),
+            url,
+            timeout,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    /// Map a gRPC status to an exit code and one actionable line. `what` names the request.
+    fn fail(&self, what: &str, s: Status) -> Failure {
+        let msg = s.message().trim().replace('\n', " ");
+        match s.code() {
+            Code::Unavailable => {
+                let cause = if msg.is_empty() { "unavailable".to_string() } else { msg };
+                Failure::unreachable(unreachable_message(&self.url, &cause))
+            }
+            Code::DeadlineExceeded | Code::Cancelled if s.code() == Code::DeadlineExceeded || msg.to_lowercase().contains("timeout") => Failure::unreachable(format!(
+                "{what}: no answer from the coordinator at {} within {}s; retry, or raise --timeout",
+                self.url,
+                self.timeout.as_secs_f64()
+            )),
+            Code::Cancelled => Failure::unreachable(format!(
+                "{what}: the call to {} was cancelled ({msg}); retry",
+                self.url
+            )),
+            Code::Unknown if std::error::Error::source(&s).is_some() => {
+                Failure::unreachable(unreachable_message(&self.url, &root_cause(&s)))
+            }
+            Code::Unimplemented => Failure::refused(format!(
+                "{what}: the coordinator at {} does not implement it ({msg}); is it the same Trellis version as coordctl?",
+                self.url
+            )),
+            code => {
+                let msg = if msg.is_empty() {
+                    format!("{code:?} (no message)")
+                } else {
+                    msg
+                };
+                Failure::refused(format!("the coordinator refused {what}: {msg}"))
+            }
+        }
+    }
+
+    pub async fn submit_job(
+        &mut self,
+        spec_toml: String,
+        base_dir: String,
+    ) -> Result<pb::SubmitJobResponse, Failure> {
+        let req = self.request(pb::SubmitJobRequest {
+            spec_toml,
+            base_dir,
+        });
+        let r = self.inner.submit_job(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("job submit", s))
+    }
+
+    pub async fn get_status(&mut self) -> Result<pb::JobStatus, Failure> {
+        let req = self.request(pb::GetStatusRequest::default());
+        let r = self.inner.get_status(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("status", s))
+    }
+
+    pub async fn list_workers(&mut self) -> Result<pb::ListWorkersResponse, Failure> {
+        let req = self.request(pb::ListWorkersRequest::default());
+        let r = self.inner.list_workers(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("workers", s))
+    }
+
+    pub async fn grow(&mut self, msg: pb::GrowRequest) -> Result<pb::GrowResponse, Failure> {
+        let req = self.request(msg);
+        let r = self.inner.grow(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| self.fail("grow", s))
+    }
+
+    pub async fn pause(&mut self) -> Result<pb::PauseResponse, Failure> {
+        let req = self.request(pb::PauseRequest::default());
+        let r = self.inner.pause(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| self.fail("pause", s))
+    }
+
+    pub async fn resume(&mut self) -> Result<pb::ResumeResponse, Failure> {
+        let req = self.request(pb::ResumeRequest::default());
+        let r = self.inner.resume(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("resume", s))
+    }
+
+    pub async fn save_checkpoint(&mut self) -> Result<pb::SaveCheckpointResponse, Failure> {
+        let req = self.request(pb::SaveCheckpointRequest::default());
+        let r = self.inner.save_checkpoint(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("checkpoint save", s))
+    }
+
+    pub async fn list_checkpoints(&mut self) -> Result<pb::ListCheckpointsResponse, Failure> {
+        let req = self.request(pb::ListCheckpointsRequest::default());
+        let r = self.inner.list_checkpoints(req).await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| self.fail("checkpoint list", s))
+    }
+
+    pub async fn get_loss(&mut self, max_points: u32) -> Result<pb::GetLossResponse, Failure> {
+        let req = self.request(pb::GetLossRequest {
+            job_id: String::new(),
+            max_points,
+        });
+        let r = self.inner.get_loss(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| self.fail("loss", s))
+    }
+
+    /// The server-side guideline (the CLI's `plan` computes it locally; kept for parity checks).
+    #[allow(dead_code)]
+    pub async fn plan(&mut self, msg: pb::PlanRequest) -> Result<pb::PlanResponse, Failure> {
+        let req = self.request(msg);
+        let r = self.inner.plan(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| self.fail("plan", s))
+    }
+
+    /// Open the status stream (no deadline: it lives until the job ends or Ctrl-C).
+    pub async fn watch(&mut self) -> Result<tonic::Streaming<pb::JobStatus>, Failure> {
+        let r = self.inner.watch(pb::WatchRequest::default()).await;
+        r.map(|r| r.into_inner()).map_err(|s| self.fail("watch", s))
+    }
+
+    /// A failure while reading the watch stream.
+    pub fn stream_failure(&self, s: Status) -> Failure {
+        self.fail("watch", s)
+    }
+}
