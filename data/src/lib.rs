@@ -6,7 +6,23 @@
 //! samples are `cursor .. cursor + B`, and DP rank r of `dp` takes the contiguous block
 //! `cursor + r·B/dp .. cursor + (r+1)·B/dp`.
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+mod prepare;
+mod sampler;
+#[cfg(test)]
+mod tests;
+mod text;
+mod tokenizer;
+mod tokens;
+mod util;
+
+pub use prepare::{prepare, PreparedData, MAX_TRAIN_BYTES};
+pub use sampler::{validation_windows, Permutation, Sampler};
+pub use text::{open_text, EOS_TOKEN};
+pub use tokenizer::Tokenizer;
+pub use tokens::{index_path, tokenize_file, TokenFile, TokenIndex, TOKEN_FORMAT};
+pub use util::{sha256_file, work_counters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,6 +30,23 @@ pub enum Error {
     Invalid(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A required input is missing (`what` is e.g. `data.train`).
+    #[error("{what} file not found: {}", path.display())]
+    NotFound { what: String, path: PathBuf },
+    /// A corpus tokenized to nothing.
+    #[error("{what} corpus {} is empty (0 tokens)", path.display())]
+    EmptyCorpus { what: String, path: PathBuf },
+    /// A corpus shorter than one training window.
+    #[error(
+        "{what} corpus {} is too short: {tokens} tokens, but seq_len {seq_len} needs at least \
+         {} tokens for one window", path.display(), seq_len + 1
+    )]
+    CorpusTooShort {
+        what: String,
+        path: PathBuf,
+        tokens: usize,
+        seq_len: usize,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -22,98 +55,6 @@ pub enum Error {
     },
 }
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A loaded tokenizer (Hugging Face `tokenizer.json`).
-pub struct Tokenizer {
-    // H2
-}
-
-impl Tokenizer {
-    /// Train a byte-level BPE (`add_prefix_space = false`, exact round trip) of `vocab_size` on
-    /// `text_file`; `<|endoftext|>` is a special token.
-    pub fn train(text_file: &Path, vocab_size: usize) -> Result<Tokenizer> {
-        todo!("H2 {text_file:?} {vocab_size}")
-    }
-    pub fn load(path: &Path) -> Result<Tokenizer> {
-        todo!("H2 {path:?}")
-    }
-    pub fn save(&self, path: &Path) -> Result<()> {
-        todo!("H2 {path:?}")
-    }
-    pub fn vocab_size(&self) -> usize {
-        todo!("H2")
-    }
-    pub fn eos_id(&self) -> u32 {
-        todo!("H2")
-    }
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        todo!("H2 {text}")
-    }
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        todo!("H2 {}", ids.len())
-    }
-}
-
-/// A memory-mapped flat token file (u32 little-endian) plus its small JSON index.
-pub struct TokenFile {
-    // H2
-}
-
-impl TokenFile {
-    pub fn open(path: &Path) -> Result<TokenFile> {
-        todo!("H2 {path:?}")
-    }
-    pub fn len(&self) -> usize {
-        todo!("H2")
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn tokens(&self, range: Range<usize>) -> &[u32] {
-        todo!("H2 {range:?}")
-    }
-    /// Number of training windows of `seq_len + 1` tokens at stride `seq_len`.
-    pub fn num_windows(&self, seq_len: usize) -> u64 {
-        todo!("H2 {seq_len}")
-    }
-    /// Window `i`: `seq_len + 1` tokens (inputs are `[..seq_len]`, targets `[1..]`).
-    pub fn window(&self, i: u64, seq_len: usize) -> Vec<i64> {
-        todo!("H2 {i} {seq_len}")
-    }
-}
-
-/// Everything a trainer needs.
-pub struct PreparedData {
-    pub tokenizer: Tokenizer,
-    pub tokenizer_path: PathBuf,
-    pub train: TokenFile,
-    pub valid: TokenFile,
-}
-
-/// Load or train the tokenizer and tokenize train/valid once, caching under `cache_dir` keyed
-/// by the content hash of the inputs (a second call reuses the files). Safe when several
-/// processes call it at once (write to temp + rename).
-pub fn prepare(section: &trellis_core::job::DataSection, cache_dir: &Path) -> Result<PreparedData> {
-    todo!("H2 {:?} {cache_dir:?}", section.train)
-}
-
-/// The deterministic order of windows: sample index → window id. Each epoch is a fresh seeded
-/// permutation (implemented here, not by a crate, so it never changes with a dependency).
-#[derive(Debug, Clone)]
-pub struct Sampler {
-    pub num_windows: u64,
-    pub seed: u64,
-}
-
-impl Sampler {
-    pub fn new(num_windows: u64, seed: u64) -> Sampler {
-        Sampler { num_windows, seed }
-    }
-    /// The window id of global sample `index`.
-    pub fn window(&self, index: u64) -> u64 {
-        todo!("H2 {index}")
-    }
-}
 
 /// The global sample indices DP rank `dp_rank` of `dp` reads at the step whose cursor is
 /// `cursor`, for a global batch of `global_batch` sequences.
