@@ -1,1 +1,898 @@
-//! Worker agent (H4).
+//! The worker's side of the coordinator session (no libtorch).
+//!
+//! [`run`] connects to the coordinator, sends `Hello` (with the ring listen address, bound
+//! first), receives an `Assignment`, builds the rank's collective ([`TcpRing`], or [`Solo`] for
+//! world 1), asks the worker's [`RunnerFactory`] for a [`Runner`] and drives it on **one
+//! dedicated OS thread** that owns it (tch tensors are `Send`, not `Sync`):
+//!
+//! ```text
+//! loop {
+//!     target = runner.agree_min(highest lockstep command id received)   // all ranks agree
+//!     execute queued commands with id <= target in order (stop at one whose at_step is ahead)
+//!     unless paused / holding / finished: runner.step(), send StepReport (+ ValLoss on eval steps)
+//! }
+//! ```
+//!
+//! so every rank executes every command at the same step without the coordinator on the hot path.
+//! `CommitCheckpoint` (rank 0 only) and `Stop` are immediate, not lockstep. A new `Assignment`
+//! (rollback, re-layout, coordinator restart) drops the runner and builds a fresh one from the
+//! checkpoint it names. If the coordinator goes away the agent reconnects with backoff; training
+//! continues meanwhile, and the next coordinator re-assigns the ranks.
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tracing::{debug, info, warn};
+use trellis_comm::{Collective, Solo, TcpRing};
+use trellis_core::checkpoint::ShardReport;
+use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
+use trellis_core::ids::{JobId, Rank};
+use trellis_core::job::JobSpec;
+use trellis_proto::v1 as pb;
+
+pub mod fake;
+
+/// The agent's one error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the coordinator at {endpoint}: {detail}; check --coordinator and that the coordinator is running")]
+    Unavailable { endpoint: String, detail: String },
+    #[error("the coordinator rejected this worker: {0}")]
+    Rejected(String),
+    #[error("ring listen socket {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("runner: {0}")]
+    Runner(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a [`Runner`] returns on failure (any error type the worker uses).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A rank's place in an epoch, decoded from the coordinator's `Assignment`.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub epoch: u64,
+    pub generation: u64,
+    pub job_id: JobId,
+    pub spec: JobSpec,
+    pub spec_toml: String,
+    pub base_dir: PathBuf,
+    pub rank: Rank,
+    pub dp: usize,
+    pub tp: usize,
+    /// A committed checkpoint to restore, or `None` for a fresh start.
+    pub restore_from: Option<PathBuf>,
+    /// `<checkpoint root>/<job>`.
+    pub job_root: PathBuf,
+    /// Data-cursor windows `[from, to)` to skip: when the cursor reaches `from`, jump to `to`.
+    pub skip: Vec<(u64, u64)>,
+    /// Ring listen addresses of every rank, by rank.
+    pub peers: Vec<String>,
+    pub group_token: String,
+}
+
+impl Assignment {
+    pub fn world(&self) -> usize {
+        self.dp * self.tp
+    }
+}
+
+/// One completed optimizer step.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutcome {
+    /// Steps completed after this one.
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub step_seconds: f64,
+    pub compute_seconds: f64,
+    pub comm_seconds: f64,
+    pub data_seconds: f64,
+    /// Global sample range `[sample_start, sample_end)` the step consumed.
+    pub sample_start: u64,
+    pub sample_end: u64,
+}
+
+/// Where the runner stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunnerState {
+    pub step: u64,
+    pub tokens: u64,
+    pub generation: u64,
+    pub layers: usize,
+    pub data_cursor: u64,
+}
+
+/// A growth order (the stack, reshard and resume phases).
+#[derive(Debug, Clone)]
+pub struct GrowOrder {
+    /// The generation after growth.
+    pub generation: u64,
+    pub spec: GrowthSpec,
+    /// Post-growth schedule under `OptimizerPolicy::Reset`.
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    /// The layout after growth.
+    pub dp: usize,
+    pub tp: usize,
+}
+
+/// The worker's trainer as the agent drives it. Every method runs on the agent's training
+/// thread; methods that use the collective are called by every rank at the same point.
+pub trait Runner {
+    /// One optimizer step (collective: gradients are reduced over the group).
+    fn step(&mut self) -> Result<StepOutcome, BoxError>;
+    /// Validation loss (collective when the evaluation is split over ranks).
+    fn evaluate(&mut self) -> Result<f64, BoxError>;
+    /// Write this rank's shards into `<job_root>/step-<N>.tmp/` and remember the state at this
+    /// step for [`Runner::finalize_checkpoint`]. `None` if this rank writes nothing (a DP
+    /// replica other than DP rank 0).
+    fn write_checkpoint_shards(&mut self, job_root: &Path)
+        -> Result<Option<ShardReport>, BoxError>;
+    /// Rank 0 only, not collective: merge `reports`, write manifest + trainer state, rename to
+    /// `step-<step>` and point `latest` at it. Returns the final directory.
+    fn finalize_checkpoint(
+        &mut self,
+        job_root: &Path,
+        step: u64,
+        reports: &[ShardReport],
+    ) -> Result<PathBuf, BoxError>;
+    /// The stack phase: apply the growth operator to weights (and optimizer state per policy).
+    fn grow(&mut self, order: &GrowOrder) -> Result<(), BoxError>;
+    /// The reshard phase (a no-op while TP is unchanged).
+    fn reshard(&mut self, _order: &GrowOrder) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// The resume phase: optimizer and LR schedule per policy, ready to step.
+    fn resume(&mut self, _order: &GrowOrder) -> Result<(), BoxError> {
+        Ok(())
+    }
+    fn state(&self) -> RunnerState;
+    /// `min(v)` over all ranks (the collective's `all_reduce_min_u64`).
+    fn agree_min(&mut self, v: u64) -> Result<u64, BoxError>;
+}
+
+/// Builds a fresh [`Runner`] for an assignment (restoring `restore_from` when set, skipping the
+/// `skip` windows). Called on the training thread.
+pub trait RunnerFactory: Send + 'static {
+    fn build(
+        &mut self,
+        a: &Assignment,
+        collective: Box<dyn Collective>,
+    ) -> Result<Box<dyn Runner>, BoxError>;
+}
+
+impl<F> RunnerFactory for F
+where
+    F: FnMut(&Assignment, Box<dyn Collective>) -> Result<Box<dyn Runner>, BoxError>
+        + Send
+        + 'static,
+{
+    fn build(
+        &mut self,
+        a: &Assignment,
+        collective: Box<dyn Collective>,
+    ) -> Result<Box<dyn Runner>, BoxError> {
+        self(a, collective)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Default: `<host>-<pid>-<nonce>`.
+    pub worker_id: Option<String>,
+    pub device: String,
+    /// Where the ring listens (`127.0.0.1:0`, or `0.0.0.0:0` on a cluster).
+    pub ring_bind: String,
+    /// The host to advertise for the ring when `ring_bind` is a wildcard.
+    pub ring_advertise_host: Option<String>,
+    /// Bound on ring formation and on every wait on a peer.
+    pub ring_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Give up when the coordinator is unreachable this long (`None` = never).
+    pub give_up_after: Option<Duration>,
+    /// Sleep between loop iterations while not stepping (paused, holding, finished).
+    pub idle_poll: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            worker_id: None,
+            device: "cpu".into(),
+            ring_bind: "127.0.0.1:0".into(),
+            ring_advertise_host: None,
+            ring_timeout: Duration::from_secs(60),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            give_up_after: None,
+            idle_poll: Duration::from_millis(20),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+enum Control {
+    Assign(pb::Assignment),
+    Command(pb::Command),
+}
+
+type Sink = Arc<Mutex<Option<mpsc::UnboundedSender<pb::WorkerMessage>>>>;
+
+fn send(sink: &Sink, kind: pb::worker_message::Kind) {
+    if let Some(tx) = sink.lock().unwrap().as_ref() {
+        let _ = tx.send(pb::WorkerMessage { kind: Some(kind) });
+    }
+}
+
+/// Run the worker's side of the session until the coordinator says `Stop` (Ok) or rejects the
+/// worker / stays unreachable past `give_up_after` (Err).
+pub async fn run<F: RunnerFactory>(
+    endpoint: String,
+    options: AgentOptions,
+    factory: F,
+) -> Result<()> {
+    let listener = TcpListener::bind(&options.ring_bind).map_err(|e| Error::Listen {
+        addr: options.ring_bind.clone(),
+        source: e,
+    })?;
+    let local = listener.local_addr().map_err(|e| Error::Listen {
+        addr: options.ring_bind.clone(),
+        source: e,
+    })?;
+    let ring_address = match (&options.ring_advertise_host, local.ip().is_unspecified()) {
+        (Some(h), _) => format!("{h}:{}", local.port()),
+        (None, true) => format!("{}:{}", hostname(), local.port()),
+        (None, false) => local.to_string(),
+    };
+    let host = hostname();
+    let pid = std::process::id();
+    let worker_id = options.worker_id.clone().unwrap_or_else(|| {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{host}-{pid}-{nonce:x}")
+    });
+    let sink: Sink = Arc::new(Mutex::new(None));
+    let progress = Arc::new(Progress::default());
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel::<Control>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    {
+        let sink = sink.clone();
+        let opts = options.clone();
+        let progress = progress.clone();
+        std::thread::Builder::new()
+            .name(format!("trellis-train-{worker_id}"))
+            .spawn(move || {
+                let r = Trainer {
+                    factory,
+                    listener,
+                    sink,
+                    opts,
+                    progress,
+                    epoch: None,
+                }
+                .run(ctl_rx);
+                let _ = done_tx.send(r);
+            })
+            .map_err(|e| Error::Runner(format!("cannot start the training thread: {e}")))?;
+    }
+    let hello = pb::Hello {
+        worker_id: worker_id.clone(),
+        host,
+        pid,
+        device: options.device.clone(),
+        ring_address,
+    };
+    // Dropping this future (or returning) detaches the trainer from the session and, through the
+    // closed control channel, ends the training thread.
+    struct ClearSink(Sink);
+    impl Drop for ClearSink {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = None;
+        }
+    }
+    let _clear = ClearSink(sink.clone());
+    let mut backoff = options.reconnect_min;
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let session = session(&endpoint, hello.clone(), &sink, &ctl_tx, &progress);
+        tokio::select! {
+            r = &mut done_rx => return r.unwrap_or(Ok(())),
+            r = session => match r {
+                Ok(connected) => {
+                    if connected {
+                        backoff = options.reconnect_min;
+                        unreachable_since = None;
+                    }
+                }
+                Err(Error::Rejected(why)) => {
+                    *sink.lock().unwrap() = None;
+                    return Err(Error::Rejected(why));
+                }
+                Err(e) => {
+                    debug!("session: {e}");
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if options.give_up_after.is_some_and(|g| since.elapsed() > g) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        *sink.lock().unwrap() = None;
+        tokio::select! {
+            r = &mut done_rx => return r.unwrap_or(Ok(())),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(options.reconnect_max);
+    }
+}
+
+#[derive(Default)]
+struct Progress {
+    epoch: AtomicU64,
+    step: AtomicU64,
+    /// Heartbeat period in milliseconds (from the assignment).
+    heartbeat_ms: AtomicU64,
+}
+
+/// One session; Ok(true) once it had connected and then ended.
+async fn session(
+    endpoint: &str,
+    hello: pb::Hello,
+    sink: &Sink,
+    ctl: &std::sync::mpsc::Sender<Control>,
+    progress: &Arc<Progress>,
+) -> Result<bool> {
+    let unavailable = |detail: String| Error::Unavailable {
+        endpoint: endpoint.to_string(),
+        detail,
+    };
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| unavailable(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = ep.connect().await.map_err(|e| unavailable(e.to_string()))?;
+    let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(hello.clone())),
+    })
+    .ok();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .map_err(|e| unavailable(e.message().to_string()))?
+        .into_inner();
+    *sink.lock().unwrap() = Some(tx.clone());
+    info!(worker_id = %hello.worker_id, endpoint, "connected to the coordinator");
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _hb = AbortOnDrop({
+        let tx = tx.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                let ms = progress.heartbeat_ms.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(if ms == 0 { 1000 } else { ms })).await;
+                let hbm = pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {
+                        epoch: progress.epoch.load(Ordering::Relaxed),
+                        step: progress.step.load(Ordering::Relaxed),
+                    })),
+                };
+                if tx.send(hbm).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    drop(tx);
+    let result = loop {
+        match inbound.next().await {
+            Some(Ok(m)) => match m.kind {
+                Some(pb::coordinator_message::Kind::Assignment(a)) => {
+                    if a.heartbeat_seconds > 0.0 {
+                        progress.heartbeat_ms.store(
+                            (a.heartbeat_seconds * 1000.0).max(10.0) as u64,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    let _ = ctl.send(Control::Assign(a));
+                }
+                Some(pb::coordinator_message::Kind::Command(c)) => {
+                    let _ = ctl.send(Control::Command(c));
+                }
+                Some(pb::coordinator_message::Kind::Reject(r)) => {
+                    break Err(Error::Rejected(r.reason))
+                }
+                None => {}
+            },
+            Some(Err(s)) => {
+                warn!("coordinator session ended: {}", s.message());
+                break Ok(true);
+            }
+            None => {
+                warn!("coordinator closed the session");
+                break Ok(true);
+            }
+        }
+    };
+    result
+}
+
+/// The state of one epoch on the training thread.
+struct Epoch {
+    a: Assignment,
+    runner: Box<dyn Runner>,
+    /// Lockstep commands received, in id order, not yet executed.
+    queue: VecDeque<pb::Command>,
+    highest: u64,
+    paused: bool,
+    hold: bool,
+    /// The runner failed; wait for a new assignment.
+    failed: bool,
+}
+
+struct Trainer<F> {
+    factory: F,
+    listener: TcpListener,
+    sink: Sink,
+    opts: AgentOptions,
+    progress: Arc<Progress>,
+    epoch: Option<Epoch>,
+}
+
+fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxError> {
+    let base = PathBuf::from(if a.base_dir.is_empty() {
+        "."
+    } else {
+        &a.base_dir
+    });
+    let spec = JobSpec::from_toml(&a.spec_toml, &base, "assigned job spec")?;
+    Ok(Assignment {
+        epoch: a.epoch,
+        generation: a.generation,
+        job_id: JobId(a.job_id.clone()),
+        spec,
+        spec_toml: a.spec_toml.clone(),
+        base_dir: base,
+        rank: Rank(a.rank),
+        dp: a.dp.max(1) as usize,
+        tp: a.tp.max(1) as usize,
+        restore_from: (!a.restore_from.is_empty()).then(|| PathBuf::from(&a.restore_from)),
+        job_root: PathBuf::from(&a.job_root),
+        skip: a.skip.iter().map(|w| (w.from, w.to)).collect(),
+        peers: a.peers.clone(),
+        group_token: a.group_token.clone(),
+    })
+}
+
+fn group_token(s: &str) -> u64 {
+    s.parse().unwrap_or_else(|_| {
+        // FNV-1a of a non-numeric token.
+        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    })
+}
+
+fn resolve(addr: &str) -> std::result::Result<SocketAddr, BoxError> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| format!("peer address {addr} does not resolve").into())
+}
+
+impl<F: RunnerFactory> Trainer<F> {
+    fn ack(&self, cmd_id: u64, phase: &str, r: std::result::Result<(String, f64), String>) {
+        let Some(e) = &self.epoch else { return };
+        let st = e.runner.state();
+        let (ok, error, payload, seconds) = match r {
+            Ok((p, s)) => (true, String::new(), p, s),
+            Err(err) => (false, err, String::new(), 0.0),
+        };
+        send(
+            &self.sink,
+            pb::worker_message::Kind::Ack(pb::Ack {
+                epoch: e.a.epoch,
+                generation: st.generation,
+                command_id: cmd_id,
+                phase: phase.into(),
+                ok,
+                error,
+                payload_json: payload,
+                seconds,
+                step: st.step,
+                rank: e.a.rank.0,
+            }),
+        );
+    }
+
+    fn fail(&mut self, phase: &str, err: String) {
+        warn!(phase, "runner failed: {err}; waiting for a new assignment");
+        self.ack(0, phase, Err(err));
+        if let Some(e) = self.epoch.as_mut() {
+            e.failed = true;
+        }
+    }
+
+    fn assign(&mut self, a: pb::Assignment) {
+        // Drop the old runner (and its collective) before forming the new group.
+        self.epoch = None;
+        self.progress.epoch.store(a.epoch, Ordering::Relaxed);
+        let built = (|| -> std::result::Result<Epoch, BoxError> {
+            let a = decode_assignment(&a)?;
+            let world = a.world();
+            let coll: Box<dyn Collective> = if world == 1 {
+                Box::new(Solo)
+            } else {
+                let peers = a
+                    .peers
+                    .iter()
+                    .map(|p| resolve(p))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Box::new(TcpRing::new(
+                    a.rank.0 as usize,
+                    world,
+                    self.listener.try_clone()?,
+                    peers,
+                    group_token(&a.group_token),
+                    self.opts.ring_timeout,
+                )?)
+            };
+            let runner = self.factory.build(&a, coll)?;
+            Ok(Epoch {
+                a,
+                runner,
+                queue: VecDeque::new(),
+                highest: 0,
+                paused: false,
+                hold: false,
+                failed: false,
+            })
+        })();
+        match built {
+            Ok(e) => {
+                info!(
+                    epoch = e.a.epoch,
+                    rank = e.a.rank.0,
+                    generation = e.a.generation,
+                    "assignment: runner ready"
+                );
+                self.progress
+                    .step
+                    .store(e.runner.state().step, Ordering::Relaxed);
+                self.epoch = Some(e);
+            }
+            Err(err) => {
+                warn!(epoch = a.epoch, "assignment failed: {err}");
+                send(
+                    &self.sink,
+                    pb::worker_message::Kind::Ack(pb::Ack {
+                        epoch: a.epoch,
+                        generation: a.generation,
+                        command_id: 0,
+                        phase: "assign".into(),
+                        ok: false,
+                        error: err.to_string(),
+                        payload_json: String::new(),
+                        seconds: 0.0,
+                        step: 0,
+                        rank: a.rank,
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Returns false on Stop.
+    fn control(&mut self, c: Control) -> bool {
+        match c {
+            Control::Assign(a) => {
+                self.assign(a);
+                true
+            }
+            Control::Command(cmd) => {
+                let Some(e) = self.epoch.as_mut() else {
+                    return !is_stop(&cmd);
+                };
+                match &cmd.kind {
+                    Some(pb::command::Kind::Stop(s)) => {
+                        info!("stop: {}", s.reason);
+                        return false;
+                    }
+                    Some(pb::command::Kind::CommitCheckpoint(_)) => {
+                        if cmd.epoch == e.a.epoch && !e.failed {
+                            self.execute(cmd);
+                        }
+                    }
+                    _ => {
+                        if cmd.epoch == e.a.epoch {
+                            e.highest = e.highest.max(cmd.id);
+                            e.queue.push_back(cmd);
+                        }
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn run(mut self, ctl: std::sync::mpsc::Receiver<Control>) -> Result<()> {
+        loop {
+            // Drain control messages; block briefly when there is nothing to step.
+            let stepping = self.epoch.as_ref().is_some_and(|e| {
+                !e.failed
+                    && !e.paused
+                    && !e.hold
+                    && e.runner.state().step < e.a.spec.train.max_steps
+            });
+            let first = if stepping {
+                match ctl.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
+            } else {
+                match ctl.recv_timeout(self.opts.idle_poll) {
+                    Ok(c) => Some(c),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            };
+            if let Some(c) = first {
+                if !self.control(c) {
+                    return Ok(());
+                }
+                while let Ok(c) = ctl.try_recv() {
+                    if !self.control(c) {
+                        return Ok(());
+                    }
+                }
+            }
+            let Some(e) = self.epoch.as_mut() else {
+                continue;
+            };
+            if e.failed {
+                continue;
+            }
+            // Agree which commands every rank has.
+            let target = match e.runner.agree_min(e.highest) {
+                Ok(t) => t,
+                Err(err) => {
+                    self.fail("agree", err.to_string());
+                    continue;
+                }
+            };
+            loop {
+                let Some(e) = self.epoch.as_mut() else { break };
+                if e.failed {
+                    break;
+                }
+                let Some(front) = e.queue.front() else { break };
+                if front.id > target || front.at_step > e.runner.state().step {
+                    break;
+                }
+                let cmd = e.queue.pop_front().unwrap();
+                self.execute(cmd);
+            }
+            let Some(e) = self.epoch.as_mut() else {
+                continue;
+            };
+            if e.failed || e.paused || e.hold || e.runner.state().step >= e.a.spec.train.max_steps {
+                continue;
+            }
+            match e.runner.step() {
+                Ok(o) => {
+                    self.progress.step.store(o.step, Ordering::Relaxed);
+                    let generation = e.runner.state().generation;
+                    send(
+                        &self.sink,
+                        pb::worker_message::Kind::Step(pb::StepReport {
+                            epoch: e.a.epoch,
+                            generation,
+                            step: o.step,
+                            tokens: o.tokens,
+                            loss: o.loss,
+                            lr: o.lr,
+                            grad_norm: o.grad_norm,
+                            step_seconds: o.step_seconds,
+                            compute_seconds: o.compute_seconds,
+                            comm_seconds: o.comm_seconds,
+                            data_seconds: o.data_seconds,
+                            sample_start: o.sample_start,
+                            sample_end: o.sample_end,
+                            rank: e.a.rank.0,
+                        }),
+                    );
+                    let every = e.a.spec.train.eval_interval;
+                    let max = e.a.spec.train.max_steps;
+                    if (every > 0 && o.step % every == 0) || o.step == max {
+                        match e.runner.evaluate() {
+                            Ok(v) => send(
+                                &self.sink,
+                                pb::worker_message::Kind::ValLoss(pb::ValLoss {
+                                    epoch: e.a.epoch,
+                                    generation,
+                                    step: o.step,
+                                    loss: v,
+                                    rank: e.a.rank.0,
+                                }),
+                            ),
+                            Err(err) => self.fail("evaluate", err.to_string()),
+                        }
+                    }
+                }
+                Err(err) => self.fail("step", err.to_string()),
+            }
+        }
+    }
+
+    fn execute(&mut self, cmd: pb::Command) {
+        let Some(kind) = cmd.kind else { return };
+        let t0 = Instant::now();
+        let e = self.epoch.as_mut().expect("epoch");
+        let was_hold = e.hold;
+        // Any lockstep command ends a hold (the growth checkpoint's).
+        if !matches!(kind, pb::command::Kind::CommitCheckpoint(_)) {
+            e.hold = false;
+        }
+        match kind {
+            pb::command::Kind::Pause(_) => {
+                e.paused = true;
+                self.ack(cmd.id, "pause", Ok((String::new(), 0.0)));
+            }
+            pb::command::Kind::Resume(_) => {
+                e.paused = false;
+                self.ack(cmd.id, "unpause", Ok((String::new(), 0.0)));
+            }
+            pb::command::Kind::Evaluate(_) => {
+                let r = e.runner.evaluate();
+                match r {
+                    Ok(v) => self.ack(
+                        cmd.id,
+                        "evaluate",
+                        Ok((format!("{{\"loss\":{v}}}"), t0.elapsed().as_secs_f64())),
+                    ),
+                    Err(err) => self.fail("evaluate", err.to_string()),
+                }
+            }
+            pb::command::Kind::Checkpoint(c) => {
+                let root = e.a.job_root.clone();
+                let st = e.runner.state();
+                match e.runner.write_checkpoint_shards(&root) {
+                    Ok(report) => {
+                        e.hold = c.hold;
+                        let payload = serde_json::json!({
+                            "report": report,
+                            "tokens": st.tokens,
+                            "data_cursor": st.data_cursor,
+                            "generation": st.generation,
+                        });
+                        self.ack(
+                            cmd.id,
+                            "checkpoint",
+                            Ok((payload.to_string(), t0.elapsed().as_secs_f64())),
+                        );
+                    }
+                    Err(err) => self.fail("checkpoint", err.to_string()),
+                }
+            }
+            pb::command::Kind::CommitCheckpoint(c) => {
+                e.hold = was_hold;
+                let root = e.a.job_root.clone();
+                let reports: std::result::Result<Vec<ShardReport>, _> =
+                    serde_json::from_str(&c.reports_json);
+                match reports {
+                    Err(err) => self.fail(
+                        "commit",
+                        format!("bad shard reports from the coordinator: {err}"),
+                    ),
+                    Ok(reports) => match e.runner.finalize_checkpoint(&root, c.step, &reports) {
+                        Ok(dir) => {
+                            let payload = serde_json::json!({ "dir": dir.display().to_string() });
+                            self.ack(
+                                cmd.id,
+                                "commit",
+                                Ok((payload.to_string(), t0.elapsed().as_secs_f64())),
+                            );
+                        }
+                        Err(err) => self.fail("commit", err.to_string()),
+                    },
+                }
+            }
+            pb::command::Kind::Grow(g) => {
+                let order = match grow_order(&g) {
+                    Ok(o) => o,
+                    Err(err) => return self.fail("stack", err),
+                };
+                let phases: [(
+                    &str,
+                    fn(&mut dyn Runner, &GrowOrder) -> std::result::Result<(), BoxError>,
+                ); 3] = [
+                    ("stack", |r, o| r.grow(o)),
+                    ("reshard", |r, o| r.reshard(o)),
+                    ("resume", |r, o| r.resume(o)),
+                ];
+                for (name, f) in phases {
+                    let t = Instant::now();
+                    let e = self.epoch.as_mut().expect("epoch");
+                    match f(e.runner.as_mut(), &order) {
+                        Ok(()) => {
+                            self.ack(cmd.id, name, Ok((String::new(), t.elapsed().as_secs_f64())))
+                        }
+                        Err(err) => return self.fail(name, err.to_string()),
+                    }
+                }
+            }
+            pb::command::Kind::Stop(_) => {}
+        }
+    }
+}
+
+fn is_stop(c: &pb::Command) -> bool {
+    matches!(c.kind, Some(pb::command::Kind::Stop(_)))
+}
+
+fn grow_order(g: &pb::GrowCmd) -> std::result::Result<GrowOrder, String> {
+    let operator = match g.operator.as_str() {
+        "stacking_list" => Operator::StackingList {
+            layers: g.stacking_list.iter().map(|&l| l as usize).collect(),
+        },
+        "random" => Operator::Random {
+            mask_ramp_steps: g.mask_ramp_steps,
+        },
+        other => Operator::parse(other).map_err(|e| e.to_string())?,
+    };
+    let optimizer = match pb::OptimizerPolicy::try_from(g.optimizer) {
+        Ok(pb::OptimizerPolicy::Carry) => OptimizerPolicy::Carry,
+        _ => OptimizerPolicy::Reset,
+    };
+    Ok(GrowOrder {
+        generation: g.generation,
+        spec: GrowthSpec {
+            factor: g.factor as usize,
+            operator,
+            optimizer,
+        },
+        lr: g.lr,
+        min_lr: g.min_lr,
+        warmup_steps: g.warmup_steps,
+        dp: g.dp.max(1) as usize,
+        tp: g.tp.max(1) as usize,
+    })
+}

@@ -1,1 +1,120 @@
-fn main() {}
+//! `trellis-coordinator [--config FILE] [--listen ADDR] [--store file:DIR | etcd:URL[,URL…]]
+//! [--metrics-listen ADDR] [--job FILE]`
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use trellis_coordinator::CoordinatorConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trellis-coordinator",
+    version,
+    about = "Trellis coordinator: runs one growing training job"
+)]
+struct Cli {
+    /// TOML config (see deploy/coordinator.example.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (port 0 = any free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// State store: file:DIR (embedded) or etcd:URL[,URL...].
+    #[arg(long)]
+    store: Option<String>,
+    /// Prometheus /metrics listen address ("" = off).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Submit this job spec at start (ignored if the store already holds a job).
+    #[arg(long)]
+    job: Option<PathBuf>,
+    /// Per-rank device memory for the layout planner (default: unlimited).
+    #[arg(long)]
+    device_memory_bytes: Option<u64>,
+    /// Worker heartbeat TTL in seconds.
+    #[arg(long)]
+    heartbeat_ttl_secs: Option<f64>,
+    /// Peak FLOP/s per rank, for trellis_mfu_ratio.
+    #[arg(long)]
+    peak_flops: Option<f64>,
+    /// text or json.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT")]
+    log_format: Option<String>,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("trellis-coordinator: {e:#}");
+        std::process::exit(match e.downcast_ref::<trellis_coordinator::Error>() {
+            Some(trellis_coordinator::Error::InvalidArgument(_)) => 2,
+            _ => 1,
+        });
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            CoordinatorConfig::from_toml(&text)?
+        }
+        None => CoordinatorConfig::default(),
+    };
+    if let Some(v) = cli.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = cli.store {
+        cfg.store = v;
+    }
+    if let Some(v) = cli.metrics_listen {
+        cfg.metrics_listen = v;
+    }
+    if let Some(v) = cli.job {
+        cfg.job = Some(v);
+    }
+    if let Some(v) = cli.device_memory_bytes {
+        cfg.device_memory_bytes = Some(v);
+    }
+    if let Some(v) = cli.heartbeat_ttl_secs {
+        cfg.heartbeat_ttl_secs = v;
+    }
+    if let Some(v) = cli.peak_flops {
+        cfg.peak_flops_per_rank = v;
+    }
+    if let Some(v) = cli.log_format {
+        cfg.log_format = v;
+    }
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match cfg.log_format.as_str() {
+        "json" => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        "text" | "" => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        other => anyhow::bail!("--log-format {other:?}: use text or json"),
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let spec = trellis_store::StoreSpec::parse(&cfg.store)?;
+        let store = spec.open().await?;
+        let running = trellis_coordinator::server::start(&cfg, store).await?;
+        println!("{}", running.banner());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            _ = running_wait(running) => {}
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; exiting"); }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn running_wait(r: trellis_coordinator::server::Running) {
+    r.wait().await
+}

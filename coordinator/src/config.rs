@@ -1,0 +1,92 @@
+//! The coordinator's configuration: one struct, read from `--config FILE` (TOML) and overridden
+//! by flags. `deploy/coordinator.example.toml` documents every field (a test parses it).
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address (ControlService, WorkerService, health, reflection).
+    pub listen: String,
+    /// Prometheus `/metrics` listen address; empty = no metrics endpoint.
+    pub metrics_listen: String,
+    /// `file:DIR` (embedded store) or `etcd:URL[,URL…]`.
+    pub store: String,
+    /// A job spec to submit at start (ignored if the store already holds a job).
+    pub job: Option<PathBuf>,
+    /// A worker whose last message is older than this is lost.
+    pub heartbeat_ttl_secs: f64,
+    /// How often workers send a heartbeat (sent to them in the assignment).
+    pub heartbeat_interval_secs: f64,
+    /// Per-rank device memory for the layout planner; absent = unlimited.
+    pub device_memory_bytes: Option<u64>,
+    /// Peak FLOP/s of one rank, for `trellis_mfu_ratio`.
+    pub peak_flops_per_rank: f64,
+    /// Loss spike: loss > EMA + k·σ.
+    pub spike_sigma: f64,
+    /// EMA smoothing factor of the loss watcher.
+    pub ema_alpha: f64,
+    /// Plateau: relative EMA improvement below this over `plateau_window` steps.
+    pub plateau_threshold: f64,
+    pub plateau_window: u64,
+    /// How often membership (heartbeat TTL) and triggers are checked, milliseconds.
+    pub tick_ms: u64,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Where checkpoints go when the job spec has no `checkpoint.dir`; default: `<spec dir>/checkpoints`.
+    pub checkpoint_root: Option<PathBuf>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: "127.0.0.1:50051".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            store: "file:./trellis-state".into(),
+            job: None,
+            heartbeat_ttl_secs: 10.0,
+            heartbeat_interval_secs: 2.0,
+            device_memory_bytes: None,
+            peak_flops_per_rank: 1e12,
+            spike_sigma: 4.0,
+            ema_alpha: 0.05,
+            plateau_threshold: 0.001,
+            plateau_window: 200,
+            tick_ms: 500,
+            log_format: "text".into(),
+            checkpoint_root: None,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn from_toml(text: &str) -> crate::Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            crate::Error::InvalidArgument(format!(
+                "coordinator config: {}; see deploy/coordinator.example.toml",
+                e.to_string().trim().replace('\n', " ")
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../deploy/coordinator.example.toml");
+        let c = CoordinatorConfig::from_toml(text).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:50051");
+        assert_eq!(c.log_format, "json");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = CoordinatorConfig::from_toml("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen") && e.contains("example"), "{e}");
+    }
+}

@@ -1,0 +1,197 @@
+//! Wiring: the gRPC server (services, health, reflection), `/metrics`, the membership ticker.
+use crate::config::CoordinatorConfig;
+use crate::domain::{Domain, DomainOptions};
+use crate::error::{Error, Result};
+use crate::loss::WatcherConfig;
+use crate::metrics::Metrics;
+use crate::service::{ControlSvc, Shared, WorkerSvc};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use trellis_proto::v1 as pb;
+use trellis_store::StateStore;
+
+/// A running coordinator.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub domain: Shared,
+    tasks: Vec<JoinHandle<()>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Running {
+    /// The line the binary prints at startup (tests parse it).
+    pub fn banner(&self) -> String {
+        format!(
+            "trellis-coordinator listening grpc={} metrics={}",
+            self.grpc_addr,
+            self.metrics_addr
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "none".into())
+        )
+    }
+
+    /// Stop serving (in-flight sessions end).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Wait until the gRPC server ends.
+    pub async fn wait(mut self) {
+        if let Some(t) = self.tasks.pop() {
+            let _ = t.await;
+        }
+    }
+}
+
+pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
+    DomainOptions {
+        heartbeat_ttl: Duration::from_secs_f64(cfg.heartbeat_ttl_secs.max(0.1)),
+        heartbeat_interval: Duration::from_secs_f64(cfg.heartbeat_interval_secs.max(0.05)),
+        device_memory_bytes: cfg.device_memory_bytes,
+        peak_flops_per_rank: cfg.peak_flops_per_rank,
+        watcher: WatcherConfig {
+            ema_alpha: cfg.ema_alpha,
+            spike_sigma: cfg.spike_sigma,
+            plateau_threshold: cfg.plateau_threshold,
+            plateau_window: cfg.plateau_window,
+            ..WatcherConfig::default()
+        },
+        checkpoint_root: cfg.checkpoint_root.clone(),
+    }
+}
+
+/// Open the domain over `store`, bind the listeners and serve.
+pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let domain = Domain::open(store, domain_options(cfg), metrics.clone()).await?;
+    let shared: Shared = Arc::new(Mutex::new(domain));
+    if let Some(job) = &cfg.job {
+        let mut d = shared.lock().await;
+        if d.status(None).is_err() {
+            let text = std::fs::read_to_string(job).map_err(|e| {
+                Error::InvalidArgument(format!("cannot read job spec {}: {e}", job.display()))
+            })?;
+            let base = job
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let base = if base.is_empty() { ".".into() } else { base };
+            d.submit(&text, &base).await?;
+        } else {
+            info!(
+                "the store already holds a job; --job {} ignored",
+                job.display()
+            );
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot listen on {} for gRPC: {e}; pick another --listen address",
+                cfg.listen
+            ))
+        })?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let mut tasks = Vec::new();
+    let mut metrics_addr = None;
+    if !cfg.metrics_listen.is_empty() {
+        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot listen on {} for /metrics: {e}; pick another --metrics-listen address",
+                    cfg.metrics_listen
+                ))
+            })?;
+        metrics_addr = Some(
+            ml.local_addr()
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        let m = metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(ml, app).await {
+                warn!("metrics server ended: {e}");
+            }
+        }));
+    }
+    // Membership / trigger ticker.
+    let tick = Duration::from_millis(cfg.tick_ms.max(10));
+    let d = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut iv = tokio::time::interval(tick);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            iv.tick().await;
+            if let Err(e) = d.lock().await.tick().await {
+                warn!("coordinator tick: {e}");
+            }
+        }
+    }));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::control_service_server::ControlServiceServer<ControlSvc>>()
+        .await;
+    reporter
+        .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerSvc>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let (stx, srx) = tokio::sync::oneshot::channel::<()>();
+    let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(shared.clone()));
+    let workers = pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(shared.clone()))
+        .max_decoding_message_size(64 << 20);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(control)
+            .add_service(workers)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = srx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            warn!("gRPC server ended: {e}");
+        }
+    }));
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        domain: shared,
+        tasks,
+        shutdown: Some(stx),
+    })
+}

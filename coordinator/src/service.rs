@@ -1,0 +1,264 @@
+//! Thin tonic handlers: decode → domain call → encode.
+use crate::domain::{Domain, GrowRequest};
+use crate::error::Error;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
+use trellis_core::growth::OptimizerPolicy;
+use trellis_core::ids::WorkerId;
+use trellis_proto::v1 as pb;
+
+pub type Shared = Arc<Mutex<Domain>>;
+
+fn job_id(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[derive(Clone)]
+pub struct ControlSvc(pub Shared);
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_service_server::ControlService for ControlSvc {
+    async fn submit_job(
+        &self,
+        r: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(
+            self.0
+                .lock()
+                .await
+                .submit(&r.spec_toml, &r.base_dir)
+                .await?,
+        ))
+    }
+
+    async fn get_status(
+        &self,
+        r: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(
+            self.0.lock().await.status(job_id(&r.get_ref().job_id))?,
+        ))
+    }
+
+    async fn list_workers(
+        &self,
+        _r: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: self.0.lock().await.list_workers(),
+        }))
+    }
+
+    async fn grow(
+        &self,
+        r: Request<pb::GrowRequest>,
+    ) -> Result<Response<pb::GrowResponse>, Status> {
+        let r = r.into_inner();
+        let optimizer = match pb::OptimizerPolicy::try_from(r.optimizer) {
+            Ok(pb::OptimizerPolicy::Carry) => OptimizerPolicy::Carry,
+            Ok(_) => OptimizerPolicy::Reset,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown optimizer policy {}; use reset or carry",
+                    r.optimizer
+                ))
+                .into())
+            }
+        };
+        let req = GrowRequest {
+            factor: r.factor,
+            operator: r.operator,
+            stacking_list: r.stacking_list.iter().map(|&l| l as usize).collect(),
+            optimizer,
+            at_step: r.at_step,
+            mask_ramp_steps: r.mask_ramp_steps,
+            lr: r.lr,
+            min_lr: r.min_lr,
+            warmup_steps: r.warmup_steps,
+        };
+        Ok(Response::new(
+            self.0.lock().await.grow(job_id(&r.job_id), req).await?,
+        ))
+    }
+
+    async fn pause(
+        &self,
+        r: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::PauseResponse>, Status> {
+        let command_id = self
+            .0
+            .lock()
+            .await
+            .pause(job_id(&r.get_ref().job_id))
+            .await?;
+        Ok(Response::new(pb::PauseResponse { command_id }))
+    }
+
+    async fn resume(
+        &self,
+        r: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        let command_id = self
+            .0
+            .lock()
+            .await
+            .resume(job_id(&r.get_ref().job_id))
+            .await?;
+        Ok(Response::new(pb::ResumeResponse { command_id }))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        r: Request<pb::SaveCheckpointRequest>,
+    ) -> Result<Response<pb::SaveCheckpointResponse>, Status> {
+        let command_id = self
+            .0
+            .lock()
+            .await
+            .save_checkpoint(job_id(&r.get_ref().job_id))
+            .await?;
+        Ok(Response::new(pb::SaveCheckpointResponse { command_id }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        r: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: self
+                .0
+                .lock()
+                .await
+                .checkpoints(job_id(&r.get_ref().job_id))?,
+        }))
+    }
+
+    async fn get_loss(
+        &self,
+        r: Request<pb::GetLossRequest>,
+    ) -> Result<Response<pb::GetLossResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(
+            self.0
+                .lock()
+                .await
+                .loss(job_id(&r.job_id), r.max_points as usize)?,
+        ))
+    }
+
+    async fn plan(
+        &self,
+        r: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(
+            self.0.lock().await.plan(r.params, r.tokens, r.factor)?,
+        ))
+    }
+
+    type WatchStream = StatusStream;
+
+    async fn watch(
+        &self,
+        r: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = r.into_inner().job_id;
+        let (first, mut changes) = {
+            let d = self.0.lock().await;
+            (d.status(job_id(&id))?, d.subscribe())
+        };
+        let shared = self.0.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            while changes.changed().await.is_ok() {
+                // Throttle: at most ~10 updates per second.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                changes.borrow_and_update();
+                let st = shared
+                    .lock()
+                    .await
+                    .status(job_id(&id))
+                    .map_err(Status::from);
+                if tx.send(st).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerSvc(pub Shared);
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerSvc {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        r: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = r.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ))
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("session closed before Hello")),
+        };
+        let worker = WorkerId(hello.worker_id.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = self.0.lock().await.hello(hello, tx).await?;
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                let mut d = shared.lock().await;
+                let res = match msg.kind {
+                    Some(pb::worker_message::Kind::Step(s)) => {
+                        d.step_report(&worker, session, s).await
+                    }
+                    Some(pb::worker_message::Kind::Ack(a)) => d.ack(&worker, session, a).await,
+                    Some(pb::worker_message::Kind::ValLoss(v)) => {
+                        d.val_loss(&worker, session, v);
+                        Ok(())
+                    }
+                    Some(pb::worker_message::Kind::Heartbeat(_)) => {
+                        d.heartbeat(&worker, session);
+                        Ok(())
+                    }
+                    Some(pb::worker_message::Kind::Hello(_)) | None => Ok(()),
+                };
+                if let Err(e) = res {
+                    warn!(worker_id = %worker, "handling a worker message failed: {e}");
+                }
+            }
+            if let Err(e) = shared.lock().await.disconnected(&worker, session).await {
+                warn!(worker_id = %worker, "handling a disconnect failed: {e}");
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,155 @@
+//! What the coordinator persists (DESIGN §7), as serde structs stored as JSON under the keys of
+//! `trellis_store::keys`. Every change is written before it is acted on.
+use serde::{Deserialize, Serialize};
+use trellis_core::growth::OptimizerPolicy;
+
+/// `/…/jobs/<job>/spec`: the spec as submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub spec_toml: String,
+    pub base_dir: String,
+    pub submitted_at: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrowPhase {
+    Pending,
+    Checkpoint,
+    Stack,
+    Reshard,
+    Resume,
+    /// Resumed; the post-growth checkpoint is not committed yet.
+    Committing,
+    Done,
+    RolledBack,
+}
+
+impl GrowPhase {
+    pub fn label(self) -> &'static str {
+        match self {
+            GrowPhase::Pending => "pending",
+            GrowPhase::Checkpoint => "checkpoint",
+            GrowPhase::Stack => "stack",
+            GrowPhase::Reshard => "reshard",
+            GrowPhase::Resume => "resume",
+            GrowPhase::Committing => "resume",
+            GrowPhase::Done => "done",
+            GrowPhase::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase", content = "growth")]
+pub enum Phase {
+    Pending,
+    WaitingForWorkers,
+    Training,
+    Paused,
+    Growing(GrowPhase),
+    RollingBack,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    /// Phases in which ranks are assigned and expected to be alive.
+    pub fn is_running(self) -> bool {
+        matches!(self, Phase::Training | Phase::Paused | Phase::Growing(_))
+    }
+}
+
+/// The parallel layout with the planner's words.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct LayoutInfo {
+    pub dp: usize,
+    pub tp: usize,
+    pub explanation: String,
+    pub memory_per_rank_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+/// `/…/jobs/<job>/state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    pub phase: Phase,
+    /// Training-group incarnation: +1 at every (re)assignment of ranks.
+    pub epoch: u64,
+    pub generation: u64,
+    pub step: u64,
+    pub tokens: u64,
+    pub data_cursor: u64,
+    pub layers: usize,
+    pub parameters: u64,
+    pub layout: LayoutInfo,
+    /// The rollback point.
+    pub last_checkpoint: Option<CheckpointRecord>,
+    /// Data-cursor windows to skip (batches that produced a non-finite loss).
+    pub skip: Vec<(u64, u64)>,
+    /// Index of the next growth stage of the spec still to fire.
+    pub next_growth_stage: usize,
+    pub rollbacks: u64,
+    pub anomalies: u64,
+    /// The operator asked for a pause (kept across rollbacks and restarts).
+    pub paused: bool,
+    /// Consecutive failed growths (the job fails after 3).
+    pub growth_failures: u32,
+    pub message: String,
+}
+
+/// `/…/jobs/<job>/checkpoints/<step>`: a committed checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub generation: u64,
+    pub layers: usize,
+    pub data_cursor: u64,
+    pub dir: String,
+    pub reason: String,
+    pub committed_at: f64,
+    /// Next growth stage at the time of the checkpoint (restored with it).
+    pub next_growth_stage: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PhaseTimes {
+    pub checkpoint: f64,
+    pub stack: f64,
+    pub reshard: f64,
+    pub resume: f64,
+    pub total: f64,
+}
+
+/// `/…/jobs/<job>/growth/<generation>`: one growth, done only once the post-growth checkpoint
+/// is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrowthRecordState {
+    pub generation: u64,
+    pub at_step: u64,
+    pub tokens: u64,
+    pub operator: String,
+    pub stacking_list: Vec<usize>,
+    pub factor: usize,
+    pub optimizer: OptimizerPolicy,
+    pub mask_ramp_steps: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub from_layers: usize,
+    pub to_layers: usize,
+    pub phase: GrowPhase,
+    pub times: PhaseTimes,
+    pub error: String,
+    /// The spec stage that fired it, if any.
+    pub stage: Option<usize>,
+}
+
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

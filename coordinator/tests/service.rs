@@ -1,0 +1,323 @@
+//! Service tests: a real coordinator (in-process, 127.0.0.1:0, embedded store) and fake agents
+//! over gRPC — the whole protocol without libtorch.
+mod common;
+use common::*;
+use std::time::Duration;
+use tonic::Code;
+use trellis_proto::v1 as pb;
+
+fn grow_req(factor: i64, op: &str) -> pb::GrowRequest {
+    pb::GrowRequest {
+        factor,
+        operator: op.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_in_lockstep_and_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    // Unknown job before any submit.
+    assert_eq!(
+        c.get_status(pb::GetStatusRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    submit(&mut c, &spec("lock", 2, 400, 0, "")).await;
+    let second = c
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec("other", 1, 10, 0, ""),
+            base_dir: "/tmp".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), Code::AlreadyExists, "{second:?}");
+    let fake = fake(15);
+    let ep = format!("http://{}", co.grpc_addr);
+    let a0 = spawn_agent(ep.clone(), fake.clone());
+    let a1 = spawn_agent(ep.clone(), fake.clone());
+    let s = wait_status(&mut c, "training", 60, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.step >= 3
+    })
+    .await;
+    assert_eq!(s.layers, 2);
+
+    // Bad requests.
+    for f in [0, 1, -4] {
+        let e = c.grow(grow_req(f, "stack")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "factor {f}: {e:?}");
+        assert!(e.message().contains(">= 2"), "{}", e.message());
+    }
+    let e = c.grow(grow_req(4, "sideways")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("unknown growth operator"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .get_status(pb::GetStatusRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    c.pause(pb::PauseRequest::default()).await.unwrap();
+    let e = c.grow(grow_req(4, "stack")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("resume"), "{}", e.message());
+    assert_eq!(
+        c.pause(pb::PauseRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    c.resume(pb::ResumeRequest::default()).await.unwrap();
+
+    // Grow at a future step; a second grow meanwhile is refused.
+    let s = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let at = s.step + 15;
+    let r = c
+        .grow(pb::GrowRequest {
+            at_step: Some(at),
+            ..grow_req(4, "stack")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.generation, r.from_layers, r.to_layers), (1, 2, 8));
+    let e = c.grow(grow_req(2, "stack")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = c.pause(pb::PauseRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    let s = wait_status(&mut c, "growth done", 90, |s| {
+        s.growth_history
+            .first()
+            .is_some_and(|g| g.phase == pb::GrowthPhase::Done as i32)
+    })
+    .await;
+    assert_eq!(s.generation, 1);
+    assert_eq!(s.layers, 8);
+    assert_eq!(s.phase, pb::JobPhase::Training as i32);
+    let g = &s.growth_history[0];
+    assert_eq!(g.at_step, at);
+    let t = g.timings.unwrap();
+    assert!(
+        t.checkpoint_seconds > 0.0 && t.stack_seconds >= 0.0 && t.total_seconds > 0.0,
+        "{t:?}"
+    );
+    // Pre-growth (generation 0) and post-growth (generation 1) checkpoints are committed.
+    assert!(
+        s.checkpoints
+            .iter()
+            .any(|c| c.generation == 0 && c.step == at && c.reason == "growth"),
+        "{:?}",
+        s.checkpoints
+    );
+    assert!(
+        s.checkpoints
+            .iter()
+            .any(|c| c.generation == 1 && c.reason == "post-growth"),
+        "{:?}",
+        s.checkpoints
+    );
+    // Every rank grew at the same step: the barrier.
+    let ev = fake.events.lock().unwrap().clone();
+    let grows: Vec<_> = ev.iter().filter(|e| e.what == "grow").collect();
+    assert_eq!(grows.len(), 2, "{grows:?}");
+    assert!(
+        grows
+            .iter()
+            .all(|e| e.step == at && e.layers == 8 && e.generation == 1),
+        "{grows:?}"
+    );
+    let m = scrape(co.metrics_addr.unwrap()).await;
+    assert!(m.contains("trellis_model_layers 8"), "{m}");
+    assert!(m.contains("trellis_generation 1"), "{m}");
+    assert!(
+        m.contains("trellis_growth_phase_seconds_count{phase=\"stack\"} 1"),
+        "{m}"
+    );
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_rolls_back_and_skips_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("nan", 1, 40, 5, "")).await;
+    let mut f = fake(5);
+    // Step 13 (1-based) consumes samples [48, 52).
+    f.nan_at_sample = Some(49);
+    let a = spawn_agent(format!("http://{}", co.grpc_addr), f.clone());
+    let s = wait_status(&mut c, "done after a rollback", 90, |s| {
+        s.phase == pb::JobPhase::Done as i32
+    })
+    .await;
+    assert_eq!(s.rollbacks, 1, "{s:#?}");
+    assert_eq!(s.loss_anomalies, 1);
+    assert_eq!(s.step, 40);
+    // The resumed run skipped the batch: the cursor is one batch ahead of step × batch.
+    assert_eq!(s.data_cursor, 40 * 4 + 4, "{s:#?}");
+    let m = scrape(co.metrics_addr.unwrap()).await;
+    assert!(
+        m.contains("trellis_loss_anomalies_total{kind=\"nan\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("trellis_rollbacks_total 1"), "{m}");
+    // Stop ends the agent cleanly.
+    tokio::time::timeout(Duration::from_secs(30), a)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_loss_rolls_back_and_continues_when_a_worker_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("loss", 2, 100000, 5, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let f = fake(10);
+    let a0 = spawn_agent(ep.clone(), f.clone());
+    let a1 = spawn_agent(ep.clone(), f.clone());
+    let s = wait_status(&mut c, "a committed checkpoint", 60, |s| {
+        !s.checkpoints.is_empty() && s.step >= 8
+    })
+    .await;
+    let epoch = s.epoch;
+    a1.abort();
+    let s = wait_status(&mut c, "rollback", 60, |s| s.rollbacks >= 1).await;
+    assert!(
+        s.phase == pb::JobPhase::WaitingForWorkers as i32 || s.epoch > epoch,
+        "{s:#?}"
+    );
+    let a2 = spawn_agent(ep.clone(), f.clone());
+    let s = wait_status(&mut c, "training again", 60, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.epoch > epoch
+    })
+    .await;
+    let restart_step = s.step;
+    let s = wait_status(&mut c, "progress", 60, |s| s.step >= restart_step + 10).await;
+    assert_eq!(s.workers.unwrap().active, 2);
+    a0.abort();
+    a2.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epoch_messages_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("fence", 1, 1000, 0, "")).await;
+    let mut w =
+        pb::worker_service_client::WorkerServiceClient::connect(format!("http://{}", co.grpc_addr))
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let msg = |k| pb::WorkerMessage { kind: Some(k) };
+    tx.send(msg(pb::worker_message::Kind::Hello(pb::Hello {
+        worker_id: "raw".into(),
+        ring_address: "127.0.0.1:1".into(),
+        ..Default::default()
+    })))
+    .unwrap();
+    let mut inbound = w
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::coordinator_message::Kind::Assignment(a)) = first.kind else {
+        panic!("{first:?}")
+    };
+    assert_eq!(a.epoch, 1);
+    // A step report and an ack from epoch 0 (stale), then a good step report.
+    tx.send(msg(pb::worker_message::Kind::Step(pb::StepReport {
+        epoch: 0,
+        step: 99,
+        loss: 1.0,
+        ..Default::default()
+    })))
+    .unwrap();
+    tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {
+        epoch: 0,
+        command_id: 1,
+        phase: "checkpoint".into(),
+        ok: false,
+        ..Default::default()
+    })))
+    .unwrap();
+    tx.send(msg(pb::worker_message::Kind::Step(pb::StepReport {
+        epoch: 1,
+        step: 1,
+        tokens: 64,
+        loss: 5.0,
+        sample_end: 4,
+        ..Default::default()
+    })))
+    .unwrap();
+    let s = wait_status(&mut c, "fenced", 30, |s| {
+        s.fenced_messages >= 2 && s.step == 1
+    })
+    .await;
+    assert_eq!(
+        s.rollbacks, 0,
+        "a stale failing ack must not roll back: {s:#?}"
+    );
+    assert_eq!(s.fenced_messages, 2);
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_checkpoints_commit_and_the_job_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("periodic", 2, 60, 5, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let f = fake(5);
+    let a0 = spawn_agent(ep.clone(), f.clone());
+    let a1 = spawn_agent(ep.clone(), f.clone());
+    let s = wait_status(&mut c, "done", 90, |s| s.phase == pb::JobPhase::Done as i32).await;
+    let steps: Vec<u64> = s.checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(steps, (1..=12).map(|i| i * 5).collect::<Vec<_>>(), "{s:#?}");
+    assert_eq!(s.checkpoints.last().unwrap().reason, "final");
+    assert!(dir
+        .path()
+        .join("ckpt/periodic/step-60/trainer_state.json")
+        .exists());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ckpt/periodic/latest")).unwrap(),
+        "step-60"
+    );
+    for a in [a0, a1] {
+        tokio::time::timeout(Duration::from_secs(30), a)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    co.stop().await;
+}
