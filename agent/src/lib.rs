@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Span};
 use trellis_comm::{Collective, Solo, TcpRing};
 use trellis_core::checkpoint::ShardReport;
 use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
@@ -35,6 +35,10 @@ use trellis_core::job::JobSpec;
 use trellis_proto::v1 as pb;
 
 pub mod fake;
+
+/// Logs + OTLP traces for the worker binary (`telemetry::init("trellis-worker", fmt)`), re-exported
+/// so a worker that depends on the agent needs no extra dependency.
+pub use trellis_telemetry as telemetry;
 
 /// The agent's one error type.
 #[derive(Debug, thiserror::Error)]
@@ -290,11 +294,13 @@ pub async fn run<F: RunnerFactory>(
         let sink = sink.clone();
         let opts = options.clone();
         let progress = progress.clone();
+        let wid = worker_id.clone();
         std::thread::Builder::new()
             .name(format!("trellis-train-{worker_id}"))
             .spawn(move || {
                 let r = Trainer {
                     factory,
+                    worker_id: wid,
                     listener,
                     sink,
                     opts,
@@ -466,10 +472,14 @@ struct Epoch {
     hold: bool,
     /// The runner failed; wait for a new assignment.
     failed: bool,
+    /// The generation of the growth whose checkpoint this rank wrote last (for the `generation`
+    /// of the commit's span), 0 outside a growth.
+    growth_generation: u64,
 }
 
 struct Trainer<F> {
     factory: F,
+    worker_id: String,
     listener: TcpListener,
     sink: Sink,
     opts: AgentOptions,
@@ -517,6 +527,28 @@ fn resolve(addr: &str) -> std::result::Result<SocketAddr, BoxError> {
         .ok_or_else(|| format!("peer address {addr} does not resolve").into())
 }
 
+/// The span of a command's work on this rank (see docs/operations.md "Tracing"): a child of the
+/// coordinator span in `Command.trace_context`, with the fixed fields `job_id`, `worker_id`,
+/// `rank`, `step`, `generation`.
+macro_rules! command_span {
+    ($name:literal, $worker_id:expr, $e:expr, $cmd:expr, $generation:expr) => {{
+        let span = tracing::info_span!(
+            $name,
+            job_id = %$e.a.job_id,
+            worker_id = %$worker_id,
+            rank = $e.a.rank.0,
+            step = $e.runner.state().step,
+            generation = $generation,
+            epoch = $e.a.epoch,
+            command_id = $cmd.id,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
+        trellis_telemetry::set_parent(&span, &$cmd.trace_context);
+        span
+    }};
+}
+
 impl<F: RunnerFactory> Trainer<F> {
     fn ack(&self, cmd_id: u64, phase: &str, r: std::result::Result<(String, f64), String>) {
         let Some(e) = &self.epoch else { return };
@@ -543,6 +575,10 @@ impl<F: RunnerFactory> Trainer<F> {
     }
 
     fn fail(&mut self, phase: &str, err: String) {
+        // Marks the command's span (when one is entered) as failed in the trace.
+        let span = Span::current();
+        span.record("otel.status_code", "error");
+        span.record("otel.status_message", err.as_str());
         warn!(phase, "runner failed: {err}; waiting for a new assignment");
         self.ack(0, phase, Err(err));
         if let Some(e) = self.epoch.as_mut() {
@@ -583,6 +619,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 paused: false,
                 hold: false,
                 failed: false,
+                growth_generation: 0,
             })
         })();
         match built {
@@ -792,6 +829,21 @@ impl<F: RunnerFactory> Trainer<F> {
                 }
             }
             pb::command::Kind::Checkpoint(c) => {
+                let span = if c.reason == "growth" {
+                    e.growth_generation = c.growth_generation;
+                    command_span!(
+                        "worker.grow.checkpoint",
+                        self.worker_id,
+                        e,
+                        cmd,
+                        c.growth_generation
+                    )
+                } else {
+                    e.growth_generation = 0;
+                    let g = e.runner.state().generation;
+                    command_span!("worker.checkpoint", self.worker_id, e, cmd, g)
+                };
+                let _span = span.enter();
                 let root = e.a.job_root.clone();
                 let st = e.runner.state();
                 match e.runner.write_checkpoint_shards(&root) {
@@ -813,6 +865,14 @@ impl<F: RunnerFactory> Trainer<F> {
                 }
             }
             pb::command::Kind::CommitCheckpoint(c) => {
+                let span = if c.reason == "growth" {
+                    let g = e.growth_generation;
+                    command_span!("worker.grow.commit", self.worker_id, e, cmd, g)
+                } else {
+                    let g = e.runner.state().generation;
+                    command_span!("worker.commit", self.worker_id, e, cmd, g)
+                };
+                let _span = span.enter();
                 e.hold = was_hold;
                 let root = e.a.job_root.clone();
                 let reports: std::result::Result<Vec<ShardReport>, _> =
@@ -838,7 +898,17 @@ impl<F: RunnerFactory> Trainer<F> {
             pb::command::Kind::Grow(g) => {
                 let order = match grow_order(&g) {
                     Ok(o) => o,
-                    Err(err) => return self.fail("stack", err),
+                    Err(err) => {
+                        let span = command_span!(
+                            "worker.grow.stack",
+                            self.worker_id,
+                            e,
+                            cmd,
+                            g.generation
+                        );
+                        let _span = span.enter();
+                        return self.fail("stack", err);
+                    }
                 };
                 let phases: [(
                     &str,
@@ -851,6 +921,15 @@ impl<F: RunnerFactory> Trainer<F> {
                 for (name, f) in phases {
                     let t = Instant::now();
                     let e = self.epoch.as_mut().expect("epoch");
+                    let gen = order.generation;
+                    let span = match name {
+                        "stack" => command_span!("worker.grow.stack", self.worker_id, e, cmd, gen),
+                        "reshard" => {
+                            command_span!("worker.grow.reshard", self.worker_id, e, cmd, gen)
+                        }
+                        _ => command_span!("worker.grow.resume", self.worker_id, e, cmd, gen),
+                    };
+                    let _span = span.enter();
                     match f(e.runner.as_mut(), &order) {
                         Ok(()) => {
                             self.ack(cmd.id, name, Ok((String::new(), t.elapsed().as_secs_f64())))

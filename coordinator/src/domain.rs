@@ -78,6 +78,9 @@ struct CkptTxn {
     tokens: u64,
     cursor: u64,
     commit_cmd: Option<u64>,
+    /// The span its commands carry (`Command.trace_context`): its own `checkpoint` span, or the
+    /// `grow` span for a growth's checkpoint.
+    span: Span,
 }
 
 struct GrowthTxn {
@@ -889,8 +892,21 @@ impl Domain {
         self.persist_growth(&record).await?;
         self.persist_state().await?;
         let job = self.job.as_mut().unwrap();
-        let span = info_span!("grow", job_id = %job.id, generation, step = job.state.step);
+        let span = info_span!(
+            "grow",
+            job_id = %job.id,
+            generation,
+            step = job.state.step,
+            at_step = record.at_step,
+            operator = %record.operator,
+            factor = record.factor,
+            from_layers = from,
+            to_layers = to,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
         let phase_span = info_span!(parent: &span, "grow.checkpoint", job_id = %job.id, generation, step = job.state.step);
+        let trace_context = trellis_telemetry::inject(&span);
         info!(parent: &span, job_id = %job.id, generation, from, to, operator = %record.operator, at_step, "growth started");
         let ckpt_cmd = self.next_id();
         let job = self.job.as_mut().unwrap();
@@ -908,6 +924,7 @@ impl Domain {
                 tokens: 0,
                 cursor: 0,
                 commit_cmd: None,
+                span: span.clone(),
             },
             cmd: 0,
             acks: BTreeMap::new(),
@@ -922,8 +939,10 @@ impl Domain {
             pb::command::Kind::Checkpoint(pb::CheckpointCmd {
                 reason: "growth".into(),
                 hold: true,
+                growth_generation: generation,
             }),
             None,
+            trace_context,
         );
         self.update_gauges();
         self.bump();
@@ -954,16 +973,20 @@ impl Domain {
     /// Send a lockstep command to every rank of the epoch.
     fn send_all(&mut self, at_step: u64, kind: pb::command::Kind) -> u64 {
         let id = self.next_id();
-        self.send_with_id(id, at_step, kind, None);
+        let trace_context = trellis_telemetry::inject(&Span::current());
+        self.send_with_id(id, at_step, kind, None, trace_context);
         id
     }
 
+    /// Send a command to every rank (or `only_rank`); `trace_context` is the W3C context of the
+    /// span it belongs to ([`trellis_telemetry::inject`]), the parent of the workers' spans.
     fn send_with_id(
         &mut self,
         id: u64,
         at_step: u64,
         kind: pb::command::Kind,
         only_rank: Option<u32>,
+        trace_context: std::collections::HashMap<String, String>,
     ) {
         let Some(job) = self.job.as_ref() else { return };
         let msg = pb::CoordinatorMessage {
@@ -972,6 +995,7 @@ impl Domain {
                 epoch: job.state.epoch,
                 at_step,
                 kind: Some(kind),
+                trace_context,
             })),
         };
         for (rank, w) in job.ranks.iter().enumerate() {
@@ -984,10 +1008,15 @@ impl Domain {
         }
     }
 
+    /// Start a (non-growth) checkpoint transaction. Its `checkpoint` span is a child of the
+    /// current span (e.g. the SaveCheckpoint request, or the growth a post-growth checkpoint
+    /// belongs to).
     fn start_checkpoint(&mut self, reason: &str, at_step: u64, hold: bool) -> u64 {
         let id = self.next_id();
         let job = self.job.as_mut().unwrap();
         let now = Instant::now();
+        let span = info_span!("checkpoint", job_id = %job.id, generation = job.state.generation, step = job.state.step, reason, at_step);
+        let trace_context = trellis_telemetry::inject(&span);
         job.txn = Some(Txn::Checkpoint(CkptTxn {
             cmd: id,
             reason: reason.into(),
@@ -999,6 +1028,7 @@ impl Domain {
             tokens: 0,
             cursor: 0,
             commit_cmd: None,
+            span,
         }));
         info!(job_id = %job.id, step = job.state.step, generation = job.state.generation, reason, at_step, "checkpoint requested");
         self.send_with_id(
@@ -1007,8 +1037,10 @@ impl Domain {
             pb::command::Kind::Checkpoint(pb::CheckpointCmd {
                 reason: reason.into(),
                 hold,
+                growth_generation: 0,
             }),
             None,
+            trace_context,
         );
         id
     }
@@ -1145,7 +1177,13 @@ impl Domain {
         job.state.rollbacks += 1;
         self.metrics.rollbacks_total.inc();
         let failed_growth = match job.txn.take() {
-            Some(Txn::Growth(g)) => Some(g.generation),
+            Some(Txn::Growth(g)) => {
+                // The growth's trace ends failed, with the reason as an event.
+                g.span.record("otel.status_code", "error");
+                g.span.record("otel.status_message", why);
+                warn!(parent: &g.span, job_id = %job.id, generation = g.generation, reason = why, "growth rolled back");
+                Some(g.generation)
+            }
             _ => None,
         };
         if let Some(w) = skip {
@@ -1193,6 +1231,7 @@ impl Domain {
                 kind: Some(pb::command::Kind::Stop(pb::Stop {
                     reason: reason.into(),
                 })),
+                trace_context: Default::default(),
             })),
         };
         job.next_cmd += 1;
@@ -1585,7 +1624,14 @@ impl Domain {
                     let id = job.next_cmd;
                     job.next_cmd += 1;
                     c.commit_cmd = Some(id);
-                    self.send_with_id(id, 0, pb::command::Kind::CommitCheckpoint(commit), Some(0));
+                    let trace_context = trellis_telemetry::inject(&c.span);
+                    self.send_with_id(
+                        id,
+                        0,
+                        pb::command::Kind::CommitCheckpoint(commit),
+                        Some(0),
+                        trace_context,
+                    );
                 } else if c.commit_cmd == Some(ack.command_id) && ack.phase == "commit" {
                     let c = match job.txn.take() {
                         Some(Txn::Checkpoint(c)) => c,
@@ -1601,11 +1647,13 @@ impl Domain {
                         let id = job.next_cmd;
                         job.next_cmd += 1;
                         g.ckpt.commit_cmd = Some(id);
+                        let trace_context = trellis_telemetry::inject(&g.ckpt.span);
                         self.send_with_id(
                             id,
                             0,
                             pb::command::Kind::CommitCheckpoint(commit),
                             Some(0),
+                            trace_context,
                         );
                     } else if g.ckpt.commit_cmd == Some(ack.command_id) && ack.phase == "commit" {
                         // The rollback point is committed: stack.
@@ -1622,6 +1670,7 @@ impl Domain {
                                 tokens: 0,
                                 cursor: 0,
                                 commit_cmd: None,
+                                span: Span::none(),
                             },
                         );
                         let gen = g.generation;
@@ -1669,7 +1718,8 @@ impl Domain {
                             dp,
                             tp,
                         };
-                        self.send_with_id(id, 0, pb::command::Kind::Grow(cmd), None);
+                        let trace_context = trellis_telemetry::inject(&g.span);
+                        self.send_with_id(id, 0, pb::command::Kind::Grow(cmd), None, trace_context);
                     }
                 } else if ack.command_id == g.cmd {
                     g.acks.entry(ack.phase.clone()).or_default().insert(rank);
@@ -1746,11 +1796,14 @@ impl Domain {
                 job.state.message = format!("training generation {gen} ({to} layers); committing the post-growth checkpoint");
                 info!(job_id = %job.id, generation = gen, step, layers = to, seconds = total, "growth resumed");
                 let rec = rec.clone();
+                // The post-growth checkpoint is part of the growth's trace; `grow` ends after it
+                // is requested (when the last handle, `grow_span`, drops).
+                let grow_span = g.span.clone();
                 job.txn = None;
                 job.loss.reset_smoothing();
                 self.persist_growth(&rec).await?;
                 self.persist_state().await?;
-                self.start_checkpoint("post-growth", 0, false);
+                grow_span.in_scope(|| self.start_checkpoint("post-growth", 0, false));
                 return Ok(());
             }
             job.state.phase = Phase::Growing(next);

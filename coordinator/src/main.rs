@@ -85,20 +85,9 @@ fn run() -> anyhow::Result<()> {
     if let Some(v) = cli.log_format {
         cfg.log_format = v;
     }
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    match cfg.log_format.as_str() {
-        "json" => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        "text" | "" => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        other => anyhow::bail!("--log-format {other:?}: use text or json"),
-    }
+    // Logs (text/JSON) + OTLP span export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
+    // flushes the exporter when `run` returns.
+    let _telemetry = trellis_telemetry::init("trellis-coordinator", &cfg.log_format)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let spec = trellis_store::StoreSpec::parse(&cfg.store)?;
@@ -110,9 +99,23 @@ fn run() -> anyhow::Result<()> {
         tokio::select! {
             _ = running_wait(running) => {}
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; exiting"); }
+            _ = sigterm() => { tracing::info!("terminated; exiting"); }
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// SIGTERM (Kubernetes' stop signal): exit through `run`, so the telemetry guard flushes spans.
+async fn sigterm() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
 }
 
 async fn running_wait(r: trellis_coordinator::server::Running) {

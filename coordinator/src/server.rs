@@ -53,6 +53,24 @@ impl Running {
     }
 }
 
+/// The span of one gRPC request (tonic `trace_fn`): unary ControlService calls get a server
+/// span, a child of the caller's `traceparent` metadata when it sent one, so a `coordctl grow`
+/// that propagates its context owns the growth's trace. Read-only calls (polled) get one only
+/// when the caller sent a `traceparent`; streams (Session, Watch), health and reflection none.
+fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let Some(method) = req.uri().path().strip_prefix("/trellis.v1.ControlService/") else {
+        return tracing::Span::none();
+    };
+    let polled = matches!(
+        method,
+        "GetStatus" | "ListWorkers" | "ListCheckpoints" | "GetLoss" | "Plan"
+    );
+    if method == "Watch" || (polled && !trellis_telemetry::has_traceparent(req.headers())) {
+        return tracing::Span::none();
+    }
+    trellis_telemetry::grpc_server_span(req)
+}
+
 pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
     DomainOptions {
         heartbeat_ttl: Duration::from_secs_f64(cfg.heartbeat_ttl_secs.max(0.1)),
@@ -175,6 +193,7 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .trace_fn(request_span)
             .add_service(health)
             .add_service(reflection)
             .add_service(control)
