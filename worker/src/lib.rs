@@ -1,1 +1,17 @@
-pub fn placeholder() {}
+//! The Trellis training worker: LLaMA in tch ([`model`]), AdamW with growable moments
+//! ([`optim`]), the LR schedule ([`schedule`]), the online growth executor ([`grow`]), one
+//! rank's training loop ([`trainer`]), checkpoint evaluation ([`eval`]) and the standalone
+//! one-process job runner ([`standalone`]).
+pub mod error;
+pub mod eval;
+pub mod grow;
+pub mod init;
+pub mod model;
+pub mod optim;
+pub mod schedule;
+pub mod standalone;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use grow::GrowthTimings;
+pub use trainer::{PostGrowthSchedule, StepReport, Trainer};

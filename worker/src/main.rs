@@ -1,1 +1,307 @@
-fn main() {}
+//! `trellis-worker`: the Trellis training worker binary.
+//!
+//! ```text
+//! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
+//! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
+//! trellis-worker bench --job JOB.toml [--steps N] [--warmup N]
+//! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed mode: TODO)
+//! ```
+//! Errors are one line on stderr; exit 2 for bad input (spec, checkpoint, refused growth),
+//! 1 otherwise.
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use trellis_core::job::JobSpec;
+use trellis_worker::standalone::{self, Event, RunOptions};
+use trellis_worker::trainer::{parse_device, Trainer};
+
+#[derive(Parser)]
+#[command(name = "trellis-worker", version, about = "Trellis training worker")]
+struct Cli {
+    /// Managed mode: register with this coordinator and train as it commands (TODO: wired by
+    /// the coordinator's worker agent).
+    #[arg(long, global = false)]
+    coordinator: Option<String>,
+    /// Device for managed mode.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a whole job in this process (no coordinator); resumes from the latest checkpoint.
+    Train {
+        #[arg(long)]
+        job: PathBuf,
+        /// Output directory (default: runs/<job name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop after this many steps in total (the LR schedule still spans train.max_steps).
+        #[arg(long)]
+        stop_at: Option<u64>,
+    },
+    /// Mean next-token loss of a checkpoint on a text file.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        /// Window length (default: the model's max_position_embeddings).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// `json` for a machine-readable line.
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// Training throughput of a job's model: `warmup` steps, then `steps` timed steps.
+    Bench {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn load_spec(path: &std::path::Path) -> Result<JobSpec> {
+    Ok(JobSpec::from_file(path)?)
+}
+
+fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()> {
+    let spec = load_spec(&job)?;
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.job.name));
+    let tty = std::io::stderr().is_terminal();
+    let max = spec.train.max_steps.min(stop_at.unwrap_or(u64::MAX));
+    let bar = ProgressBar::new(max);
+    if tty {
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let log_every = (max / 20).max(1);
+    let mut last_val: Option<f64> = None;
+    let mut observer = |e: Event| {
+        let line = match &e {
+            Event::Resumed { step, dir } => {
+                Some(format!("resumed from {} (step {step})", dir.display()))
+            }
+            Event::Step(r) => {
+                bar.set_position(r.step);
+                bar.set_message(format!(
+                    "tokens {} loss {:.4}{} {:.0} tok/s",
+                    r.tokens,
+                    r.loss,
+                    last_val.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+                    r.tokens_per_second
+                ));
+                (r.step % log_every == 0 || r.step == 1).then(|| {
+                    format!(
+                        "step {} tokens {} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tok/s",
+                        r.step, r.tokens, r.loss, r.lr, r.grad_norm, r.tokens_per_second
+                    )
+                })
+            }
+            Event::Validation { step, loss, .. } => {
+                last_val = Some(*loss);
+                Some(format!("step {step} validation loss {loss:.4}"))
+            }
+            Event::Growth {
+                step,
+                from_layers,
+                to_layers,
+                timings,
+                ..
+            } => Some(format!(
+                "step {step} grew {from_layers} -> {to_layers} layers in {:.3}s",
+                timings.total_seconds
+            )),
+            Event::Checkpoint { step, dir } => {
+                Some(format!("step {step} checkpoint {}", dir.display()))
+            }
+        };
+        if let Some(l) = line {
+            if tty {
+                bar.println(l);
+            } else {
+                eprintln!("{l}");
+            }
+        }
+    };
+    let summary = standalone::run_job(&spec, &out, &RunOptions { stop_at }, &mut observer)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "done: {} steps, {} tokens, train loss {}, val loss {}, {} -> {} layers, {:.1}s; see {}",
+        summary.steps,
+        summary.tokens,
+        summary
+            .final_train_loss
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or("-".into()),
+        summary
+            .final_val_loss
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or("-".into()),
+        summary.layers_before,
+        summary.layers_after,
+        summary.wall_seconds,
+        out.join("summary.json").display()
+    );
+    Ok(())
+}
+
+fn eval(
+    checkpoint: PathBuf,
+    text: PathBuf,
+    seq_len: Option<usize>,
+    device: String,
+    output: String,
+) -> Result<()> {
+    let device = parse_device(&device)?;
+    let r = trellis_worker::eval::eval_checkpoint(&checkpoint, &text, seq_len, device)?;
+    match output.as_str() {
+        "json" => println!("{}", serde_json::to_string(&r)?),
+        "text" | "table" => println!(
+            "loss {:.6} over {} tokens ({} windows of {}) — {} at step {}",
+            r.loss, r.tokens, r.windows, r.seq_len, r.checkpoint, r.step
+        ),
+        other => {
+            return Err(trellis_worker::Error::Invalid(format!(
+                "--output {other}: use text or json"
+            ))
+            .into())
+        }
+    }
+    Ok(())
+}
+
+fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<()> {
+    let spec = load_spec(&job)?;
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-bench", spec.job.name)));
+    let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(trellis_comm::Solo))?;
+    for _ in 0..warmup {
+        t.step()?;
+    }
+    let start = std::time::Instant::now();
+    let mut tokens = 0u64;
+    let mut last = 0.0;
+    let mut step_secs = Vec::new();
+    for _ in 0..steps {
+        let s0 = std::time::Instant::now();
+        let r = t.step()?;
+        step_secs.push(s0.elapsed().as_secs_f64());
+        tokens += (spec.train.global_batch * spec.data.seq_len) as u64;
+        last = r.loss;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    step_secs.sort_by(f64::total_cmp);
+    let median = step_secs
+        .get(step_secs.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "trellis-worker",
+            "steps": steps,
+            "tokens": tokens,
+            "seconds": secs,
+            "tokens_per_second": tokens as f64 / secs,
+            "median_step_seconds": median,
+            "median_step_tokens_per_second": (spec.train.global_batch * spec.data.seq_len) as f64 / median,
+            "final_loss": last,
+            "threads": tch::get_num_threads(),
+            "params": t.model().num_parameters(),
+            "vocab": t.config().vocab_size,
+        })
+    );
+    Ok(())
+}
+
+/// Exit code of an error chain: 2 for bad input, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(w) = cause.downcast_ref::<trellis_worker::Error>() {
+            return if w.is_bad_input() { 2 } else { 1 };
+        }
+        if let Some(c) = cause.downcast_ref::<trellis_core::Error>() {
+            return if trellis_worker::error::core_is_bad_input(c) {
+                2
+            } else {
+                1
+            };
+        }
+    }
+    1
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber_init();
+    let res = match (cli.cmd, cli.coordinator) {
+        (Some(Cmd::Train { job, out, stop_at }), _) => train(job, out, stop_at),
+        (Some(Cmd::Eval { checkpoint, text, seq_len, device, output }), _) => {
+            eval(checkpoint, text, seq_len, device, output)
+        }
+        (Some(Cmd::Bench { job, steps, warmup, out }), _) => bench(job, steps, warmup, out),
+        (None, Some(url)) => managed(&url, &cli.device),
+        (None, None) => Err(anyhow::anyhow!(
+            "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
+        )
+        .context("usage")),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain joined.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("error: {}", msg.replace('\n', " "));
+            let code = if e.chain().any(|c| c.to_string() == "usage") {
+                2
+            } else {
+                exit_code(&e)
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// TODO(coordinator): managed mode. The coordinator engineer wires the `WorkerService` agent
+/// here: register, receive rank/layout, then drive a [`Trainer`] on a dedicated thread
+/// (`Trainer` is `Send`) with `step` / `evaluate` / `write_checkpoint_shards` /
+/// `finalize_checkpoint` / `restore` / `grow`.
+fn managed(url: &str, device: &str) -> Result<()> {
+    let _ = parse_device(device).context("--device")?;
+    Err(anyhow::anyhow!(
+        "managed mode (--coordinator {url}) is not implemented in this build yet; run a job standalone with `trellis-worker train --job JOB.toml`"
+    ))
+}
+
+fn tracing_subscriber_init() {
+    // Library code logs through `tracing`; without a subscriber those events are dropped,
+    // which is what the standalone CLI wants (it prints its own lines).
+}

@@ -1,0 +1,70 @@
+"""PyTorch eager peer of `trellis-worker bench`: the same LLaMA (transformers LlamaForCausalLM,
+sdpa attention), the same batch, sequence length and threads, the same training step
+(forward, mean cross-entropy, backward, clip_grad_norm_(1.0), AdamW(0.9, 0.95, wd 0.1)).
+Prints one JSON line like `trellis-worker bench`."""
+import argparse, json, time, tomllib, os
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+PRESETS = {  # trellis_core::config::PRESETS
+    "tiny": (64, 176, 2, 4, 2, 256),
+    "small": (256, 688, 2, 8, 4, 512),
+    "base": (512, 1376, 4, 8, 8, 1024),
+}
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--job", required=True)
+ap.add_argument("--vocab", type=int, required=True, help="the tokenizer's vocabulary size")
+ap.add_argument("--steps", type=int, default=20)
+ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--foreach", choices=["on", "off"], default="off")
+a = ap.parse_args()
+spec = tomllib.load(open(a.job, "rb"))
+m, t = spec["model"], spec["train"]
+h, f, layers, heads, kv, maxpos = PRESETS[m.get("preset", "tiny")]
+h = m.get("hidden_size", h); f = m.get("intermediate_size", f)
+layers = m.get("num_hidden_layers", layers); heads = m.get("num_attention_heads", heads)
+kv = m.get("num_key_value_heads", kv)
+seq = spec["data"]["seq_len"]; batch = t["global_batch"]
+torch.set_num_threads(t.get("threads", torch.get_num_threads()))
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, head_dim=h // heads,
+                  max_position_embeddings=max(maxpos, seq), rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+cfg._attn_implementation = "sdpa"
+model = LlamaForCausalLM(cfg).train()
+decay = [p for p in model.parameters() if p.dim() >= 2]
+nodecay = [p for p in model.parameters() if p.dim() < 2]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.get("weight_decay", 0.1)},
+                         {"params": nodecay, "weight_decay": 0.0}],
+                        lr=t.get("lr", 1e-3), betas=(0.9, 0.95), eps=1e-8,
+                        foreach=(a.foreach == "on"), fused=False)
+data = torch.randint(a.vocab, (a.warmup + a.steps, batch, seq + 1))
+
+def step(i):
+    ids = data[i]
+    logits = model(input_ids=ids[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    return loss.item()
+
+for i in range(a.warmup):
+    step(i)
+t0 = time.perf_counter()
+step_secs = []
+for i in range(a.steps):
+    s0 = time.perf_counter()
+    last = step(a.warmup + i)
+    step_secs.append(time.perf_counter() - s0)
+secs = time.perf_counter() - t0
+median = sorted(step_secs)[len(step_secs) // 2]
+tokens = a.steps * batch * seq
+print(json.dumps({"impl": f"pytorch-eager-hf-sdpa-foreach-{a.foreach}", "steps": a.steps,
+                  "tokens": tokens, "seconds": secs, "tokens_per_second": tokens / secs,
+                  "median_step_seconds": median, "median_step_tokens_per_second": batch * seq / median,
+                  "final_loss": last, "threads": torch.get_num_threads(),
+                  "params": sum(p.numel() for p in model.parameters())}))

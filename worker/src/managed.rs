@@ -1,0 +1,121 @@
+//! Managed mode: the worker's [`Trainer`] driven by the coordinator through the agent
+//! (`trellis_agent`). The agent owns the session, the lockstep command queue and the ring
+//! collective; this module only adapts the trainer to its [`Runner`] trait.
+use crate::trainer::{PostGrowthSchedule, Trainer};
+use std::path::{Path, PathBuf};
+use trellis_agent::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
+use trellis_comm::Collective;
+use trellis_core::checkpoint::{self, ShardReport};
+
+/// One rank's trainer as the agent drives it.
+pub struct ManagedRunner {
+    trainer: Trainer,
+    keep: usize,
+}
+
+impl ManagedRunner {
+    /// Build the rank of `a`: a fresh trainer from the job seed, restored from the assignment's
+    /// committed checkpoint when it names one, with the data windows the coordinator skipped
+    /// (after a NaN) applied to the cursor.
+    pub fn build(a: &Assignment, comm: Box<dyn Collective>) -> Result<ManagedRunner, BoxError> {
+        if a.tp != 1 {
+            return Err(format!(
+                "this worker supports tensor-parallel degree 1 only, the assignment asks for tp = {}",
+                a.tp
+            )
+            .into());
+        }
+        std::fs::create_dir_all(&a.job_root)
+            .map_err(|e| format!("cannot create the job root {}: {e}", a.job_root.display()))?;
+        let mut trainer = Trainer::new(&a.spec, &a.job_root, a.rank.0 as usize, a.dp, comm)?;
+        if let Some(dir) = &a.restore_from {
+            trainer.restore(dir)?;
+        }
+        trainer.set_skip_windows(a.skip.clone());
+        Ok(ManagedRunner {
+            trainer,
+            keep: a.spec.checkpoint.keep,
+        })
+    }
+}
+
+impl Runner for ManagedRunner {
+    fn step(&mut self) -> Result<StepOutcome, BoxError> {
+        let r = self.trainer.step()?;
+        let gb = self.trainer.spec().train.global_batch as u64;
+        // The global sample range of the step (this rank read `r.samples`, a block of it).
+        let start = r.samples.start - (r.samples.start - self.trainer.step_cursor_start()) % gb;
+        Ok(StepOutcome {
+            step: r.step,
+            tokens: r.tokens,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            step_seconds: r.step_seconds,
+            compute_seconds: r.compute_seconds,
+            comm_seconds: r.comm_seconds,
+            data_seconds: r.data_seconds,
+            sample_start: start,
+            sample_end: start + gb,
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<f64, BoxError> {
+        Ok(self.trainer.evaluate()?)
+    }
+
+    fn write_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardReport>, BoxError> {
+        Ok(self.trainer.write_checkpoint_shards(job_root)?)
+    }
+
+    fn finalize_checkpoint(
+        &mut self,
+        job_root: &Path,
+        step: u64,
+        reports: &[ShardReport],
+    ) -> Result<PathBuf, BoxError> {
+        if step != self.trainer.step_count() {
+            return Err(format!(
+                "asked to commit the checkpoint of step {step} but this rank is at step {}",
+                self.trainer.step_count()
+            )
+            .into());
+        }
+        let dir = self.trainer.finalize_checkpoint(job_root, reports)?;
+        checkpoint::set_latest(job_root, &dir)?;
+        checkpoint::gc(job_root, self.keep.max(1))?;
+        Ok(dir)
+    }
+
+    fn grow(&mut self, order: &GrowOrder) -> Result<(), BoxError> {
+        let sched = PostGrowthSchedule {
+            lr: order.lr,
+            min_lr: order.min_lr,
+            warmup_steps: order.warmup_steps,
+        };
+        self.trainer.grow(&order.spec, &sched)?;
+        if self.trainer.generation() != order.generation {
+            return Err(format!(
+                "after growth this rank is at generation {} but the coordinator expects {}",
+                self.trainer.generation(),
+                order.generation
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> RunnerState {
+        RunnerState {
+            step: self.trainer.step_count(),
+            tokens: self.trainer.tokens(),
+            generation: self.trainer.generation(),
+            layers: self.trainer.config().num_hidden_layers,
+            data_cursor: self.trainer.data_cursor(),
+        }
+    }
+
+    fn agree_min(&mut self, v: u64) -> Result<u64, BoxError> {
+        Ok(self.trainer.comm_mut().all_reduce_min_u64(v)?)
+    }
+}

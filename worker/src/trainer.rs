@@ -1,0 +1,801 @@
+//! Everything one rank needs to train: model, optimizer, schedule, data, and the DP collective.
+//!
+//! The coordinator's worker agent (and the standalone `trellis-worker train`) drive a
+//! [`Trainer`] step by step: [`Trainer::step`], [`Trainer::evaluate`], checkpoint writing,
+//! [`Trainer::restore`] and [`Trainer::grow`]. A `Trainer` is `Send` (move it to the dedicated
+//! training thread that owns all tensors) but not `Sync`.
+//!
+//! Determinism: weights come from seeded per-tensor streams ([`crate::init`]), the data order
+//! from the global cursor (DESIGN §6), and nothing else is random, so the same seed and data
+//! give the same losses and a resume from a checkpoint continues bit for bit.
+use crate::grow::GrowthTimings;
+use crate::model::Llama;
+use crate::optim::{AdamW, AdamWConfig, Moments};
+use crate::schedule::lr_at;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+use trellis_comm::Collective;
+use trellis_core::checkpoint::{
+    self, Checkpoint, GrowthRecord, HostTensor, Layout, MaskState, ScheduleState, ShardKind,
+    ShardReport, TrainerState,
+};
+use trellis_core::config::ModelConfig;
+use trellis_core::growth::{GrowthSpec, OptimizerPolicy};
+use trellis_core::job::{GrowthStage, JobSpec};
+use trellis_data::{PreparedData, Sampler};
+
+/// Elements per gradient bucket for the DP all-reduce (64 MiB of f32).
+pub const BUCKET_ELEMENTS: usize = 16 << 20;
+
+/// One optimizer step's report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepReport {
+    /// Optimizer steps completed (after this one).
+    pub step: u64,
+    /// Training tokens consumed by the whole job (all ranks) after this step.
+    pub tokens: u64,
+    /// Mean training loss of this step's global batch.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub step_seconds: f64,
+    pub compute_seconds: f64,
+    pub comm_seconds: f64,
+    pub data_seconds: f64,
+    /// Global sample ids this rank read.
+    pub samples: Range<u64>,
+    /// Global tokens per second of this step.
+    pub tokens_per_second: f64,
+}
+
+/// The LR settings in force after a `reset` growth (the paper: 3e-4 → 3e-5, re-warmup).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostGrowthSchedule {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+}
+
+impl From<&GrowthStage> for PostGrowthSchedule {
+    fn from(s: &GrowthStage) -> Self {
+        PostGrowthSchedule {
+            lr: s.lr,
+            min_lr: s.min_lr,
+            warmup_steps: s.warmup_steps,
+        }
+    }
+}
+
+/// Parse `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "unknown device '{s}'; use cpu, cuda or cuda:N"
+                )))
+            }
+        },
+    };
+    if let Device::Cuda(n) = dev {
+        if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
+            return Err(Error::Invalid(format!(
+                "device {s} requested but libtorch sees {} CUDA device(s); use device = \"cpu\" or run on a GPU machine with the CUDA build of libtorch",
+                if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 }
+            )));
+        }
+    }
+    Ok(dev)
+}
+
+/// Copy a tensor to the host as fp32.
+pub fn to_host(t: &Tensor) -> HostTensor {
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let n = t.numel();
+    let mut data = vec![0f32; n];
+    t.copy_data(&mut data, n);
+    HostTensor {
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        data,
+    }
+}
+
+/// A host tensor as a libtorch tensor on `device`.
+pub fn from_host(h: &HostTensor, device: Device) -> Tensor {
+    let dims: Vec<i64> = h.shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_slice(&h.data)
+        .reshape(dims.as_slice())
+        .to_device(device)
+}
+
+/// Explain how two configs differ, field by field.
+fn config_diff(a: &ModelConfig, b: &ModelConfig) -> String {
+    let (ja, jb) = (
+        serde_json::to_value(a).unwrap(),
+        serde_json::to_value(b).unwrap(),
+    );
+    let mut out = Vec::new();
+    if let (Some(ma), Some(mb)) = (ja.as_object(), jb.as_object()) {
+        for (k, va) in ma {
+            if mb.get(k) != Some(va) {
+                out.push(format!(
+                    "{k} {} vs {}",
+                    va,
+                    mb.get(k).unwrap_or(&serde_json::Value::Null)
+                ));
+            }
+        }
+    }
+    out.join(", ")
+}
+
+/// Load a checkpoint's model (and, if present, optimizer) state, verifying every shape.
+/// Returns (model, optimizer moments or `None` if the checkpoint has none).
+pub fn load_model(
+    ck: &Checkpoint,
+    device: Device,
+) -> Result<(Llama, Option<HashMap<String, Moments>>)> {
+    let cfg = &ck.state.model;
+    cfg.validate()?;
+    let dir = ck.dir.display().to_string();
+    let mut tensors = HashMap::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let h = ck.read_full(&name).map_err(|e| match e {
+            trellis_core::Error::HashMismatch { .. } => Error::Core(e),
+            other => Error::Invalid(format!(
+                "checkpoint {dir}: cannot read tensor {name}: {other}; the checkpoint does not fit its own config"
+            )),
+        })?;
+        if h.shape != shape {
+            return Err(Error::Invalid(format!(
+                "checkpoint {dir}: tensor {name} has shape {:?} but its config needs {shape:?}",
+                h.shape
+            )));
+        }
+        tensors.insert(name, from_host(&h, device));
+    }
+    let optim_names = ck.names(ShardKind::Optim);
+    let moments = if optim_names.is_empty() {
+        None
+    } else {
+        let mut m = HashMap::new();
+        for (name, shape) in cfg.tensor_shapes() {
+            let read = |suffix: &str| -> Result<Tensor> {
+                let n = format!("{name}.{suffix}");
+                let h = ck.read_full(&n).map_err(|e| {
+                    Error::Invalid(format!("checkpoint {dir}: optimizer state {n}: {e}"))
+                })?;
+                if h.shape != shape {
+                    return Err(Error::Invalid(format!(
+                        "checkpoint {dir}: {n} has shape {:?}, expected {shape:?}",
+                        h.shape
+                    )));
+                }
+                Ok(from_host(&h, device))
+            };
+            let exp_avg = read("exp_avg")?;
+            let exp_avg_sq = read("exp_avg_sq")?;
+            m.insert(
+                name,
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
+        }
+        Some(m)
+    };
+    let model = Llama::from_tensors(cfg, device, &mut tensors);
+    Ok((model, moments))
+}
+
+/// Plan every growth stage of `spec` from `cfg` in order, so a stage that would be refused
+/// (factor < 2, a bad stacking list, …) is refused before any training, not at its step.
+pub fn check_growth_stages(spec: &JobSpec, cfg: &ModelConfig) -> Result<()> {
+    let mut cfg = cfg.clone();
+    for (i, stage) in spec.growth.iter().enumerate() {
+        let gs = stage.spec()?;
+        let plan = trellis_core::growth::plan(&cfg, &gs).map_err(|e| {
+            Error::Invalid(format!(
+                "growth[{i}] (at step {}): {e}",
+                spec.growth_step(i)
+            ))
+        })?;
+        cfg = plan.new;
+    }
+    Ok(())
+}
+
+/// Everything for one rank.
+pub struct Trainer {
+    spec: JobSpec,
+    out_dir: PathBuf,
+    dp_rank: usize,
+    dp: usize,
+    comm: Box<dyn Collective>,
+    device: Device,
+    data: PreparedData,
+    sampler: Sampler,
+    model: Llama,
+    optim: AdamW,
+    schedule: ScheduleState,
+    step: u64,
+    tokens: u64,
+    cursor: u64,
+    generation: u64,
+    next_growth_stage: usize,
+    growth_history: Vec<GrowthRecord>,
+    mask: Option<MaskState>,
+    eval_windows: Vec<u64>,
+}
+
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Trainer>();
+}
+
+impl Trainer {
+    /// A fresh trainer for rank `dp_rank` of `dp`: prepares the data (tokenizer and token files,
+    /// cached under `spec.data.cache_dir` or `<out_dir>/data`), builds the model from the job
+    /// seed (identical on every rank) and a fresh optimizer.
+    pub fn new(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        comm: Box<dyn Collective>,
+    ) -> Result<Trainer> {
+        if dp == 0 || dp_rank >= dp || spec.train.global_batch / dp * dp != spec.train.global_batch
+        {
+            return Err(Error::Invalid(format!(
+                "rank {dp_rank} of {dp}: global_batch {} must be a multiple of dp and rank < dp",
+                spec.train.global_batch
+            )));
+        }
+        if comm.world() != dp {
+            return Err(Error::Invalid(format!(
+                "the collective has world size {} but dp = {dp}",
+                comm.world()
+            )));
+        }
+        if let Some(t) = spec.train.threads {
+            tch::set_num_threads(t as i32);
+        }
+        let device = parse_device(&spec.train.device)?;
+        let cache = spec
+            .data
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| out_dir.join("data"));
+        let data = trellis_data::prepare(&spec.data, &cache)?;
+        let tok_vocab = data.tokenizer.vocab_size();
+        let cfg = spec.model_config(tok_vocab)?;
+        if cfg.vocab_size != tok_vocab {
+            return Err(Error::Invalid(format!(
+                "the tokenizer has {tok_vocab} tokens but model.vocab_size is {}; remove model.vocab_size or use a matching tokenizer",
+                cfg.vocab_size
+            )));
+        }
+        check_growth_stages(spec, &cfg)?;
+        let seq = spec.data.seq_len;
+        let nwin = data.train.num_windows(seq);
+        if nwin < spec.train.global_batch as u64 {
+            return Err(Error::Invalid(format!(
+                "the training split has only {nwin} windows of {seq} tokens, fewer than one global batch ({}); use more data or a smaller batch",
+                spec.train.global_batch
+            )));
+        }
+        let vwin = data.valid.num_windows(seq);
+        if vwin == 0 {
+            return Err(Error::Invalid(format!(
+                "the validation split {} is shorter than one window of {seq} tokens",
+                spec.data.valid.display()
+            )));
+        }
+        let sampler = Sampler::new(nwin, spec.job.seed);
+        let model = Llama::init(&cfg, device, spec.job.seed);
+        let optim = AdamW::new(
+            AdamWConfig::from_train(&spec.train),
+            model.named_parameters(),
+        );
+        let schedule = ScheduleState {
+            start_step: 0,
+            end_step: spec.train.max_steps,
+            peak_lr: spec.train.lr,
+            min_lr: spec.train.min_lr,
+            warmup_steps: spec.train.warmup_steps,
+        };
+        Ok(Trainer {
+            eval_windows: trellis_data::validation_windows(
+                &data.valid,
+                seq,
+                match spec.train.eval_sequences {
+                    0 => usize::MAX,
+                    n => n,
+                },
+            ),
+            spec: spec.clone(),
+            out_dir: out_dir.to_path_buf(),
+            dp_rank,
+            dp,
+            comm,
+            device,
+            data,
+            sampler,
+            model,
+            optim,
+            schedule,
+            step: 0,
+            tokens: 0,
+            cursor: 0,
+            generation: 0,
+            next_growth_stage: 0,
+            growth_history: Vec::new(),
+            mask: None,
+        })
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optim
+    }
+    pub fn schedule(&self) -> &ScheduleState {
+        &self.schedule
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn next_growth_stage(&self) -> usize {
+        self.next_growth_stage
+    }
+    pub fn growth_history(&self) -> &[GrowthRecord] {
+        &self.growth_history
+    }
+    pub fn tokenizer_path(&self) -> &Path {
+        &self.data.tokenizer_path
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The growth stage of the spec that is due now (its step has been reached), if any.
+    pub fn pending_growth_stage(&self) -> Option<usize> {
+        let i = self.next_growth_stage;
+        (i < self.spec.growth.len() && self.spec.growth_step(i) <= self.step).then_some(i)
+    }
+
+    /// `trainer_state.json` of the current state.
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            job: self.spec.job.name.clone(),
+            step: self.step,
+            tokens: self.tokens,
+            generation: self.generation,
+            model: self.model.cfg.clone(),
+            layout: Layout { dp: self.dp, tp: 1 },
+            data_cursor: self.cursor,
+            seed: self.spec.job.seed,
+            schedule: self.schedule.clone(),
+            optimizer_step: self.optim.step,
+            next_growth_stage: self.next_growth_stage,
+            growth_history: self.growth_history.clone(),
+            mask: self.mask.clone(),
+        }
+    }
+
+    /// Mask values for the optimizer step with index `step` (m = (k+1)/ramp, capped at 1).
+    fn apply_mask(&mut self, step: u64, for_training: bool) {
+        let mut done = false;
+        match &self.mask {
+            None => {
+                for m in self.model.masks.iter_mut() {
+                    *m = None;
+                }
+            }
+            Some(ms) => {
+                let k = step.saturating_sub(ms.start_step) + u64::from(for_training);
+                let v = (k as f64 / ms.ramp_steps.max(1) as f64).min(1.0);
+                for &l in &ms.layers {
+                    if l < self.model.masks.len() {
+                        self.model.masks[l] = if v >= 1.0 { None } else { Some(v) };
+                    }
+                }
+                done = v >= 1.0;
+            }
+        }
+        if done && for_training {
+            self.mask = None;
+        }
+    }
+
+    /// Build the `[n, seq]` inputs and targets of windows `ids` of `file`.
+    fn batch(&self, file: &trellis_data::TokenFile, ids: &[u64]) -> (Tensor, Tensor) {
+        let seq = self.spec.data.seq_len;
+        let mut flat = Vec::with_capacity(ids.len() * (seq + 1));
+        for &w in ids {
+            let win = file.window(w, seq);
+            debug_assert_eq!(win.len(), seq + 1);
+            flat.extend_from_slice(&win);
+        }
+        let t = Tensor::from_slice(&flat)
+            .view([ids.len() as i64, seq as i64 + 1])
+            .to_device(self.device);
+        (t.narrow(1, 0, seq as i64), t.narrow(1, 1, seq as i64))
+    }
+
+    fn micro_batch(&self) -> usize {
+        let per_rank = self.spec.train.global_batch / self.dp;
+        self.spec
+            .train
+            .micro_batch
+            .unwrap_or(per_rank)
+            .min(per_rank)
+    }
+
+    /// One optimizer step over this rank's share of the global batch.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let t_start = Instant::now();
+        let s = self.step;
+        let lr = lr_at(&self.schedule, s);
+        self.apply_mask(s, true);
+        let gb = self.spec.train.global_batch;
+        let seq = self.spec.data.seq_len;
+        let samples = trellis_data::rank_samples(self.cursor, gb, self.dp_rank, self.dp);
+
+        // Data: global sample ids → window ids → micro-batches.
+        let t_data = Instant::now();
+        let windows: Vec<u64> = samples.clone().map(|i| self.sampler.window(i)).collect();
+        let mb = self.micro_batch();
+        let batches: Vec<(Tensor, Tensor)> = windows
+            .chunks(mb)
+            .map(|c| self.batch(&self.data.train, c))
+            .collect();
+        let data_seconds = t_data.elapsed().as_secs_f64();
+
+        // Forward/backward with gradient accumulation: each micro-batch's mean loss is scaled
+        // by its share, so the gradient is that of the mean over the rank's batch.
+        let t_compute = Instant::now();
+        let per_rank = windows.len() as f64;
+        let mut loss_sum = 0.0;
+        for (inp, tgt) in &batches {
+            let share = inp.size()[0] as f64 / per_rank;
+            let loss = self.model.loss(inp, tgt);
+            (&loss * share).backward();
+            loss_sum += loss.double_value(&[]) * share;
+        }
+        let mut compute_seconds = t_compute.elapsed().as_secs_f64();
+
+        // DP: average gradients (and the loss) over the group.
+        let t_comm = Instant::now();
+        let loss = if self.dp > 1 {
+            self.all_reduce_grads()?;
+            let mut l = [loss_sum as f32];
+            self.comm.all_reduce_sum(&mut l)?;
+            l[0] as f64 / self.dp as f64
+        } else {
+            loss_sum
+        };
+        let comm_seconds = t_comm.elapsed().as_secs_f64();
+
+        let t_opt = Instant::now();
+        let grad_norm = self.optim.step(self.model.named_parameters(), lr);
+        self.model.zero_grad();
+        compute_seconds += t_opt.elapsed().as_secs_f64();
+
+        self.step += 1;
+        self.cursor += gb as u64;
+        let step_tokens = (gb * seq) as u64;
+        self.tokens += step_tokens;
+        let step_seconds = t_start.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "training loss became {loss} at step {}; lower the learning rate or resume from an earlier checkpoint",
+                self.step
+            )));
+        }
+        Ok(StepReport {
+            step: self.step,
+            tokens: self.tokens,
+            loss,
+            lr,
+            grad_norm,
+            step_seconds,
+            compute_seconds,
+            comm_seconds,
+            data_seconds,
+            samples,
+            tokens_per_second: step_tokens as f64 / step_seconds.max(1e-9),
+        })
+    }
+
+    /// Sum the gradients over the DP group in flat f32 buckets and divide by `dp`.
+    fn all_reduce_grads(&mut self) -> Result<()> {
+        let params = self.model.named_parameters();
+        let mut grads: Vec<Tensor> = Vec::with_capacity(params.len());
+        for (_, p) in params {
+            let g = p.grad();
+            grads.push(if g.defined() { g } else { p.zeros_like() });
+        }
+        let scale = 1.0 / self.dp as f32;
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut total = 0usize;
+            while end < grads.len() && (total == 0 || total + grads[end].numel() <= BUCKET_ELEMENTS)
+            {
+                total += grads[end].numel();
+                end += 1;
+            }
+            let mut buf = vec![0f32; total];
+            let mut off = 0;
+            for g in &grads[start..end] {
+                let n = g.numel();
+                let h = g.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+                h.copy_data(&mut buf[off..off + n], n);
+                off += n;
+            }
+            self.comm.all_reduce_sum(&mut buf)?;
+            for x in buf.iter_mut() {
+                *x *= scale;
+            }
+            let mut off = 0;
+            tch::no_grad(|| {
+                for g in &mut grads[start..end] {
+                    let n = g.numel();
+                    let t = Tensor::from_slice(&buf[off..off + n])
+                        .view(g.size().as_slice())
+                        .to_device(self.device);
+                    g.copy_(&t);
+                    off += n;
+                }
+            });
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Mean validation loss over the fixed validation windows (every rank computes the same).
+    pub fn evaluate(&mut self) -> Result<f64> {
+        self.apply_mask(self.step, false);
+        let mb = self.micro_batch().max(1);
+        let windows = self.eval_windows.clone();
+        let mut total = 0.0;
+        tch::no_grad(|| {
+            for chunk in windows.chunks(mb) {
+                let (inp, tgt) = self.batch(&self.data.valid, chunk);
+                let l = self.model.loss(&inp, &tgt).double_value(&[]);
+                total += l * chunk.len() as f64;
+            }
+        });
+        Ok(total / windows.len() as f64)
+    }
+
+    /// Write this rank's shards of the current state into `checkpoint::tmp_dir(job_root, step)`
+    /// (only DP rank 0 writes; other ranks return `None`). Also copies `tokenizer.json` there
+    /// (the manifest lists it, so its hash is verified on load).
+    pub fn write_checkpoint_shards(&self, job_root: &Path) -> Result<Option<ShardReport>> {
+        if self.dp_rank != 0 {
+            return Ok(None);
+        }
+        let tmp = checkpoint::tmp_dir(job_root, self.step);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| Error::io(format!("cannot remove stale {}", tmp.display()), e))?;
+        }
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+        let mut model = Vec::new();
+        let mut optim = Vec::new();
+        for (name, p) in self.model.named_parameters() {
+            model.push((name.clone(), to_host(p)));
+            let m = self
+                .optim
+                .moments
+                .get(name)
+                .expect("moments for every parameter");
+            optim.push((format!("{name}.exp_avg"), to_host(&m.exp_avg)));
+            optim.push((format!("{name}.exp_avg_sq"), to_host(&m.exp_avg_sq)));
+        }
+        let report = checkpoint::write_shard(&tmp, 0, 1, &model, &optim)?;
+        // `finalize` lists (and hashes) every file in the temp dir, this one included.
+        let tok = tmp.join(checkpoint::TOKENIZER);
+        std::fs::copy(&self.data.tokenizer_path, &tok)
+            .map_err(|e| Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e))?;
+        Ok(Some(report))
+    }
+
+    /// Merge the shard reports, write the manifest and `trainer_state.json`, fsync and rename to
+    /// `step-<N>`. Does not move `latest` (the caller does once the checkpoint is committed).
+    pub fn finalize_checkpoint(&self, job_root: &Path, reports: &[ShardReport]) -> Result<PathBuf> {
+        let tmp = checkpoint::tmp_dir(job_root, self.step);
+        Ok(checkpoint::finalize(&tmp, &self.state(), reports)?)
+    }
+
+    /// Write a complete single-writer checkpoint, point `latest` at it and GC old ones
+    /// (standalone mode). Returns its directory.
+    pub fn save_checkpoint(&self, job_root: &Path, keep: usize) -> Result<PathBuf> {
+        let report = self.write_checkpoint_shards(job_root)?;
+        let reports: Vec<ShardReport> = report.into_iter().collect();
+        let dir = self.finalize_checkpoint(job_root, &reports)?;
+        checkpoint::set_latest(job_root, &dir)?;
+        checkpoint::gc(job_root, keep.max(1))?;
+        Ok(dir)
+    }
+
+    /// Load the checkpoint in `ckpt_dir` (every file's hash verified). Refuses, with a one-line
+    /// error and the trainer unchanged, a checkpoint of another job, whose config does not fit
+    /// this job's model (other than depth, which growth changes), whose vocabulary differs from
+    /// the tokenizer, or whose tensors do not have their config's shapes.
+    pub fn restore(&mut self, ckpt_dir: &Path) -> Result<()> {
+        let ck = Checkpoint::open(ckpt_dir)?;
+        let st = &ck.state;
+        let dir = ckpt_dir.display();
+        if st.job != self.spec.job.name {
+            return Err(Error::Invalid(format!(
+                "checkpoint {dir} belongs to job '{}', not '{}'; point at this job's checkpoints",
+                st.job, self.spec.job.name
+            )));
+        }
+        let tok_vocab = self.data.tokenizer.vocab_size();
+        if st.model.vocab_size != tok_vocab {
+            return Err(Error::Invalid(format!(
+                "checkpoint {dir} has a vocabulary of {} but the job's tokenizer has {tok_vocab}; use the tokenizer the checkpoint was trained with",
+                st.model.vocab_size
+            )));
+        }
+        let ck_tok = ckpt_dir.join("tokenizer.json");
+        if ck_tok.exists() {
+            let t = trellis_data::Tokenizer::load(&ck_tok)?;
+            if t.vocab_size() != st.model.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "checkpoint {dir}: its tokenizer.json has {} tokens but the model's vocab_size is {}; the checkpoint is inconsistent",
+                    t.vocab_size(),
+                    st.model.vocab_size
+                )));
+            }
+        }
+        let initial = self.spec.model_config(tok_vocab)?;
+        let as_job = st.model.with_layers(initial.num_hidden_layers);
+        if as_job != initial {
+            return Err(Error::Invalid(format!(
+                "checkpoint {dir} has a different model config than the job ({}); use a checkpoint of this job or fix the [model] section",
+                config_diff(&st.model, &initial)
+            )));
+        }
+        if st.next_growth_stage > self.spec.growth.len() {
+            return Err(Error::Invalid(format!(
+                "checkpoint {dir} has passed growth stage {} but the job has only {} stages",
+                st.next_growth_stage,
+                self.spec.growth.len()
+            )));
+        }
+        let (model, moments) = load_model(&ck, self.device)?;
+        let mut model = model;
+        model.precision = self.model.precision;
+        let mut optim = AdamW::new(self.optim.cfg, model.named_parameters());
+        match moments {
+            Some(m) => {
+                optim.moments = m;
+                optim.step = st.optimizer_step;
+            }
+            None => {
+                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments")
+            }
+        }
+        // Commit.
+        self.model = model;
+        self.optim = optim;
+        self.schedule = st.schedule.clone();
+        self.step = st.step;
+        self.tokens = st.tokens;
+        self.cursor = st.data_cursor;
+        self.generation = st.generation;
+        self.next_growth_stage = st.next_growth_stage;
+        self.growth_history = st.growth_history.clone();
+        self.mask = st.mask.clone();
+        self.apply_mask(self.step, false);
+        Ok(())
+    }
+
+    /// Grow the model now (online): validates via the plan first and leaves the trainer
+    /// unchanged on any failure. `reset`: fresh moments, optimizer step 0 and the schedule
+    /// restarted at this step until `max_steps` with `sched`'s LR; `carry`: moments grown by the
+    /// plan, step and schedule continue.
+    pub fn grow(&mut self, spec: &GrowthSpec, sched: &PostGrowthSchedule) -> Result<GrowthTimings> {
+        let t0 = Instant::now();
+        if let Some(m) = &self.mask {
+            return Err(Error::Invalid(format!(
+                "a mask ramp from the previous growth is still running until step {}; grow after it",
+                m.start_step + m.ramp_steps
+            )));
+        }
+        let plan = trellis_core::growth::plan(&self.model.cfg, spec)?;
+        plan.new.validate()?;
+        let plan_seconds = t0.elapsed().as_secs_f64();
+        let (model, optim, mut timings) = crate::grow::apply(
+            &self.model,
+            &self.optim,
+            &plan,
+            spec.optimizer,
+            self.spec.job.seed,
+            self.generation + 1,
+        )?;
+        // Commit.
+        let from_layers = self.model.cfg.num_hidden_layers;
+        self.model = model;
+        self.optim = optim;
+        if spec.optimizer == OptimizerPolicy::Reset {
+            self.schedule = ScheduleState {
+                start_step: self.step,
+                end_step: self.spec.train.max_steps.max(self.step + 1),
+                peak_lr: sched.lr,
+                min_lr: sched.min_lr,
+                warmup_steps: sched.warmup_steps,
+            };
+        }
+        self.generation += 1;
+        self.growth_history.push(GrowthRecord {
+            generation: self.generation,
+            at_step: self.step,
+            tokens: self.tokens,
+            operator: spec.operator.name().to_string(),
+            factor: spec.factor,
+            optimizer: spec.optimizer,
+            from_layers,
+            to_layers: plan.new.num_hidden_layers,
+        });
+        self.mask =
+            (plan.mask_ramp_steps > 0 && !plan.added_layers.is_empty()).then(|| MaskState {
+                layers: plan.added_layers.clone(),
+                start_step: self.step,
+                ramp_steps: plan.mask_ramp_steps,
+            });
+        self.apply_mask(self.step, false);
+        timings.plan_seconds = plan_seconds;
+        timings.total_seconds = t0.elapsed().as_secs_f64();
+        Ok(timings)
+    }
+
+    /// Fire growth stage `i` of the job spec (and mark it done).
+    pub fn grow_stage(&mut self, i: usize) -> Result<GrowthTimings> {
+        let stage = self
+            .spec
+            .growth
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("the job has no growth stage {i}")))?;
+        let spec = stage.spec()?;
+        let t = self.grow(&spec, &PostGrowthSchedule::from(&stage))?;
+        self.next_growth_stage = i + 1;
+        Ok(t)
+    }
+}

@@ -1,0 +1,195 @@
+//! Shared helpers of the worker's integration tests.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::Tensor;
+use trellis_core::config::ModelConfig;
+
+/// The venv python with torch 2.11.0 and transformers (scripts/setup.sh makes it).
+pub fn python() -> PathBuf {
+    let p = std::env::var("TRELLIS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/root/.cache/trellis/venv-torch2.11.0/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/setup.sh (it creates the torch 2.11.0 + transformers venv) or set TRELLIS_PYTHON to a python with torch and transformers",
+        p.display()
+    );
+    p
+}
+
+/// Run `script` with the venv python and `args`; panics with its stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An HF `config.json` for `cfg`.
+pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "tie_word_embeddings": false,
+        "torch_dtype": "float32",
+    })
+}
+
+/// Write `model.safetensors` + `config.json` of `named` into `dir`.
+pub fn write_hf(dir: &Path, cfg: &ModelConfig, named: &[(String, Tensor)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let tensors: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().contiguous()))
+        .collect();
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&hf_config(cfg)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A small config for tests.
+pub fn tiny_cfg(layers: usize, kv_heads: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 88,
+        num_hidden_layers: layers,
+        num_attention_heads: 4,
+        num_key_value_heads: kv_heads,
+        max_position_embeddings: 64,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+    }
+}
+
+/// Maximum absolute difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Bitwise equality of two fp32 tensors.
+pub fn bit_equal(a: &Tensor, b: &Tensor) -> bool {
+    if a.size() != b.size() {
+        return false;
+    }
+    let va: Vec<f32> = Vec::try_from(&a.detach().flatten(0, -1)).unwrap();
+    let vb: Vec<f32> = Vec::try_from(&b.detach().flatten(0, -1)).unwrap();
+    va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A small corpus (the head of tinyshakespeare) shared by the tests, outside the repo.
+pub fn small_corpus() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trellis-worker-corpus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = dir.join("train.txt");
+    let valid = dir.join("valid.txt");
+    let cut = |src: &str, n: usize, dst: &Path| {
+        let text = std::fs::read_to_string(repo().join(src)).unwrap();
+        let mut end = n.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let tmp = dst.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &text[..end]).unwrap();
+        std::fs::rename(&tmp, dst).unwrap();
+    };
+    if !train.exists() {
+        cut("corpus/tiny/train.txt", 120_000, &train);
+    }
+    if !valid.exists() {
+        cut("corpus/tiny/valid.txt", 20_000, &valid);
+    }
+    (train, valid)
+}
+
+/// A job spec TOML for a tiny, fast test job; `extra` is appended (growth stages…).
+pub fn test_job_toml(name: &str, max_steps: u64, extra: &str) -> String {
+    let (train, valid) = small_corpus();
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trellis-worker-data-cache");
+    format!(
+        r#"
+[job]
+name = "{name}"
+seed = 42
+
+[model]
+preset = "tiny"
+hidden_size = 32
+intermediate_size = 88
+
+[data]
+train = "{}"
+valid = "{}"
+vocab_size = 384
+seq_len = 32
+cache_dir = "{}"
+
+[train]
+global_batch = 4
+micro_batch = 2
+max_steps = {max_steps}
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 3
+eval_interval = 0
+eval_sequences = 8
+threads = 1
+
+[checkpoint]
+interval = 0
+keep = 10
+{extra}
+"#,
+        train.display(),
+        valid.display(),
+        cache.display()
+    )
+}
+
+pub fn test_spec(name: &str, max_steps: u64, extra: &str) -> trellis_core::job::JobSpec {
+    trellis_core::job::JobSpec::from_toml(
+        &test_job_toml(name, max_steps, extra),
+        Path::new("."),
+        "test",
+    )
+    .unwrap()
+}
+
+pub fn worker_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trellis-worker"))
+}
