@@ -6,6 +6,7 @@ pub mod error;
 pub mod eval;
 pub mod grow;
 pub mod init;
+pub mod managed;
 pub mod model;
 pub mod optim;
 pub mod schedule;

@@ -4,7 +4,7 @@
 //! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
 //! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
 //! trellis-worker bench --job JOB.toml [--steps N] [--warmup N]
-//! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed mode: TODO)
+//! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
 //! ```
 //! Errors are one line on stderr; exit 2 for bad input (spec, checkpoint, refused growth),
 //! 1 otherwise.
@@ -21,8 +21,7 @@ use trellis_worker::trainer::{parse_device, Trainer};
 #[derive(Parser)]
 #[command(name = "trellis-worker", version, about = "Trellis training worker")]
 struct Cli {
-    /// Managed mode: register with this coordinator and train as it commands (TODO: wired by
-    /// the coordinator's worker agent).
+    /// Managed mode: register with this coordinator and train as it commands.
     #[arg(long, global = false)]
     coordinator: Option<String>,
     /// Device for managed mode.
@@ -257,7 +256,22 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    tracing_subscriber_init();
+    // Managed workers log (JSON with TRELLIS_LOG_FORMAT=json) and export spans over OTLP when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set; the standalone CLI prints its own lines and only warns.
+    let log_format = std::env::var("TRELLIS_LOG_FORMAT").unwrap_or_default();
+    let managed_mode = cli.cmd.is_none() && cli.coordinator.is_some();
+    let telemetry = trellis_telemetry::Options {
+        default_log_filter: if managed_mode { "info" } else { "warn" }.into(),
+        log_format: log_format.parse().unwrap_or_default(),
+        ..trellis_telemetry::Options::new("trellis-worker")
+    };
+    let _telemetry = match trellis_telemetry::init_with(telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let res = match (cli.cmd, cli.coordinator) {
         (Some(Cmd::Train { job, out, stop_at }), _) => train(job, out, stop_at),
         (Some(Cmd::Eval { checkpoint, text, seq_len, device, output }), _) => {
@@ -290,18 +304,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// TODO(coordinator): managed mode. The coordinator engineer wires the `WorkerService` agent
-/// here: register, receive rank/layout, then drive a [`Trainer`] on a dedicated thread
-/// (`Trainer` is `Send`) with `step` / `evaluate` / `write_checkpoint_shards` /
-/// `finalize_checkpoint` / `restore` / `grow`.
+/// Managed mode: register with the coordinator and train as it commands. The agent
+/// (`trellis_agent`) owns the session, the ring collective and the lockstep command queue; the
+/// trainer runs on the agent's dedicated training thread. Environment (set by the Helm chart):
+/// `TRELLIS_WORKER_ID`, `TRELLIS_RING_PORT` (listen on 0.0.0.0:PORT), `TRELLIS_ADVERTISE_HOST`
+/// (the name peers reach this pod by).
 fn managed(url: &str, device: &str) -> Result<()> {
-    let _ = parse_device(device).context("--device")?;
-    Err(anyhow::anyhow!(
-        "managed mode (--coordinator {url}) is not implemented in this build yet; run a job standalone with `trellis-worker train --job JOB.toml`"
-    ))
+    parse_device(device).context("--device")?;
+    let mut options = trellis_agent::AgentOptions {
+        device: device.to_string(),
+        worker_id: std::env::var("TRELLIS_WORKER_ID").ok().filter(|s| !s.is_empty()),
+        ring_advertise_host: std::env::var("TRELLIS_ADVERTISE_HOST").ok().filter(|s| !s.is_empty()),
+        // A coordinator that stays away this long is gone for good: exit so an orchestrator
+        // restarts the worker.
+        give_up_after: Some(std::time::Duration::from_secs(600)),
+        ..Default::default()
+    };
+    if let Ok(port) = std::env::var("TRELLIS_RING_PORT") {
+        options.ring_bind = format!("0.0.0.0:{port}");
+    }
+    let device = device.to_string();
+    let factory = move |a: &trellis_agent::Assignment, comm: Box<dyn trellis_comm::Collective>| {
+        let mut a = a.clone();
+        a.spec.train.device = device.clone();
+        trellis_worker::managed::ManagedRunner::build(&a, comm)
+            .map(|r| Box::new(r) as Box<dyn trellis_agent::Runner>)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(trellis_agent::run(url.to_string(), options, factory))?;
+    Ok(())
 }
 
-fn tracing_subscriber_init() {
-    // Library code logs through `tracing`; without a subscriber those events are dropped,
-    // which is what the standalone CLI wants (it prints its own lines).
-}

@@ -5,12 +5,15 @@ use crate::trainer::{PostGrowthSchedule, Trainer};
 use std::path::{Path, PathBuf};
 use trellis_agent::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
 use trellis_comm::Collective;
-use trellis_core::checkpoint::{self, ShardReport};
+use trellis_core::checkpoint::{self, ShardReport, TrainerState};
 
 /// One rank's trainer as the agent drives it.
 pub struct ManagedRunner {
     trainer: Trainer,
     keep: usize,
+    /// The trainer state of the checkpoint whose shards were written last (training may go on
+    /// before the coordinator orders the commit).
+    pending: Option<TrainerState>,
 }
 
 impl ManagedRunner {
@@ -35,6 +38,7 @@ impl ManagedRunner {
         Ok(ManagedRunner {
             trainer,
             keep: a.spec.checkpoint.keep,
+            pending: None,
         })
     }
 }
@@ -43,8 +47,9 @@ impl Runner for ManagedRunner {
     fn step(&mut self) -> Result<StepOutcome, BoxError> {
         let r = self.trainer.step()?;
         let gb = self.trainer.spec().train.global_batch as u64;
-        // The global sample range of the step (this rank read `r.samples`, a block of it).
-        let start = r.samples.start - (r.samples.start - self.trainer.step_cursor_start()) % gb;
+        // The global sample range of the step: this rank read block `dp_rank` of it.
+        let per_rank = r.samples.end - r.samples.start;
+        let start = r.samples.start - self.trainer.dp_rank() as u64 * per_rank;
         Ok(StepOutcome {
             step: r.step,
             tokens: r.tokens,
@@ -65,7 +70,9 @@ impl Runner for ManagedRunner {
     }
 
     fn write_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardReport>, BoxError> {
-        Ok(self.trainer.write_checkpoint_shards(job_root)?)
+        let report = self.trainer.write_checkpoint_shards(job_root)?;
+        self.pending = Some(self.trainer.state());
+        Ok(report)
     }
 
     fn finalize_checkpoint(
@@ -74,14 +81,17 @@ impl Runner for ManagedRunner {
         step: u64,
         reports: &[ShardReport],
     ) -> Result<PathBuf, BoxError> {
-        if step != self.trainer.step_count() {
-            return Err(format!(
-                "asked to commit the checkpoint of step {step} but this rank is at step {}",
-                self.trainer.step_count()
-            )
-            .into());
-        }
-        let dir = self.trainer.finalize_checkpoint(job_root, reports)?;
+        let state = match self.pending.take() {
+            Some(s) if s.step == step => s,
+            other => {
+                return Err(format!(
+                    "asked to commit the checkpoint of step {step} but this rank's last written checkpoint is {}",
+                    other.map_or("none".to_string(), |s| format!("step {}", s.step))
+                )
+                .into())
+            }
+        };
+        let dir = checkpoint::finalize(&checkpoint::tmp_dir(job_root, step), &state, reports)?;
         checkpoint::set_latest(job_root, &dir)?;
         checkpoint::gc(job_root, self.keep.max(1))?;
         Ok(dir)

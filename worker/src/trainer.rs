@@ -239,6 +239,9 @@ pub struct Trainer {
     growth_history: Vec<GrowthRecord>,
     mask: Option<MaskState>,
     eval_windows: Vec<u64>,
+    /// Data-cursor windows `[from, to)` to skip (set by the coordinator after a NaN batch):
+    /// when the cursor reaches `from` it jumps to `to`.
+    skip: Vec<(u64, u64)>,
 }
 
 fn _assert_send() {
@@ -344,9 +347,25 @@ impl Trainer {
             next_growth_stage: 0,
             growth_history: Vec::new(),
             mask: None,
+            skip: Vec::new(),
         })
     }
 
+    /// Set the data windows to skip (see the field).
+    pub fn set_skip_windows(&mut self, skip: Vec<(u64, u64)>) {
+        self.skip = skip;
+    }
+    /// The global sample index of the next training sample.
+    pub fn data_cursor(&self) -> u64 {
+        self.cursor
+    }
+    pub fn dp_rank(&self) -> usize {
+        self.dp_rank
+    }
+    /// The data-parallel group (also used by the agent to agree on commands).
+    pub fn comm_mut(&mut self) -> &mut dyn Collective {
+        self.comm.as_mut()
+    }
     pub fn spec(&self) -> &JobSpec {
         &self.spec
     }
@@ -469,6 +488,10 @@ impl Trainer {
         self.apply_mask(s, true);
         let gb = self.spec.train.global_batch;
         let seq = self.spec.data.seq_len;
+        while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == self.cursor) {
+            tracing::warn!(from = self.cursor, to, "skipping data window (coordinator's order)");
+            self.cursor = to;
+        }
         let samples = trellis_data::rank_samples(self.cursor, gb, self.dp_rank, self.dp);
 
         // Data: global sample ids → window ids → micro-batches.
