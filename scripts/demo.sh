@@ -33,7 +33,7 @@ for i in 0 1; do
   "$BIN/trellis-worker" --coordinator "$TRELLIS_ENDPOINT" --device cpu >"$OUT/worker-$i.log" 2>&1 &
   pids+=($!)
 done
-echo "demo: 2 workers started; watching the job (growth ×4 at step 80 of 240)"
+echo "demo: 2 workers started; watching the job (growth ×4 at step 120 of 400)"
 
 "$BIN/coordctl" watch
 "$BIN/coordctl" status

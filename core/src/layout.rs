@@ -142,11 +142,16 @@ pub fn plan_layout(
         .iter()
         .map(|&t| (t, memory_per_rank(cfg, t, micro_batch, seq_len)))
         .collect();
-    let budget = gib(budget_bytes);
+    // u64::MAX (or anything past an exabyte) means "no budget configured".
+    let budget = if budget_bytes >= 1 << 60 {
+        "unlimited (no per-rank memory budget configured)".to_string()
+    } else {
+        format!("{} budget", gib(budget_bytes))
+    };
     if let Some((tp, m)) = estimates.iter().find(|(_, m)| m.total <= budget_bytes) {
         let dp = world / tp;
         let mut explanation = format!(
-            "TP={tp} × DP={dp} on {world} rank(s): {} fits the {budget} budget",
+            "TP={tp} × DP={dp} on {world} rank(s): {} fits the {budget}",
             describe(m)
         );
         if let Some((smaller, sm)) = estimates.iter().rfind(|(t, _)| t < tp) {
@@ -167,7 +172,7 @@ pub fn plan_layout(
         .cloned()
         .unwrap_or_else(|| (1, memory_per_rank(cfg, 1, micro_batch, seq_len)));
     Err(Error::Layout(format!(
-        "the model ({} layers, {:.2}B parameters) does not fit: at the best TP={best_tp} of {world} rank(s) it needs {}, the budget is {budget}; valid TP degrees here are {:?}; add ranks (TP up to {}), use devices with more memory, or lower micro_batch / seq_len",
+        "the model ({} layers, {:.2}B parameters) does not fit: at the best TP={best_tp} of {world} rank(s) it needs {}, over the {budget}; valid TP degrees here are {:?}; add ranks (TP up to {}), use devices with more memory, or lower micro_batch / seq_len",
         cfg.num_hidden_layers,
         cfg.num_parameters() as f64 / 1e9,
         describe(&best),
