@@ -9,13 +9,19 @@ use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A workspace binary next to this test executable (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -84,7 +90,11 @@ impl Proc {
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let logf = std::sync::Arc::new(std::sync::Mutex::new(
-            std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log"),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("open log"),
         ));
         for (stream, tx) in [
             (Box::new(out) as Box<dyn std::io::Read + Send>, Some(tx)),

@@ -313,8 +313,12 @@ fn managed(url: &str, device: &str) -> Result<()> {
     parse_device(device).context("--device")?;
     let mut options = trellis_agent::AgentOptions {
         device: device.to_string(),
-        worker_id: std::env::var("TRELLIS_WORKER_ID").ok().filter(|s| !s.is_empty()),
-        ring_advertise_host: std::env::var("TRELLIS_ADVERTISE_HOST").ok().filter(|s| !s.is_empty()),
+        worker_id: std::env::var("TRELLIS_WORKER_ID")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        ring_advertise_host: std::env::var("TRELLIS_ADVERTISE_HOST")
+            .ok()
+            .filter(|s| !s.is_empty()),
         // A coordinator that stays away this long is gone for good: exit so an orchestrator
         // restarts the worker.
         give_up_after: Some(std::time::Duration::from_secs(600)),
@@ -338,4 +342,3 @@ fn managed(url: &str, device: &str) -> Result<()> {
     rt.block_on(trellis_agent::run(url.to_string(), options, factory))?;
     Ok(())
 }
-

@@ -1,8 +1,20 @@
 //! Managed mode: the worker's [`Trainer`] driven by the coordinator through the agent
 //! (`trellis_agent`). The agent owns the session, the lockstep command queue and the ring
 //! collective; this module only adapts the trainer to its [`Runner`] trait.
+//!
+//! A non-finite loss is not an error here: the step is reported with its loss and sample window,
+//! and the coordinator rolls every rank back to the last committed checkpoint, skipping it.
+//!
+//! Test hooks (environment variables, all off by default; the e2e tests in `tests/` use them):
+//! - `TRELLIS_SAMPLE_LOG=FILE`: append one JSON line per step with the global sample ids this
+//!   rank read: `{"epoch","generation","step","rank","start","end"}` (ids `start..end`).
+//! - `TRELLIS_FAULT_NAN_AT_STEP=N`: report the loss of step N as NaN, once per process.
+//! - `TRELLIS_FAULT_GROW_DELAY_MS=MS`: sleep MS milliseconds at the start of the stack phase of
+//!   every growth (holds a growth in flight).
 use crate::trainer::{PostGrowthSchedule, Trainer};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use trellis_agent::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
 use trellis_comm::Collective;
 use trellis_core::checkpoint::{self, ShardReport, TrainerState};
@@ -14,6 +26,33 @@ pub struct ManagedRunner {
     /// The trainer state of the checkpoint whose shards were written last (training may go on
     /// before the coordinator orders the commit).
     pending: Option<TrainerState>,
+    epoch: u64,
+    rank: u32,
+    hooks: Hooks,
+}
+
+/// The test hooks of the module docs, read once per runner.
+#[derive(Debug, Clone, Default)]
+struct Hooks {
+    sample_log: Option<PathBuf>,
+    nan_at_step: Option<u64>,
+    grow_delay_ms: u64,
+}
+
+/// `TRELLIS_FAULT_NAN_AT_STEP` fires once per process (not again after the rollback it causes).
+static NAN_FIRED: AtomicBool = AtomicBool::new(false);
+
+impl Hooks {
+    fn from_env() -> Hooks {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Hooks {
+            sample_log: var("TRELLIS_SAMPLE_LOG").map(PathBuf::from),
+            nan_at_step: var("TRELLIS_FAULT_NAN_AT_STEP").and_then(|v| v.parse().ok()),
+            grow_delay_ms: var("TRELLIS_FAULT_GROW_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
 }
 
 impl ManagedRunner {
@@ -39,13 +78,43 @@ impl ManagedRunner {
             trainer,
             keep: a.spec.checkpoint.keep,
             pending: None,
+            epoch: a.epoch,
+            rank: a.rank.0,
+            hooks: Hooks::from_env(),
         })
     }
 }
 
 impl Runner for ManagedRunner {
     fn step(&mut self) -> Result<StepOutcome, BoxError> {
-        let r = self.trainer.step()?;
+        let mut r = match self.trainer.step() {
+            Ok(r) => r,
+            Err(crate::Error::NonFiniteLoss(r)) => *r,
+            Err(e) => return Err(e.into()),
+        };
+        if self.hooks.nan_at_step == Some(r.step) && !NAN_FIRED.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                step = r.step,
+                "TRELLIS_FAULT_NAN_AT_STEP: reporting a NaN loss"
+            );
+            r.loss = f64::NAN;
+        }
+        if let Some(path) = &self.hooks.sample_log {
+            let line = serde_json::json!({
+                "epoch": self.epoch,
+                "generation": self.trainer.generation(),
+                "step": r.step,
+                "rank": self.rank,
+                "start": r.samples.start,
+                "end": r.samples.end,
+            });
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{line}"))
+                .map_err(|e| format!("TRELLIS_SAMPLE_LOG {}: {e}", path.display()))?;
+        }
         let gb = self.trainer.spec().train.global_batch as u64;
         // The global sample range of the step: this rank read block `dp_rank` of it.
         let per_rank = r.samples.end - r.samples.start;
@@ -69,7 +138,10 @@ impl Runner for ManagedRunner {
         Ok(self.trainer.evaluate()?)
     }
 
-    fn write_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardReport>, BoxError> {
+    fn write_checkpoint_shards(
+        &mut self,
+        job_root: &Path,
+    ) -> Result<Option<ShardReport>, BoxError> {
         let report = self.trainer.write_checkpoint_shards(job_root)?;
         self.pending = Some(self.trainer.state());
         Ok(report)
@@ -98,6 +170,9 @@ impl Runner for ManagedRunner {
     }
 
     fn grow(&mut self, order: &GrowOrder) -> Result<(), BoxError> {
+        if self.hooks.grow_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.hooks.grow_delay_ms));
+        }
         let sched = PostGrowthSchedule {
             lr: order.lr,
             min_lr: order.min_lr,

@@ -489,7 +489,11 @@ impl Trainer {
         let gb = self.spec.train.global_batch;
         let seq = self.spec.data.seq_len;
         while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == self.cursor) {
-            tracing::warn!(from = self.cursor, to, "skipping data window (coordinator's order)");
+            tracing::warn!(
+                from = self.cursor,
+                to,
+                "skipping data window (coordinator's order)"
+            );
             self.cursor = to;
         }
         let samples = trellis_data::rank_samples(self.cursor, gb, self.dp_rank, self.dp);
@@ -539,13 +543,7 @@ impl Trainer {
         let step_tokens = (gb * seq) as u64;
         self.tokens += step_tokens;
         let step_seconds = t_start.elapsed().as_secs_f64();
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "training loss became {loss} at step {}; lower the learning rate or resume from an earlier checkpoint",
-                self.step
-            )));
-        }
-        Ok(StepReport {
+        let report = StepReport {
             step: self.step,
             tokens: self.tokens,
             loss,
@@ -557,7 +555,13 @@ impl Trainer {
             data_seconds,
             samples,
             tokens_per_second: step_tokens as f64 / step_seconds.max(1e-9),
-        })
+        };
+        if !loss.is_finite() {
+            // The state has advanced past the batch: the caller decides (standalone: stop with
+            // this error; managed: report it, the coordinator rolls back and skips the batch).
+            return Err(Error::NonFiniteLoss(Box::new(report)));
+        }
+        Ok(report)
     }
 
     /// Sum the gradients over the DP group in flat f32 buckets and divide by `dp`.
