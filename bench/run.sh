@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# make bench: every benchmark, each printing its ratio / figures (see docs/benchmarks.md).
+#   1. training step throughput: trellis-worker vs PyTorch eager, same model/batch/threads
+#   2. control plane: coordinator with 500 simulated workers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== training step: trellis-worker vs PyTorch eager (bench/job-small.toml, 5 repeats x 20 steps)"
+bench/train_step.sh bench/job-small.toml 5 20
+echo "== control plane: 500 simulated workers, 10 steps/s each, 15 s"
+cargo run --release --locked -q -p trellis-coordinator --example control_plane -- 500 10 15
