@@ -5,6 +5,10 @@ pub enum Error {
     /// Input the user can fix: a spec, a checkpoint that does not fit, a refused growth…
     #[error("{0}")]
     Invalid(String),
+    /// A step produced a NaN / infinite loss (the report says which batch). The trainer has
+    /// advanced past the batch; its weights may be corrupt, so restore a checkpoint.
+    #[error("training loss became {} at step {}; lower the learning rate or resume from an earlier checkpoint", .0.loss, .0.step)]
+    NonFiniteLoss(Box<crate::trainer::StepReport>),
     #[error(transparent)]
     Core(#[from] trellis_core::Error),
     #[error("data: {0}")]
@@ -35,7 +39,7 @@ impl Error {
     /// checkpoint, a refused growth): the CLI exits 2 for these, 1 otherwise.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Error::Invalid(_) => true,
+            Error::Invalid(_) | Error::NonFiniteLoss(_) => true,
             Error::Core(e) => core_is_bad_input(e),
             Error::Data(e) => !matches!(e, trellis_data::Error::Io { .. }),
             Error::Comm(_) | Error::Torch(_) | Error::Io { .. } => false,
