@@ -21,12 +21,16 @@ use trellis_worker::trainer::{parse_device, Trainer};
 #[derive(Parser)]
 #[command(name = "trellis-worker", version, about = "Trellis training worker")]
 struct Cli {
-    /// Managed mode: register with this coordinator and train as it commands.
+    /// Managed mode: register with this coordinator and train as it commands. Several
+    /// endpoints, comma-separated (a leader and its standby coordinators), are tried in turn.
     #[arg(long, global = false)]
     coordinator: Option<String>,
     /// Device for managed mode.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Managed mode: exit (code 3) when the coordinator has been unreachable this many seconds.
+    #[arg(long, default_value_t = 600)]
+    give_up_after: u64,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -233,6 +237,9 @@ fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<
 /// Exit code of an error chain: 2 for bad input, 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
+        if let Some(trellis_agent::Error::Unavailable { .. }) = cause.downcast_ref() {
+            return 3;
+        }
         if let Some(w) = cause.downcast_ref::<trellis_worker::Error>() {
             return if w.is_bad_input() { 2 } else { 1 };
         }
@@ -278,7 +285,7 @@ fn main() -> ExitCode {
             eval(checkpoint, text, seq_len, device, output)
         }
         (Some(Cmd::Bench { job, steps, warmup, out }), _) => bench(job, steps, warmup, out),
-        (None, Some(url)) => managed(&url, &cli.device),
+        (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
         )
@@ -309,7 +316,7 @@ fn main() -> ExitCode {
 /// trainer runs on the agent's dedicated training thread. Environment (set by the Helm chart):
 /// `TRELLIS_WORKER_ID`, `TRELLIS_RING_PORT` (listen on 0.0.0.0:PORT), `TRELLIS_ADVERTISE_HOST`
 /// (the name peers reach this pod by).
-fn managed(url: &str, device: &str) -> Result<()> {
+fn managed(url: &str, device: &str, give_up_after: u64) -> Result<()> {
     parse_device(device).context("--device")?;
     let mut options = trellis_agent::AgentOptions {
         device: device.to_string(),
@@ -321,7 +328,7 @@ fn managed(url: &str, device: &str) -> Result<()> {
             .filter(|s| !s.is_empty()),
         // A coordinator that stays away this long is gone for good: exit so an orchestrator
         // restarts the worker.
-        give_up_after: Some(std::time::Duration::from_secs(600)),
+        give_up_after: Some(std::time::Duration::from_secs(give_up_after)),
         ..Default::default()
     };
     if let Ok(port) = std::env::var("TRELLIS_RING_PORT") {

@@ -280,12 +280,28 @@ fn eval_matches_transformers_on_the_hf_export_before_and_after_growth() {
 }
 
 #[test]
-fn usage_errors_exit_2_and_managed_mode_is_a_clear_stub() {
+fn usage_errors_exit_2_and_an_unreachable_coordinator_exits_3() {
     let o = run(&["train"]);
     assert_eq!(o.status.code(), Some(2));
-    let o = run(&["--coordinator", "http://127.0.0.1:1"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr_line(&o).contains("not implemented"));
+    // Nothing listens on port 1: the managed worker retries, gives up, says what to check.
+    let o = run(&[
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--give-up-after",
+        "2",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cannot reach the coordinator") && last.contains("127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]
