@@ -124,7 +124,10 @@ pub fn small_corpus() -> (PathBuf, PathBuf) {
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        let tmp = dst.with_extension(format!("tmp{}", std::process::id()));
+        // Unique per process *and* call: tests run on several threads of one process.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dst.with_extension(format!("tmp{}-{n}", std::process::id()));
         std::fs::write(&tmp, &text[..end]).unwrap();
         std::fs::rename(&tmp, dst).unwrap();
     };
