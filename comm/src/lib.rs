@@ -1,6 +1,7 @@
 //! Collective communication between Trellis ranks (DESIGN §4), behind one trait:
-//! a TCP ring for CPU ranks (tests, CI, CPU training) and a no-op for world size 1.
-//! (NCCL for CUDA tensors comes with tensor parallelism.)
+//! a TCP ring for CPU ranks (tests, CI, CPU training) and a no-op for world size 1; NCCL for
+//! CUDA device memory ([`nccl`], feature `nccl`, on by default: it loads CUDA and NCCL at run
+//! time and refuses clearly on a machine without them).
 //!
 //! Buffers are host `f32` slices; callers flatten gradients into buckets.
 
@@ -18,6 +19,9 @@ pub enum Error {
     Protocol(String),
     #[error("collective timed out after {0:?} waiting for a peer; a rank has probably died")]
     Timeout(std::time::Duration),
+    /// The backend cannot run on this machine (NCCL without CUDA or without libnccl).
+    #[error("collective backend unavailable: {0}")]
+    Unavailable(String),
 }
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -65,5 +69,7 @@ impl Collective for Solo {
     }
 }
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ring;
 pub use ring::TcpRing;

@@ -56,7 +56,7 @@ pub fn check(model: &Llama, plan: &GrowthPlan) -> Result<()> {
                     "growth plan copies {name} from {from}, which the model does not have"
                 ))
             })?;
-            if t.size() != dims(shape) {
+            if t.size() != dims(&model.shard.local_shape(from, shape)) {
                 return Err(Error::Invalid(format!(
                     "growth plan copies {name} {shape:?} from {from} of shape {:?}",
                     t.size()
@@ -82,31 +82,36 @@ pub fn apply(
     check(model, plan)?;
     let device = model.device();
     let t0 = Instant::now();
-    let sources: HashMap<&str, &TensorSource> = plan
+    let sources: HashMap<&str, (&[usize], &TensorSource)> = plan
         .tensors
         .iter()
-        .map(|(n, _, s)| (n.as_str(), s))
+        .map(|(n, shape, s)| (n.as_str(), (shape.as_slice(), s)))
         .collect();
+    // A TP shard grows its own slices: copies stay local (source and target are split alike),
+    // fresh tensors are drawn whole (the TP = 1 stream) and sliced.
+    let shard = model.shard;
     let grown = tch::no_grad(|| {
-        Llama::new(
-            &plan.new,
-            device,
-            &mut |name, shape| match sources.get(name).copied() {
-                Some(TensorSource::Copy(from)) => {
-                    model.parameter(from).expect("checked").detach().copy()
-                }
-                Some(TensorSource::Zeros) => Tensor::zeros(dims(shape), (Kind::Float, device)),
-                Some(TensorSource::Ones) => Tensor::ones(dims(shape), (Kind::Float, device)),
-                Some(TensorSource::Normal { std }) => crate::init::normal(
+        Llama::new_shard(&plan.new, device, shard, &mut |name, shape| match sources
+            .get(name)
+            .map(|(_, s)| *s)
+        {
+            Some(TensorSource::Copy(from)) => {
+                model.parameter(from).expect("checked").detach().copy()
+            }
+            Some(TensorSource::Zeros) => Tensor::zeros(dims(shape), (Kind::Float, device)),
+            Some(TensorSource::Ones) => Tensor::ones(dims(shape), (Kind::Float, device)),
+            Some(TensorSource::Normal { std }) => shard.slice(
+                name,
+                &crate::init::normal(
                     name,
-                    shape,
+                    sources[name].0,
                     *std,
                     crate::init::generation_seed(seed, generation),
                     device,
                 ),
-                None => panic!("plan has no source for {name} (checked)"),
-            },
-        )
+            ),
+            None => panic!("plan has no source for {name} (checked)"),
+        })
     });
     let mut grown = grown;
     grown.precision = model.precision;

@@ -1,7 +1,8 @@
 //! The Trellis training worker: LLaMA in tch ([`model`]), AdamW with growable moments
 //! ([`optim`]), the LR schedule ([`schedule`]), the online growth executor ([`grow`]), one
 //! rank's training loop ([`trainer`]), checkpoint evaluation ([`eval`]) and the standalone
-//! one-process job runner ([`standalone`]).
+//! one-process job runner ([`standalone`]); tensor/data parallelism and resharding around the
+//! single-device model ([`parallel`]).
 pub mod error;
 pub mod eval;
 pub mod grow;
@@ -9,6 +10,7 @@ pub mod init;
 pub mod managed;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod schedule;
 pub mod standalone;
 pub mod trainer;

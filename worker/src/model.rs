@@ -10,6 +10,11 @@
 //! parameters stay separate, with HF names), and GQA runs inside SDPA (`enable_gqa`) instead of
 //! materialising repeated k/v.
 //!
+//! Tensor parallelism stays outside this file (`crate::parallel`): a model can be built as one
+//! TP rank's [`Shard`] (the Megatron-split projections hold only their slice, attention holds
+//! only its heads), and the parallel code composes the per-layer pieces below with its
+//! collectives. [`Llama::forward`] is the single-device path and refuses a shard.
+//!
 //! Precision: fp32 on CPU. On CUDA the matmuls run in bf16 with fp32 master weights
 //! ([`Precision::Bf16`]). tch 0.24's `autocast` enables CUDA autocast with libtorch's default
 //! dtype (fp16) and exposes no way to choose bf16, so the casts are explicit instead: inputs and
@@ -17,7 +22,48 @@
 //! the loss stay fp32.
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
+use trellis_core::checkpoint::{shard_dim, shard_range};
 use trellis_core::config::ModelConfig;
+
+/// Which tensor-parallel slice of the model one instance holds (`tp = 1`: the whole model).
+/// The split rule is the checkpoint's ([`shard_dim`]/[`shard_range`]): column-parallel
+/// `q,k,v,gate,up` keep rows `shard_range(out, rank, tp)`, row-parallel `o,down` keep those
+/// columns, everything else is whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub tp: usize,
+}
+
+impl Shard {
+    /// The whole model.
+    pub const FULL: Shard = Shard { rank: 0, tp: 1 };
+
+    pub fn is_full(&self) -> bool {
+        self.tp <= 1
+    }
+
+    /// The local shape of tensor `name` whose global shape is `full`.
+    pub fn local_shape(&self, name: &str, full: &[usize]) -> Vec<usize> {
+        let mut s = full.to_vec();
+        if let Some(d) = shard_dim(name) {
+            s[d] = shard_range(full[d], self.rank, self.tp).len();
+        }
+        s
+    }
+
+    /// This rank's slice of the global tensor `full` named `name`.
+    pub fn slice(&self, name: &str, full: &Tensor) -> Tensor {
+        match shard_dim(name) {
+            Some(d) if !self.is_full() => {
+                let r = shard_range(full.size()[d] as usize, self.rank, self.tp);
+                full.narrow(d as i64, r.start as i64, r.len() as i64)
+                    .contiguous()
+            }
+            _ => full.shallow_clone(),
+        }
+    }
+}
 
 /// The arithmetic of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,16 +206,18 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(p: nn::Path, cfg: &ModelConfig, src: &mut ParamSource) -> Attention {
+    /// `tp`: the TP degree this rank's slice is of (heads and KV heads split evenly; 1 = all).
+    pub fn new(p: nn::Path, cfg: &ModelConfig, tp: usize, src: &mut ParamSource) -> Attention {
         let h = cfg.hidden_size;
-        let kv = cfg.kv_dim();
+        let (heads, kv_heads) = (cfg.num_attention_heads / tp, cfg.num_key_value_heads / tp);
+        let (hl, kvl) = (heads * cfg.head_dim(), kv_heads * cfg.head_dim());
         Attention {
-            q_proj: Linear::new(&p / "q_proj", h, h, src),
-            k_proj: Linear::new(&p / "k_proj", h, kv, src),
-            v_proj: Linear::new(&p / "v_proj", h, kv, src),
-            o_proj: Linear::new(&p / "o_proj", h, h, src),
-            heads: cfg.num_attention_heads as i64,
-            kv_heads: cfg.num_key_value_heads as i64,
+            q_proj: Linear::new(&p / "q_proj", h, hl, src),
+            k_proj: Linear::new(&p / "k_proj", h, kvl, src),
+            v_proj: Linear::new(&p / "v_proj", h, kvl, src),
+            o_proj: Linear::new(&p / "o_proj", hl, h, src),
+            heads: heads as i64,
+            kv_heads: kv_heads as i64,
             head_dim: cfg.head_dim() as i64,
         }
     }
@@ -217,8 +265,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(p: nn::Path, cfg: &ModelConfig, src: &mut ParamSource) -> Mlp {
-        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+    /// `tp`: the TP degree this rank's slice is of (the FFN width split evenly; 1 = all).
+    pub fn new(p: nn::Path, cfg: &ModelConfig, tp: usize, src: &mut ParamSource) -> Mlp {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size / tp);
         Mlp {
             gate_proj: Linear::new(&p / "gate_proj", h, f, src),
             up_proj: Linear::new(&p / "up_proj", h, f, src),
@@ -245,18 +294,18 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(p: nn::Path, cfg: &ModelConfig, src: &mut ParamSource) -> Block {
+    pub fn new(p: nn::Path, cfg: &ModelConfig, tp: usize, src: &mut ParamSource) -> Block {
         let eps = cfg.rms_norm_eps;
         Block {
             input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, eps, src),
-            self_attn: Attention::new(&p / "self_attn", cfg, src),
+            self_attn: Attention::new(&p / "self_attn", cfg, tp, src),
             post_attention_layernorm: RmsNorm::new(
                 &p / "post_attention_layernorm",
                 cfg.hidden_size,
                 eps,
                 src,
             ),
-            mlp: Mlp::new(&p / "mlp", cfg, src),
+            mlp: Mlp::new(&p / "mlp", cfg, tp, src),
         }
     }
 
@@ -269,7 +318,13 @@ impl Block {
         let m = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h), prec);
-        let out = h + m.to_kind(Kind::Float);
+        Block::residual_out(x, &h, &m.to_kind(Kind::Float), mask)
+    }
+
+    /// The layer's output from its input `x`, the mid-layer residual `h = x + attn` and the
+    /// MLP output `m` (fp32), under the mask scalar (`None` = 1).
+    pub fn residual_out(x: &Tensor, h: &Tensor, m: &Tensor, mask: Option<f64>) -> Tensor {
+        let out = h + m;
         match mask {
             None => out,
             Some(m) => out * m + x * (1.0 - m),
@@ -286,6 +341,8 @@ pub struct Llama {
     pub norm: RmsNorm,
     pub lm_head: Linear,
     rope: Rope,
+    /// The TP slice this instance holds ([`Shard::FULL`] for a single-device model).
+    pub shard: Shard,
     pub precision: Precision,
     /// Per-layer mask scalar for the `random` operator's ramp (`None` = unmasked).
     pub masks: Vec<Option<f64>>,
@@ -307,6 +364,28 @@ impl Llama {
     /// Build the model with every parameter taken from `src` (called once per tensor, in
     /// [`ModelConfig::tensor_shapes`] order, with the HF name).
     pub fn new(cfg: &ModelConfig, device: Device, src: &mut ParamSource) -> Llama {
+        Llama::new_shard(cfg, device, Shard::FULL, src)
+    }
+
+    /// Build TP rank `shard.rank`'s slice: `src` is called with each tensor's HF name and its
+    /// *local* shape ([`Shard::local_shape`]). `cfg` must split evenly (heads, KV heads, FFN).
+    pub fn new_shard(
+        cfg: &ModelConfig,
+        device: Device,
+        shard: Shard,
+        src: &mut ParamSource,
+    ) -> Llama {
+        let tp = shard.tp.max(1);
+        assert!(
+            cfg.num_attention_heads % tp == 0
+                && cfg.num_key_value_heads % tp == 0
+                && cfg.intermediate_size % tp == 0
+                && shard.rank < tp,
+            "shard {shard:?} does not split this config evenly (heads {}, kv heads {}, ffn {})",
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size
+        );
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let p = &root / "model";
@@ -317,7 +396,7 @@ impl Llama {
             src,
         );
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::new(&p / "layers" / i, cfg, src))
+            .map(|i| Block::new(&p / "layers" / i, cfg, tp, src))
             .collect();
         let norm = RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, src);
         let lm_head = Linear::new(&root / "lm_head", cfg.hidden_size, cfg.vocab_size, src);
@@ -347,6 +426,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            shard,
             precision: Precision::for_device(device),
             masks: vec![None; cfg.num_hidden_layers],
             params,
@@ -367,17 +447,49 @@ impl Llama {
         })
     }
 
+    /// TP rank `shard.rank`'s slice of [`Llama::init`]: every tensor is generated whole (the
+    /// same stream as at TP = 1) and sliced, so any TP starts from the same weights.
+    pub fn init_shard(cfg: &ModelConfig, device: Device, seed: u64, shard: Shard) -> Llama {
+        let full: HashMap<String, Vec<usize>> = cfg.tensor_shapes().into_iter().collect();
+        let c = cfg.clone();
+        Llama::new_shard(cfg, device, shard, &mut |name, _local| {
+            let t = crate::init::fresh(
+                name,
+                &full[name],
+                &c,
+                crate::init::generation_seed(seed, 0),
+                Device::Cpu,
+            );
+            shard.slice(name, &t)
+        })
+    }
+
     /// Build from a name → tensor map (checkpoint load); every tensor must be present.
     pub fn from_tensors(
         cfg: &ModelConfig,
         device: Device,
         tensors: &mut HashMap<String, Tensor>,
     ) -> Llama {
-        Llama::new(cfg, device, &mut |name, _shape| {
+        Llama::from_tensors_shard(cfg, device, Shard::FULL, tensors)
+    }
+
+    /// [`Llama::from_tensors`] for a TP slice (the map holds local tensors).
+    pub fn from_tensors_shard(
+        cfg: &ModelConfig,
+        device: Device,
+        shard: Shard,
+        tensors: &mut HashMap<String, Tensor>,
+    ) -> Llama {
+        Llama::new_shard(cfg, device, shard, &mut |name, _shape| {
             tensors
                 .remove(name)
                 .unwrap_or_else(|| panic!("from_tensors: {name} missing"))
         })
+    }
+
+    /// The rotary tables (shared by every layer).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     pub fn device(&self) -> Device {
@@ -397,13 +509,29 @@ impl Llama {
         self.params.iter().map(|(_, t)| t.numel() as u64).sum()
     }
 
-    /// Logits `[b, s, vocab]` (fp32) for input ids `[b, s]` (int64).
+    /// Logits `[b, s, vocab]` (fp32) for input ids `[b, s]` (int64). Single-device only: a TP
+    /// shard runs through `crate::parallel::tp`.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        assert!(
+            self.shard.is_full(),
+            "Llama::forward on TP shard {:?}: use trellis_worker::parallel::tp",
+            self.shard
+        );
+        let mut x = self.embed(input_ids);
         for (layer, mask) in self.layers.iter().zip(&self.masks) {
             x = layer.forward(&x, &self.rope, self.precision, *mask);
         }
-        let x = self.norm.forward(&x);
+        self.head(&x)
+    }
+
+    /// Token embeddings `[b, s, hidden]` of `input_ids`.
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// Final norm and `lm_head`: fp32 logits from the last hidden state.
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        let x = self.norm.forward(x);
         self.lm_head
             .forward(&x, self.precision)
             .to_kind(Kind::Float)
@@ -411,7 +539,11 @@ impl Llama {
 
     /// Mean next-token cross-entropy of `targets` `[b, s]` given `input_ids` `[b, s]`.
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Tensor {
-        let logits = self.forward(input_ids);
+        self.loss_from_logits(&self.forward(input_ids), targets)
+    }
+
+    /// Mean cross-entropy of `targets` under `logits` `[b, s, vocab]`.
+    pub fn loss_from_logits(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = self.cfg.vocab_size as i64;
         logits.view([-1, v]).cross_entropy_loss(
             &targets.reshape([-1]),

@@ -118,6 +118,12 @@ impl AdamW {
     /// Returns the pre-clip global gradient norm.
     pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) -> f64 {
         let norm = Self::grad_norm(params);
+        self.step_with_norm(params, lr, norm)
+    }
+
+    /// [`AdamW::step`] with the global gradient norm computed by the caller (a TP shard's
+    /// norm spans every rank's slice: `crate::parallel::grad_norm`). Returns `norm`.
+    pub fn step_with_norm(&mut self, params: &[(String, Tensor)], lr: f64, norm: f64) -> f64 {
         let clip = if self.cfg.grad_clip > 0.0 {
             (self.cfg.grad_clip / (norm + 1e-6)).min(1.0)
         } else {

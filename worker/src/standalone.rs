@@ -214,7 +214,7 @@ pub fn run_job(
     let mut last_ckpt: Option<u64> = checkpoint::latest(&root)?.and(resumed_from);
     let mut last_ckpt_dir: Option<PathBuf> = checkpoint::latest(&root)?;
     let mut save =
-        |t: &Trainer, last: &mut Option<u64>, observer: &mut dyn FnMut(Event)| -> Result<()> {
+        |t: &mut Trainer, last: &mut Option<u64>, observer: &mut dyn FnMut(Event)| -> Result<()> {
             if *last == Some(t.step_count()) && t.pending_growth_stage().is_none() {
                 return Ok(());
             }
@@ -233,7 +233,7 @@ pub fn run_job(
         if let Some(i) = t.pending_growth_stage() {
             // The rollback point: the state right before the growth.
             if last_ckpt != Some(t.step_count()) {
-                save(&t, &mut last_ckpt, observer)?;
+                save(&mut t, &mut last_ckpt, observer)?;
             }
             let from = t.config().num_hidden_layers;
             let timings = t.grow_stage(i)?;
@@ -293,7 +293,7 @@ pub fn run_job(
         }
         let ci = spec.checkpoint.interval;
         if post_growth_ckpt || (ci > 0 && s % ci == 0) {
-            save(&t, &mut last_ckpt, observer)?;
+            save(&mut t, &mut last_ckpt, observer)?;
             post_growth_ckpt = false;
         }
     }
@@ -316,7 +316,7 @@ pub fn run_job(
             loss,
         });
     }
-    save(&t, &mut last_ckpt, observer)?;
+    save(&mut t, &mut last_ckpt, observer)?;
 
     let lines = &metrics.lines;
     let final_train = lines.iter().rev().find_map(|l| match l {

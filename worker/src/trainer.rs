@@ -9,8 +9,9 @@
 //! from the global cursor (DESIGN §6), and nothing else is random, so the same seed and data
 //! give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::model::Llama;
+use crate::model::{Llama, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
+use crate::parallel::{self, Groups};
 use crate::schedule::lr_at;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -147,12 +148,24 @@ pub fn load_model(
     ck: &Checkpoint,
     device: Device,
 ) -> Result<(Llama, Option<HashMap<String, Moments>>)> {
+    load_model_shard(ck, device, Shard::FULL)
+}
+
+/// [`load_model`] for TP rank `shard.rank` of `shard.tp`: reads only that rank's slices
+/// ([`Checkpoint::read`]), whatever layout the checkpoint was written with.
+pub fn load_model_shard(
+    ck: &Checkpoint,
+    device: Device,
+    shard: Shard,
+) -> Result<(Llama, Option<HashMap<String, Moments>>)> {
     let cfg = &ck.state.model;
     cfg.validate()?;
+    parallel::check_tp(cfg, shard.tp)?;
     let dir = ck.dir.display().to_string();
     let mut tensors = HashMap::new();
     for (name, shape) in cfg.tensor_shapes() {
-        let h = ck.read_full(&name).map_err(|e| match e {
+        let shape = shard.local_shape(&name, &shape);
+        let h = ck.read(&name, shard.rank, shard.tp).map_err(|e| match e {
             trellis_core::Error::HashMismatch { .. } => Error::Core(e),
             other => Error::Invalid(format!(
                 "checkpoint {dir}: cannot read tensor {name}: {other}; the checkpoint does not fit its own config"
@@ -172,9 +185,10 @@ pub fn load_model(
     } else {
         let mut m = HashMap::new();
         for (name, shape) in cfg.tensor_shapes() {
+            let shape = shard.local_shape(&name, &shape);
             let read = |suffix: &str| -> Result<Tensor> {
                 let n = format!("{name}.{suffix}");
-                let h = ck.read_full(&n).map_err(|e| {
+                let h = ck.read(&n, shard.rank, shard.tp).map_err(|e| {
                     Error::Invalid(format!("checkpoint {dir}: optimizer state {n}: {e}"))
                 })?;
                 if h.shape != shape {
@@ -197,7 +211,7 @@ pub fn load_model(
         }
         Some(m)
     };
-    let model = Llama::from_tensors(cfg, device, &mut tensors);
+    let model = Llama::from_tensors_shard(cfg, device, shard, &mut tensors);
     Ok((model, moments))
 }
 
@@ -225,6 +239,11 @@ pub struct Trainer {
     dp_rank: usize,
     dp: usize,
     comm: Box<dyn Collective>,
+    /// Tensor parallelism: this rank's index in its TP group, the group's size and collective
+    /// (`Solo` at TP = 1). The model holds slice `tp_rank` of `tp`.
+    tp_rank: usize,
+    tp: usize,
+    tp_comm: Box<dyn Collective>,
     device: Device,
     data: PreparedData,
     sampler: Sampler,
@@ -260,6 +279,24 @@ impl Trainer {
         dp: usize,
         comm: Box<dyn Collective>,
     ) -> Result<Trainer> {
+        Trainer::with_groups(spec, out_dir, dp_rank, dp, Groups::dp_only(comm))
+    }
+
+    /// [`Trainer::new`] for rank `(dp_rank, groups.tp.rank())` of a DP × TP world: `groups.dp`
+    /// joins the ranks holding the same slice (world `dp`), `groups.tp` the slices of this
+    /// replica (its world is the TP degree). Every rank of a TP group reads the same samples.
+    pub fn with_groups(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+    ) -> Result<Trainer> {
+        let Groups {
+            dp: comm,
+            tp: tp_comm,
+        } = groups;
+        let (tp_rank, tp) = (tp_comm.rank(), tp_comm.world());
         if dp == 0 || dp_rank >= dp || spec.train.global_batch / dp * dp != spec.train.global_batch
         {
             return Err(Error::Invalid(format!(
@@ -292,6 +329,7 @@ impl Trainer {
             )));
         }
         check_growth_stages(spec, &cfg)?;
+        parallel::check_tp(&cfg, tp)?;
         let seq = spec.data.seq_len;
         let nwin = data.train.num_windows(seq);
         if nwin < spec.train.global_batch as u64 {
@@ -308,7 +346,7 @@ impl Trainer {
             )));
         }
         let sampler = Sampler::new(nwin, spec.job.seed);
-        let model = Llama::init(&cfg, device, spec.job.seed);
+        let model = Llama::init_shard(&cfg, device, spec.job.seed, Shard { rank: tp_rank, tp });
         let optim = AdamW::new(
             AdamWConfig::from_train(&spec.train),
             model.named_parameters(),
@@ -334,6 +372,9 @@ impl Trainer {
             dp_rank,
             dp,
             comm,
+            tp_rank,
+            tp,
+            tp_comm,
             device,
             data,
             sampler,
@@ -361,6 +402,19 @@ impl Trainer {
     }
     pub fn dp_rank(&self) -> usize {
         self.dp_rank
+    }
+    pub fn dp(&self) -> usize {
+        self.dp
+    }
+    pub fn tp_rank(&self) -> usize {
+        self.tp_rank
+    }
+    pub fn tp(&self) -> usize {
+        self.tp
+    }
+    /// The tensor-parallel group.
+    pub fn tp_comm_mut(&mut self) -> &mut dyn Collective {
+        self.tp_comm.as_mut()
     }
     /// The data-parallel group (also used by the agent to agree on commands).
     pub fn comm_mut(&mut self) -> &mut dyn Collective {
@@ -420,7 +474,10 @@ impl Trainer {
             tokens: self.tokens,
             generation: self.generation,
             model: self.model.cfg.clone(),
-            layout: Layout { dp: self.dp, tp: 1 },
+            layout: Layout {
+                dp: self.dp,
+                tp: self.tp,
+            },
             data_cursor: self.cursor,
             seed: self.spec.job.seed,
             schedule: self.schedule.clone(),
@@ -498,43 +555,17 @@ impl Trainer {
         }
         let samples = trellis_data::rank_samples(self.cursor, gb, self.dp_rank, self.dp);
 
-        // Data: global sample ids → window ids → micro-batches.
-        let t_data = Instant::now();
-        let windows: Vec<u64> = samples.clone().map(|i| self.sampler.window(i)).collect();
-        let mb = self.micro_batch();
-        let batches: Vec<(Tensor, Tensor)> = windows
-            .chunks(mb)
-            .map(|c| self.batch(&self.data.train, c))
-            .collect();
-        let data_seconds = t_data.elapsed().as_secs_f64();
-
-        // Forward/backward with gradient accumulation: each micro-batch's mean loss is scaled
-        // by its share, so the gradient is that of the mean over the rank's batch.
-        let t_compute = Instant::now();
-        let per_rank = windows.len() as f64;
-        let mut loss_sum = 0.0;
-        for (inp, tgt) in &batches {
-            let share = inp.size()[0] as f64 / per_rank;
-            let loss = self.model.loss(inp, tgt);
-            (&loss * share).backward();
-            loss_sum += loss.double_value(&[]) * share;
-        }
-        let mut compute_seconds = t_compute.elapsed().as_secs_f64();
-
-        // DP: average gradients (and the loss) over the group.
-        let t_comm = Instant::now();
-        let loss = if self.dp > 1 {
-            self.all_reduce_grads()?;
-            let mut l = [loss_sum as f32];
-            self.comm.all_reduce_sum(&mut l)?;
-            l[0] as f64 / self.dp as f64
-        } else {
-            loss_sum
-        };
-        let comm_seconds = t_comm.elapsed().as_secs_f64();
+        let (loss, data_seconds, mut compute_seconds, comm_seconds) =
+            self.accumulate_gradients(&samples)?;
 
         let t_opt = Instant::now();
-        let grad_norm = self.optim.step(self.model.named_parameters(), lr);
+        let grad_norm = if self.tp > 1 {
+            let norm = parallel::grad_norm(self.model.named_parameters(), self.tp_comm.as_mut())?;
+            self.optim
+                .step_with_norm(self.model.named_parameters(), lr, norm)
+        } else {
+            self.optim.step(self.model.named_parameters(), lr)
+        };
         self.model.zero_grad();
         compute_seconds += t_opt.elapsed().as_secs_f64();
 
@@ -562,6 +593,93 @@ impl Trainer {
             return Err(Error::NonFiniteLoss(Box::new(report)));
         }
         Ok(report)
+    }
+
+    /// The gradients the next [`Trainer::step`] would apply (after the DP average; this rank's
+    /// slices at TP > 1) and its loss, without changing any state: for parity tests and
+    /// debugging. The model's gradient buffers are zero again afterwards.
+    pub fn next_gradients(&mut self) -> Result<(f64, Vec<(String, Tensor)>)> {
+        let saved_mask = self.mask.clone();
+        self.apply_mask(self.step, true);
+        let mut cursor = self.cursor;
+        while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == cursor) {
+            cursor = to;
+        }
+        let gb = self.spec.train.global_batch;
+        let samples = trellis_data::rank_samples(cursor, gb, self.dp_rank, self.dp);
+        let result = self.accumulate_gradients(&samples).map(|(loss, ..)| {
+            let grads = self
+                .model
+                .named_parameters()
+                .iter()
+                .map(|(n, p)| {
+                    let g = p.grad();
+                    let g = if g.defined() {
+                        g.copy()
+                    } else {
+                        p.zeros_like()
+                    };
+                    (n.clone(), g)
+                })
+                .collect();
+            (loss, grads)
+        });
+        self.model.zero_grad();
+        self.mask = saved_mask;
+        self.apply_mask(self.step, false);
+        result
+    }
+
+    /// Forward/backward of this rank's `samples` with gradient accumulation over micro-batches,
+    /// then the DP average. Returns (mean loss of the global batch, data, compute and comm
+    /// seconds).
+    fn accumulate_gradients(&mut self, samples: &Range<u64>) -> Result<(f64, f64, f64, f64)> {
+        // Data: global sample ids → window ids → micro-batches.
+        let t_data = Instant::now();
+        let windows: Vec<u64> = samples.clone().map(|i| self.sampler.window(i)).collect();
+        let mb = self.micro_batch();
+        let batches: Vec<(Tensor, Tensor)> = windows
+            .chunks(mb)
+            .map(|c| self.batch(&self.data.train, c))
+            .collect();
+        let data_seconds = t_data.elapsed().as_secs_f64();
+
+        // Forward/backward with gradient accumulation: each micro-batch's mean loss is scaled
+        // by its share, so the gradient is that of the mean over the rank's batch.
+        let t_compute = Instant::now();
+        let per_rank = windows.len() as f64;
+        let mut loss_sum = 0.0;
+        for (inp, tgt) in &batches {
+            let share = inp.size()[0] as f64 / per_rank;
+            if self.tp > 1 {
+                let l = parallel::tp::forward_backward(
+                    &self.model,
+                    self.tp_comm.as_mut(),
+                    inp,
+                    tgt,
+                    share,
+                )?;
+                loss_sum += l * share;
+                continue;
+            }
+            let loss = self.model.loss(inp, tgt);
+            (&loss * share).backward();
+            loss_sum += loss.double_value(&[]) * share;
+        }
+        let compute_seconds = t_compute.elapsed().as_secs_f64();
+
+        // DP: average gradients (and the loss) over the group.
+        let t_comm = Instant::now();
+        let loss = if self.dp > 1 {
+            self.all_reduce_grads()?;
+            let mut l = [loss_sum as f32];
+            self.comm.all_reduce_sum(&mut l)?;
+            l[0] as f64 / self.dp as f64
+        } else {
+            loss_sum
+        };
+        let comm_seconds = t_comm.elapsed().as_secs_f64();
+        Ok((loss, data_seconds, compute_seconds, comm_seconds))
     }
 
     /// Sum the gradients over the DP group in flat f32 buckets and divide by `dp`.
@@ -616,30 +734,40 @@ impl Trainer {
         let mb = self.micro_batch().max(1);
         let windows = self.eval_windows.clone();
         let mut total = 0.0;
-        tch::no_grad(|| {
-            for chunk in windows.chunks(mb) {
-                let (inp, tgt) = self.batch(&self.data.valid, chunk);
-                let l = self.model.loss(&inp, &tgt).double_value(&[]);
-                total += l * chunk.len() as f64;
-            }
-        });
+        for chunk in windows.chunks(mb) {
+            let (inp, tgt) = self.batch(&self.data.valid, chunk);
+            let l = if self.tp > 1 {
+                parallel::tp::loss(&self.model, self.tp_comm.as_mut(), &inp, &tgt)?
+            } else {
+                tch::no_grad(|| self.model.loss(&inp, &tgt).double_value(&[]))
+            };
+            total += l * chunk.len() as f64;
+        }
         Ok(total / windows.len() as f64)
     }
 
     /// Write this rank's shards of the current state into `checkpoint::tmp_dir(job_root, step)`
     /// (only DP rank 0 writes; other ranks return `None`). Also copies `tokenizer.json` there
     /// (the manifest lists it, so its hash is verified on load).
-    pub fn write_checkpoint_shards(&self, job_root: &Path) -> Result<Option<ShardReport>> {
+    ///
+    /// With TP > 1 every rank of DP rank 0's TP group writes its slice
+    /// (`model-tp<r>-of-<n>.safetensors`, replicated tensors by TP rank 0 only); they call this
+    /// together (TP rank 0 prepares the temp dir, then a TP barrier), and the caller merges the
+    /// reports of all of them.
+    pub fn write_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardReport>> {
         if self.dp_rank != 0 {
             return Ok(None);
         }
         let tmp = checkpoint::tmp_dir(job_root, self.step);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .map_err(|e| Error::io(format!("cannot remove stale {}", tmp.display()), e))?;
+        if self.tp_rank == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .map_err(|e| Error::io(format!("cannot remove stale {}", tmp.display()), e))?;
+            }
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
         }
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+        self.tp_comm.barrier()?;
         let mut model = Vec::new();
         let mut optim = Vec::new();
         for (name, p) in self.model.named_parameters() {
@@ -652,11 +780,14 @@ impl Trainer {
             optim.push((format!("{name}.exp_avg"), to_host(&m.exp_avg)));
             optim.push((format!("{name}.exp_avg_sq"), to_host(&m.exp_avg_sq)));
         }
-        let report = checkpoint::write_shard(&tmp, 0, 1, &model, &optim)?;
-        // `finalize` lists (and hashes) every file in the temp dir, this one included.
-        let tok = tmp.join(checkpoint::TOKENIZER);
-        std::fs::copy(&self.data.tokenizer_path, &tok)
-            .map_err(|e| Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e))?;
+        let report = checkpoint::write_shard(&tmp, self.tp_rank, self.tp, &model, &optim)?;
+        if self.tp_rank == 0 {
+            // `finalize` lists (and hashes) every file in the temp dir, this one included.
+            let tok = tmp.join(checkpoint::TOKENIZER);
+            std::fs::copy(&self.data.tokenizer_path, &tok).map_err(|e| {
+                Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e)
+            })?;
+        }
         Ok(Some(report))
     }
 
@@ -667,14 +798,32 @@ impl Trainer {
         Ok(checkpoint::finalize(&tmp, &self.state(), reports)?)
     }
 
-    /// Write a complete single-writer checkpoint, point `latest` at it and GC old ones
-    /// (standalone mode). Returns its directory.
-    pub fn save_checkpoint(&self, job_root: &Path, keep: usize) -> Result<PathBuf> {
-        let report = self.write_checkpoint_shards(job_root)?;
-        let reports: Vec<ShardReport> = report.into_iter().collect();
-        let dir = self.finalize_checkpoint(job_root, &reports)?;
-        checkpoint::set_latest(job_root, &dir)?;
-        checkpoint::gc(job_root, keep.max(1))?;
+    /// Write a complete checkpoint, point `latest` at it and GC old ones (standalone mode, and
+    /// tests of parallel layouts: every rank calls it; the TP group of DP rank 0 writes, its
+    /// TP rank 0 gathers the shard reports over the TP group and finalises, and a DP barrier
+    /// makes the checkpoint visible to every rank before it returns). Returns its directory.
+    pub fn save_checkpoint(&mut self, job_root: &Path, keep: usize) -> Result<PathBuf> {
+        let mut dir = checkpoint::step_dir(job_root, self.step);
+        if self.dp_rank == 0 {
+            let report = self.write_checkpoint_shards(job_root)?;
+            let reports: Vec<ShardReport> = if self.tp > 1 {
+                parallel::all_gather_json(self.tp_comm.as_mut(), &report)?
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            } else {
+                report.into_iter().collect()
+            };
+            if self.tp_rank == 0 {
+                dir = self.finalize_checkpoint(job_root, &reports)?;
+                checkpoint::set_latest(job_root, &dir)?;
+                checkpoint::gc(job_root, keep.max(1))?;
+            }
+            self.tp_comm.barrier()?;
+        }
+        if self.dp > 1 {
+            self.comm.barrier()?;
+        }
         Ok(dir)
     }
 
@@ -725,8 +874,26 @@ impl Trainer {
                 self.spec.growth.len()
             )));
         }
-        let (model, moments) = load_model(&ck, self.device)?;
-        let mut model = model;
+        let shard = Shard {
+            rank: self.tp_rank,
+            tp: self.tp,
+        };
+        let (model, moments) = load_model_shard(&ck, self.device, shard)?;
+        self.install(ck.state.clone(), model, moments);
+        Ok(())
+    }
+
+    /// Replace the whole training state with `st`, `model` (this rank's slice of `st.model`) and
+    /// the optimizer moments (`None`: fresh ones). The checkpoint and the peers reshard paths
+    /// both end here.
+    pub(crate) fn install(
+        &mut self,
+        st: TrainerState,
+        mut model: Llama,
+        moments: Option<HashMap<String, Moments>>,
+    ) {
+        let st = &st;
+        let dir = format!("step {}", st.step);
         model.precision = self.model.precision;
         let mut optim = AdamW::new(self.optim.cfg, model.named_parameters());
         match moments {
@@ -750,7 +917,6 @@ impl Trainer {
         self.growth_history = st.growth_history.clone();
         self.mask = st.mask.clone();
         self.apply_mask(self.step, false);
-        Ok(())
     }
 
     /// Grow the model now (online): validates via the plan first and leaves the trainer
