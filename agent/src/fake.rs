@@ -28,6 +28,8 @@ pub struct FakeConfig {
     pub nan_at_sample: Option<u64>,
     /// Fail the stack phase of every growth.
     pub fail_grow: bool,
+    /// Fail every checkpoint commit (a deterministic failure).
+    pub fail_commit: bool,
     /// Every runner appends what it did here.
     pub events: Arc<Mutex<Vec<Event>>>,
 }
@@ -170,6 +172,9 @@ impl Runner for FakeRunner {
         step: u64,
         reports: &[ShardReport],
     ) -> Result<PathBuf, BoxError> {
+        if self.cfg.fail_commit {
+            return Err(format!("fake: cannot commit the checkpoint of step {step}").into());
+        }
         let st = self
             .pending
             .clone()

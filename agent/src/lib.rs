@@ -259,6 +259,10 @@ fn send(sink: &Sink, kind: pb::worker_message::Kind) {
 
 /// Run the worker's side of the session until the coordinator says `Stop` (Ok) or rejects the
 /// worker / stays unreachable past `give_up_after` (Err).
+///
+/// `endpoint` may list several coordinators, comma-separated (a leader and its standbys, which
+/// do not listen until they lead): the agent tries them in turn, backing off after each full
+/// round, and stays with the one that accepts its session.
 pub async fn run<F: RunnerFactory>(
     endpoint: String,
     options: AgentOptions,
@@ -330,8 +334,20 @@ pub async fn run<F: RunnerFactory>(
     let _clear = ClearSink(sink.clone());
     let mut backoff = options.reconnect_min;
     let mut unreachable_since: Option<Instant> = None;
+    let endpoints: Vec<String> = endpoint
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        vec![endpoint.clone()]
+    } else {
+        endpoints
+    };
+    let mut next = 0usize;
     loop {
-        let session = session(&endpoint, hello.clone(), &sink, &ctl_tx, &progress);
+        let current = endpoints[next % endpoints.len()].clone();
+        let session = session(&current, hello.clone(), &sink, &ctl_tx, &progress);
         tokio::select! {
             r = &mut done_rx => return r.unwrap_or(Ok(())),
             r = session => match r {
@@ -355,6 +371,11 @@ pub async fn run<F: RunnerFactory>(
             }
         }
         *sink.lock().unwrap() = None;
+        next += 1;
+        if next % endpoints.len() != 0 {
+            // Try the next coordinator of the list at once; back off after a full round.
+            continue;
+        }
         tokio::select! {
             r = &mut done_rx => return r.unwrap_or(Ok(())),
             _ = tokio::time::sleep(backoff) => {}

@@ -81,6 +81,8 @@ pub struct WorkersSummaryView {
     pub active: u32,
     pub idle: u32,
     pub lost: u32,
+    /// Exited after the job ended (not lost).
+    pub exited: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,6 +248,7 @@ fn worker_state_label(s: pb::WorkerState) -> &'static str {
         pb::WorkerState::Idle => "idle",
         pb::WorkerState::Active => "active",
         pb::WorkerState::Lost => "lost",
+        pb::WorkerState::Exited => "exited",
     }
 }
 
@@ -342,6 +345,7 @@ impl From<&pb::JobStatus> for StatusView {
                 active: w.active,
                 idle: w.idle,
                 lost: w.lost,
+                exited: w.exited,
             },
             loss_anomalies: s.loss_anomalies,
             rollbacks: s.rollbacks,
@@ -611,8 +615,12 @@ pub fn status_table(s: &StatusView) -> String {
         (
             "workers",
             format!(
-                "{} active / {} expected ({} idle, {} lost)",
-                s.workers.active, s.workers.expected, s.workers.idle, s.workers.lost
+                "{} active / {} expected ({} idle, {} lost, {} exited)",
+                s.workers.active,
+                s.workers.expected,
+                s.workers.idle,
+                s.workers.lost,
+                s.workers.exited
             ),
         ),
         ("growth", growth_now(s)),

@@ -90,6 +90,7 @@ fn status(phase: pb::JobPhase, step: u64) -> pb::JobStatus {
             active: 2,
             idle: 0,
             lost: 0,
+            exited: 0,
         }),
         message: "training generation 1".into(),
         loss_anomalies: 0,

@@ -26,6 +26,9 @@ use trellis_store::{keys, StateStore};
 const LOOKAHEAD_STEPS: u64 = 3;
 /// A job fails after this many consecutive failed growths.
 const MAX_GROWTH_FAILURES: u32 = 3;
+/// A job fails after this many consecutive rollbacks to the same checkpoint without progress
+/// (a deterministic failure would otherwise roll it back forever).
+const MAX_STALLED_ROLLBACKS: u32 = 3;
 
 /// What a session sends to its worker.
 pub type Outbox = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -63,6 +66,8 @@ struct WorkerEntry {
     tx: Option<Outbox>,
     last_seen: Instant,
     lost: bool,
+    /// The session ended after the job was done or failed (the worker exited on Stop).
+    exited: bool,
     rank: Option<u32>,
     last_step: u64,
 }
@@ -117,6 +122,8 @@ struct Job {
     mfu: f64,
     persisted_at: Instant,
     last_commit: Option<Instant>,
+    /// The loss watcher reported a plateau since the last trigger check.
+    plateau_seen: bool,
 }
 
 impl Job {
@@ -293,6 +300,7 @@ impl Domain {
             mfu: 0.0,
             persisted_at: Instant::now(),
             last_commit: None,
+            plateau_seen: false,
         });
         let phase = self.job.as_ref().unwrap().state.phase;
         if !matches!(phase, Phase::Done | Phase::Failed) {
@@ -401,6 +409,8 @@ impl Domain {
             anomalies: 0,
             paused: false,
             growth_failures: 0,
+            stalled_rollbacks: 0,
+            last_rollback: None,
             message: format!("submitted; waiting for {world} workers"),
         };
         self.store.put(&keys::job_spec(&id), json(&record)).await?;
@@ -424,6 +434,7 @@ impl Domain {
             mfu: 0.0,
             persisted_at: Instant::now(),
             last_commit: None,
+            plateau_seen: false,
         });
         self.try_start_epoch().await?;
         self.update_gauges();
@@ -558,7 +569,9 @@ impl Domain {
             ..Default::default()
         };
         for e in self.workers.values() {
-            if e.lost {
+            if e.exited {
+                w.exited += 1;
+            } else if e.lost {
                 w.lost += 1;
             } else if e.rank.is_some() {
                 w.active += 1;
@@ -583,7 +596,9 @@ impl Domain {
                         host: e.host.clone(),
                         pid: e.pid,
                         device: e.device.clone(),
-                        state: if e.lost {
+                        state: if e.exited {
+                            pb::WorkerState::Exited
+                        } else if e.lost {
                             pb::WorkerState::Lost
                         } else if e.rank.is_some() {
                             pb::WorkerState::Active
@@ -753,32 +768,8 @@ impl Domain {
         stage: Option<usize>,
     ) -> Result<pb::GrowResponse> {
         let job = self.job.as_mut().ok_or_else(no_job)?;
-        match job.state.phase {
-            Phase::Training => {}
-            Phase::Growing(p) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "a growth to generation {} is already in flight (phase {}); wait for it to finish (`coordctl watch`)",
-                    job.state.generation + 1,
-                    p.label()
-                )))
-            }
-            Phase::Paused => {
-                return Err(Error::FailedPrecondition(
-                    "the job is paused; `coordctl resume` it first, then grow".into(),
-                ))
-            }
-            p => {
-                return Err(Error::FailedPrecondition(format!(
-                    "the job is not training (phase {p:?}); growth needs all ranks running"
-                )))
-            }
-        }
-        if matches!(job.txn, Some(Txn::Checkpoint(_))) {
-            return Err(Error::FailedPrecondition(
-                "a checkpoint is being committed; retry in a moment".into(),
-            ));
-        }
-        // Validate.
+        // Validate the request first (INVALID_ARGUMENT), then whether the job can grow now
+        // (FAILED_PRECONDITION).
         let op_name = if req.operator.is_empty() {
             "stack".to_string()
         } else {
@@ -848,6 +839,31 @@ impl Domain {
                 )));
             }
         }
+        match job.state.phase {
+            Phase::Training => {}
+            Phase::Growing(p) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "a growth to generation {} is already in flight (phase {}); wait for it to finish (`coordctl watch`)",
+                    job.state.generation + 1,
+                    p.label()
+                )))
+            }
+            Phase::Paused => {
+                return Err(Error::FailedPrecondition(
+                    "the job is paused; `coordctl resume` it first, then grow".into(),
+                ))
+            }
+            p => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the job is not training (phase {p:?}); growth needs all ranks running"
+                )))
+            }
+        }
+        if matches!(job.txn, Some(Txn::Checkpoint(_))) {
+            return Err(Error::Busy(
+                "a checkpoint is being committed; retry in a moment".into(),
+            ));
+        }
         let new_cfg = job.model0.with_layers(to);
         let world = job.world();
         let spec = job.spec.clone();
@@ -886,6 +902,7 @@ impl Domain {
             stage,
         };
         job.growths.insert(generation, record.clone());
+        job.plateau_seen = false;
         job.state.phase = Phase::Growing(GrowPhase::Checkpoint);
         job.state.message = format!("growing {from} -> {to} layers (generation {generation})");
         job.state.layout.explanation = layout.explanation.clone();
@@ -1079,6 +1096,7 @@ impl Domain {
                 tx: Some(tx),
                 last_seen: Instant::now(),
                 lost: false,
+                exited: false,
                 rank: None,
                 last_step: 0,
             },
@@ -1103,6 +1121,19 @@ impl Domain {
             return Ok(());
         }
         e.tx = None;
+        let ended = self
+            .job
+            .as_ref()
+            .is_some_and(|j| matches!(j.state.phase, Phase::Done | Phase::Failed));
+        if ended {
+            // It exited on Stop (or after the job failed): not a lost worker.
+            e.exited = true;
+            e.rank = None;
+            info!(worker_id = %worker, "worker exited after the job ended");
+            self.update_gauges();
+            self.bump();
+            return Ok(());
+        }
         e.lost = true;
         let had = e.rank.take().is_some();
         warn!(worker_id = %worker, "worker session ended");
@@ -1120,7 +1151,7 @@ impl Domain {
         let ttl = self.opts.heartbeat_ttl;
         let mut expired = Vec::new();
         for (id, e) in self.workers.iter_mut() {
-            if !e.lost && now.duration_since(e.last_seen) > ttl {
+            if !e.lost && !e.exited && now.duration_since(e.last_seen) > ttl {
                 e.lost = true;
                 if let Some(tx) = e.tx.take() {
                     let _ = tx.send(Err(tonic::Status::unavailable(format!(
@@ -1136,7 +1167,7 @@ impl Domain {
         }
         // Forget workers lost long ago.
         self.workers
-            .retain(|_, e| !(e.lost && now.duration_since(e.last_seen) > ttl * 30));
+            .retain(|_, e| !((e.lost || e.exited) && now.duration_since(e.last_seen) > ttl * 30));
         for id in expired {
             warn!(worker_id = %id, "worker heartbeat expired");
             self.rank_lost(&id, "a worker's heartbeat expired").await?;
@@ -1152,6 +1183,13 @@ impl Domain {
             {
                 self.persist_state().await?;
             }
+        }
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|j| j.state.phase == Phase::RollingBack)
+        {
+            self.try_start_epoch().await?;
         }
         self.update_gauges();
         Ok(())
@@ -1196,6 +1234,20 @@ impl Domain {
             }
         }
         let failures = job.state.growth_failures;
+        // Progress since the last rollback: a commit (which clears the count) or a step beyond
+        // the one the last rollback happened at. Without it the failure is deterministic.
+        let at = job.state.step;
+        let target = job.state.last_checkpoint.as_ref().map_or(0, |c| c.step);
+        let stalled = match job.state.last_rollback {
+            Some((prev_at, prev_target))
+                if job.state.stalled_rollbacks > 0 && at <= prev_at && target == prev_target =>
+            {
+                job.state.stalled_rollbacks + 1
+            }
+            _ => 1,
+        };
+        job.state.stalled_rollbacks = stalled;
+        job.state.last_rollback = Some((at, target));
         for w in job.ranks.drain(..) {
             if let Some(e) = self.workers.get_mut(&w) {
                 e.rank = None;
@@ -1204,10 +1256,24 @@ impl Domain {
         self.restore_point(why).await?;
         let job = self.job.as_mut().unwrap();
         job.loss.reset_smoothing();
+        job.plateau_seen = false;
         job.rate = None;
-        if failures >= MAX_GROWTH_FAILURES {
+        let failed = if failures >= MAX_GROWTH_FAILURES {
+            Some(format!(
+                "failed: {failures} growths in a row failed; last: {why}"
+            ))
+        } else if stalled >= MAX_STALLED_ROLLBACKS {
+            Some(format!(
+                "failed: rolled back {stalled} times in a row to checkpoint step {target} without progress \
+                 (the failure is deterministic); last: {why}; fix the cause and resubmit, or restart \
+                 from an earlier checkpoint"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = failed {
             job.state.phase = Phase::Failed;
-            job.state.message = format!("failed: {failures} growths in a row failed; last: {why}");
+            job.state.message = message;
             error!(job_id = %job.id, "{}", job.state.message);
             self.persist_state().await?;
             self.stop_all("the job failed");
@@ -1215,7 +1281,9 @@ impl Domain {
         }
         job.state.phase = Phase::RollingBack;
         self.persist_state().await?;
-        self.try_start_epoch().await?;
+        // The group is re-formed at the next membership tick, not now: a rank's collective
+        // error usually means a peer died, and that peer's session end (or missed heartbeat)
+        // must be seen first, or the new epoch would include the dead worker.
         self.update_gauges();
         self.bump();
         Ok(())
@@ -1477,6 +1545,20 @@ impl Domain {
         if r.loss.is_finite() {
             m.train_loss.set(r.loss);
         }
+        // The plateau rule of the next growth stage when it is a `trigger = "plateau"` stage.
+        let i = job.state.next_growth_stage;
+        let (window, threshold) = match job.spec.growth.get(i) {
+            Some(g) if job.spec.is_plateau_stage(i) => (
+                g.plateau_window.unwrap_or(self.opts.watcher.plateau_window),
+                g.plateau_threshold
+                    .unwrap_or(self.opts.watcher.plateau_threshold),
+            ),
+            _ => (
+                self.opts.watcher.plateau_window,
+                self.opts.watcher.plateau_threshold,
+            ),
+        };
+        job.loss.set_plateau(window, threshold);
         let anomaly = job.loss.observe(r.step, r.tokens, r.generation, r.loss);
         if let Some(ema) = job.loss.ema() {
             m.loss_ema.set(ema);
@@ -1511,7 +1593,8 @@ impl Domain {
                     info!(job_id = %job.id, step = r.step, loss = r.loss, ema = a.ema, "loss spike")
                 }
                 AnomalyKind::Plateau => {
-                    info!(job_id = %job.id, step = r.step, ema = a.ema, "loss plateau")
+                    info!(job_id = %job.id, step = r.step, ema = a.ema, "loss plateau");
+                    job.plateau_seen = true;
                 }
             }
         }
@@ -1555,8 +1638,18 @@ impl Domain {
         }
         let i = job.state.next_growth_stage;
         if i < job.spec.growth.len() {
-            let s = job.spec.growth_step(i);
-            if step + LOOKAHEAD_STEPS >= s {
+            let plateau = job.spec.is_plateau_stage(i);
+            let s = if plateau {
+                if job.plateau_seen {
+                    info!(job_id = %job.id, stage = i, step, "loss plateau: firing growth stage {i}");
+                    step
+                } else {
+                    u64::MAX
+                }
+            } else {
+                job.spec.growth_step(i)
+            };
+            if s != u64::MAX && step + LOOKAHEAD_STEPS >= s {
                 let g = &job.spec.growth[i];
                 let req = GrowRequest {
                     factor: g.factor as i64,
@@ -1599,6 +1692,20 @@ impl Domain {
         let Some(rank) = self.fence(worker, session, ack.epoch, "ack") else {
             return Ok(());
         };
+        // A rank's acks from before the current generation (a late ack of the previous model)
+        // are fenced too.
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|j| ack.generation < j.state.generation)
+        {
+            self.fenced += 1;
+            self.metrics
+                .fenced_messages_total
+                .get_or_create(&[("kind", "ack")])
+                .inc();
+            return Ok(());
+        }
         let running = self
             .job
             .as_ref()
@@ -1837,7 +1944,21 @@ impl Domain {
         let job = self.job.as_mut().unwrap();
         job.checkpoints.retain(|x| x.step != rec.step);
         job.checkpoints.push(rec.clone());
+        job.checkpoints.sort_by_key(|c| c.step);
         job.state.last_checkpoint = Some(rec.clone());
+        job.state.stalled_rollbacks = 0;
+        // Mirror the workers' garbage collection (`checkpoint.keep`, newest first): the
+        // catalogue lists only checkpoints that still exist.
+        let keep = job.spec.checkpoint.keep.max(1);
+        let cut = job.checkpoints.len().saturating_sub(keep);
+        let pruned: Vec<CheckpointRecord> = job.checkpoints.drain(..cut).collect();
+        let id = job.id.clone();
+        for p in &pruned {
+            self.store
+                .delete(&keys::checkpoint(&id, Step(p.step)))
+                .await?;
+        }
+        let job = self.job.as_mut().unwrap();
         job.last_commit = Some(Instant::now());
         let secs = c.started.unwrap_or(c.issued).elapsed().as_secs_f64();
         self.metrics.checkpoint_seconds.observe(secs);
@@ -1879,7 +2000,7 @@ impl Domain {
     fn update_gauges(&self) {
         let m = &self.metrics;
         let (mut active, mut idle, mut lost) = (0, 0, 0);
-        for e in self.workers.values() {
+        for e in self.workers.values().filter(|e| !e.exited) {
             if e.lost {
                 lost += 1;
             } else if e.rank.is_some() {

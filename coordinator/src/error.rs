@@ -16,6 +16,9 @@ pub enum Error {
     /// Retryable: the store or the workers are not reachable right now.
     #[error("{0}")]
     Unavailable(String),
+    /// Retryable in a moment: a short transaction (a checkpoint commit) is in the way.
+    #[error("{0}")]
+    Busy(String),
     #[error("state store: {0}")]
     Store(#[from] trellis_store::Error),
     #[error("{0}")]
@@ -34,7 +37,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::Unavailable(_) | Error::Store(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::Busy(_) | Error::Store(_) => Code::Unavailable,
             Error::Core(c) => match c {
                 trellis_core::Error::InvalidGrowth(_)
                 | trellis_core::Error::InvalidConfig(_)

@@ -90,6 +90,16 @@ impl LossWatcher {
         }
     }
 
+    /// Change the plateau rule (a `trigger = "plateau"` growth stage may set its own). A change
+    /// restarts the current plateau window.
+    pub fn set_plateau(&mut self, window: u64, threshold: f64) {
+        if self.cfg.plateau_window != window || self.cfg.plateau_threshold != threshold {
+            self.cfg.plateau_window = window;
+            self.cfg.plateau_threshold = threshold;
+            self.window_start = None;
+        }
+    }
+
     pub fn ema(&self) -> Option<f64> {
         self.ema
     }
@@ -149,6 +159,9 @@ impl LossWatcher {
         self.seen += 1;
         if spike {
             return self.record(step, AnomalyKind::Spike, loss);
+        }
+        if self.window_start.is_none() {
+            self.window_start = Some((step, new_ema));
         }
         if self.cfg.plateau_window > 0 {
             if let Some((s0, e0)) = self.window_start {

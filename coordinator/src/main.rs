@@ -39,6 +39,10 @@ struct Cli {
     /// text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Leader lease TTL in seconds (etcd stores): a standby takes over this long after the
+    /// leader dies.
+    #[arg(long)]
+    leader_ttl_secs: Option<u64>,
 }
 
 fn main() {
@@ -85,6 +89,9 @@ fn run() -> anyhow::Result<()> {
     if let Some(v) = cli.log_format {
         cfg.log_format = v;
     }
+    if let Some(v) = cli.leader_ttl_secs {
+        cfg.leader_ttl_secs = v;
+    }
     // Logs (text/JSON) + OTLP span export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
     // flushes the exporter when `run` returns.
     let _telemetry = trellis_telemetry::init("trellis-coordinator", &cfg.log_format)?;
@@ -92,14 +99,47 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async move {
         let spec = trellis_store::StoreSpec::parse(&cfg.store)?;
         let store = spec.open().await?;
+        // Leader election (etcd): only the leader opens the job and listens; a standby blocks
+        // here, not listening (workers given several endpoints skip it), until the leader's
+        // lease expires. The embedded store needs none: its directory lock already admits one
+        // coordinator.
+        let leadership = match &spec {
+            trellis_store::StoreSpec::Etcd(_) => {
+                let election = trellis_store::keys::leader();
+                let candidate = format!("{}-{}", hostname(), std::process::id());
+                if let Some(leader) = store.leader(&election).await? {
+                    tracing::info!(%leader, candidate, "standby: waiting for leadership");
+                }
+                let l = tokio::select! {
+                    l = store.campaign(&election, &candidate, cfg.leader_ttl_secs.max(1)) => l?,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = sigterm() => return Ok(()),
+                };
+                tracing::info!(candidate, "elected leader; recovering the job from the store");
+                Some(l)
+            }
+            trellis_store::StoreSpec::File(_) => None,
+        };
         let running = trellis_coordinator::server::start(&cfg, store).await?;
         println!("{}", running.banner());
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        let lost = async {
+            match &leadership {
+                Some(l) => l.lost().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = running_wait(running) => {}
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; exiting"); }
             _ = sigterm() => { tracing::info!("terminated; exiting"); }
+            _ = lost => {
+                anyhow::bail!("lost leadership (the lease in the store expired or was taken over); exiting so that only one coordinator acts");
+            }
+        }
+        if let Some(l) = leadership {
+            let _ = l.resign().await;
         }
         Ok::<_, anyhow::Error>(())
     })
@@ -116,6 +156,19 @@ async fn sigterm() {
         }
     }
     std::future::pending::<()>().await
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn running_wait(r: trellis_coordinator::server::Running) {

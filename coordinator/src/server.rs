@@ -189,7 +189,8 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(shared.clone()));
     let workers = pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(shared.clone()))
         .max_decoding_message_size(64 << 20);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY: without it small answers (GetStatus, commands) wait out delayed ACKs (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -85,9 +85,22 @@ impl pb::control_service_server::ControlService for ControlSvc {
             min_lr: r.min_lr,
             warmup_steps: r.warmup_steps,
         };
-        Ok(Response::new(
-            self.0.lock().await.grow(job_id(&r.job_id), req).await?,
-        ))
+        // A checkpoint commit in flight takes well under a second: wait for it (bounded) rather
+        // than refuse the operator's growth.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .0
+                .lock()
+                .await
+                .grow(job_id(&r.job_id), req.clone())
+                .await
+            {
+                Err(Error::Busy(_)) if tokio::time::Instant::now() < deadline => {}
+                res => return Ok(Response::new(res?)),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn pause(

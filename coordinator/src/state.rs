@@ -96,6 +96,13 @@ pub struct JobState {
     pub paused: bool,
     /// Consecutive failed growths (the job fails after 3).
     pub growth_failures: u32,
+    /// Consecutive rollbacks to the same checkpoint without progress (no commit in between and
+    /// no step beyond the previous rollback's); the job fails at 3.
+    #[serde(default)]
+    pub stalled_rollbacks: u32,
+    /// (step the job had reached, checkpoint step it restarted from) at the last rollback.
+    #[serde(default)]
+    pub last_rollback: Option<(u64, u64)>,
     pub message: String,
 }
 

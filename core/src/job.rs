@@ -140,12 +140,20 @@ impl Default for ParallelSection {
     }
 }
 
-/// One growth stage. Exactly one of `at_step` / `at_tokens`.
+/// One growth stage. Exactly one of `at_step`, `at_tokens` or `trigger = "plateau"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrowthStage {
     pub at_step: Option<u64>,
     pub at_tokens: Option<u64>,
+    /// `"plateau"`: fire when the coordinator's loss watcher sees the training-loss EMA improve
+    /// by less than `plateau_threshold` (relative) over `plateau_window` steps. Only a
+    /// coordinator fires it (standalone `trellis-worker train` has no loss watcher).
+    pub trigger: Option<String>,
+    /// Plateau window in steps (default: the coordinator's `plateau_window`).
+    pub plateau_window: Option<u64>,
+    /// Plateau threshold, relative EMA improvement (default: the coordinator's).
+    pub plateau_threshold: Option<f64>,
     #[serde(default = "d_factor")]
     pub factor: usize,
     #[serde(default = "d_operator")]
@@ -329,13 +337,41 @@ impl JobSpec {
         }
         let mut last = 0u64;
         for (i, g) in self.growth.iter().enumerate() {
-            let step = match (g.at_step, g.at_tokens) {
-                (Some(s), None) => s,
-                (None, Some(t)) => self.step_for_tokens(t),
+            if let Some(t) = &g.trigger {
+                if t != "plateau" {
+                    return bad(format!(
+                        "growth[{i}]: unknown trigger '{t}'; the only trigger is \"plateau\" (or set at_step / at_tokens instead)"
+                    ));
+                }
+            } else if g.plateau_window.is_some() || g.plateau_threshold.is_some() {
+                return bad(format!(
+                    "growth[{i}]: plateau_window / plateau_threshold need trigger = \"plateau\""
+                ));
+            }
+            if g.plateau_window == Some(0) {
+                return bad(format!(
+                    "growth[{i}]: plateau_window must be at least 1 step"
+                ));
+            }
+            if let Some(th) = g.plateau_threshold {
+                if !(th.is_finite() && th >= 0.0) {
+                    return bad(format!(
+                        "growth[{i}]: plateau_threshold {th} must be a non-negative number (e.g. 0.001)"
+                    ));
+                }
+            }
+            let step = match (g.at_step, g.at_tokens, g.trigger.is_some()) {
+                (Some(s), None, false) => s,
+                (None, Some(t), false) => self.step_for_tokens(t),
+                (None, None, true) => {
+                    g.spec()
+                        .map_err(|e| Error::InvalidConfig(format!("growth[{i}]: {e}")))?;
+                    continue;
+                }
                 _ => {
                     return bad(format!(
-                        "growth[{i}]: set exactly one of at_step and at_tokens"
-                    ))
+                    "growth[{i}]: set exactly one of at_step, at_tokens and trigger = \"plateau\""
+                ))
                 }
             };
             if step == 0 || step >= self.train.max_steps {
@@ -366,11 +402,22 @@ impl JobSpec {
         tokens.div_ceil(self.tokens_per_step())
     }
 
-    /// The step at which growth stage `i` fires.
+    /// The step at which growth stage `i` fires; `u64::MAX` for a triggered (`plateau`) stage,
+    /// which has no fixed step.
     pub fn growth_step(&self, i: usize) -> u64 {
         let g = &self.growth[i];
-        g.at_step
-            .unwrap_or_else(|| self.step_for_tokens(g.at_tokens.unwrap_or(0)))
+        match (g.at_step, g.at_tokens) {
+            (Some(s), _) => s,
+            (None, Some(t)) => self.step_for_tokens(t),
+            (None, None) => u64::MAX,
+        }
+    }
+
+    /// Whether growth stage `i` fires on a loss plateau rather than at a step.
+    pub fn is_plateau_stage(&self, i: usize) -> bool {
+        self.growth
+            .get(i)
+            .is_some_and(|g| g.trigger.as_deref() == Some("plateau"))
     }
 
     /// The initial model config, given the tokenizer's vocabulary size.

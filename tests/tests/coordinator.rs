@@ -1,0 +1,1047 @@
+//! End to end over real processes on loopback: `trellis-coordinator`, `trellis-worker
+//! --coordinator` (libtorch, CPU, DP over the TCP ring), `coordctl`, and a real etcd. One test
+//! per acceptance point of issue #3; each prints its measured figures (`cargo test -- --nocapture`).
+//!
+//! Jobs are tiny (the `tiny` preset, seq_len 32, global batch 4: a step takes a few ms) and share
+//! one data cache (`$TMPDIR/trellis-e2e-data-cache`) so the tokenizer is trained once. Every wait
+//! is bounded; on failure the tail of every process log is printed.
+//!
+//! Worker test hooks used here (off by default, documented in `worker/src/managed.rs`):
+//! `TRELLIS_SAMPLE_LOG` (per-step global sample ids per rank), `TRELLIS_FAULT_NAN_AT_STEP`
+//! (report one NaN loss), `TRELLIS_FAULT_GROW_DELAY_MS` (hold a growth in its stack phase).
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use trellis_proto::v1 as pb;
+use trellis_tests::{banner_field, bin, free_port, json, repo, run, wait_for, wait_line, Proc};
+
+const GB: u64 = 4;
+const LONG: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------------------------------
+// Harness
+// ------------------------------------------------------------------------------------------
+
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join("trellis-e2e-data-cache")
+}
+
+/// A tiny job spec (absolute paths).
+fn spec(
+    name: &str,
+    dp: usize,
+    max_steps: u64,
+    interval: u64,
+    keep: usize,
+    ckpt: &Path,
+    extra: &str,
+) -> String {
+    let corpus = repo().join("corpus/tiny");
+    format!(
+        r#"[job]
+name = "{name}"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[data]
+train = "{train}"
+valid = "{valid}"
+vocab_size = 512
+seq_len = 32
+cache_dir = "{cache}"
+
+[train]
+global_batch = {GB}
+max_steps = {max_steps}
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = 50
+eval_sequences = 8
+threads = 1
+
+[checkpoint]
+dir = "{ckpt}"
+interval = {interval}
+keep = {keep}
+
+[parallel]
+dp = {dp}
+tp = 1
+{extra}
+"#,
+        train = corpus.join("train.txt").display(),
+        valid = corpus.join("valid.txt").display(),
+        cache = cache_dir().display(),
+        ckpt = ckpt.display(),
+    )
+}
+
+/// The processes of one test; on a failing test, prints every log's tail.
+struct Cluster {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+    next_worker: usize,
+}
+
+struct Coord {
+    idx: usize,
+    endpoint: String,
+    metrics: String,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("trellis-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        Cluster {
+            dir,
+            procs: Vec::new(),
+            next_worker: 0,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn write_job(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.path(file);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Start a coordinator; returns its stdout lines (the banner comes once it serves).
+    fn spawn_coordinator(
+        &mut self,
+        name: &str,
+        port: u16,
+        store: &str,
+        job: Option<&Path>,
+        extra: &[&str],
+    ) -> (usize, mpsc::Receiver<String>) {
+        let mut cmd = Command::new(bin("trellis-coordinator"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0", "--store", store])
+            .args(["--heartbeat-ttl-secs", "3"])
+            .args(extra)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        if let Some(j) = job {
+            cmd.arg("--job").arg(j);
+        }
+        let log = self.path(&format!("{name}.log"));
+        let (p, rx) = Proc::spawn(name, &mut cmd, &log);
+        self.procs.push(p);
+        (self.procs.len() - 1, rx)
+    }
+
+    fn coordinator(
+        &mut self,
+        name: &str,
+        port: u16,
+        store: &str,
+        job: Option<&Path>,
+        extra: &[&str],
+    ) -> Coord {
+        let (idx, rx) = self.spawn_coordinator(name, port, store, job, extra);
+        self.serving(idx, &rx)
+    }
+
+    fn serving(&mut self, idx: usize, rx: &mpsc::Receiver<String>) -> Coord {
+        let line = wait_line(rx, "trellis-coordinator listening", LONG);
+        Coord {
+            idx,
+            endpoint: format!("http://{}", banner_field(&line, "grpc").unwrap()),
+            metrics: banner_field(&line, "metrics").unwrap(),
+        }
+    }
+
+    fn worker(&mut self, endpoint: &str, env: &[(&str, String)]) -> usize {
+        let i = self.next_worker;
+        self.next_worker += 1;
+        let mut cmd = Command::new(bin("trellis-worker"));
+        cmd.args(["--coordinator", endpoint, "--device", "cpu"])
+            .env(
+                "TRELLIS_SAMPLE_LOG",
+                self.path(&format!("samples-{i}.jsonl")),
+            )
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log = self.path(&format!("worker-{i}.log"));
+        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    fn sample_log(&self, worker: usize) -> Vec<Value> {
+        std::fs::read_to_string(self.path(&format!("samples-{worker}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.procs {
+                eprintln!(
+                    "----- {} ({}) -----\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.tail(40)
+                );
+            }
+        }
+    }
+}
+
+fn coordctl(endpoint: &str, args: &[&str]) -> Output {
+    run(
+        Command::new(bin("coordctl"))
+            .args(["--endpoint", endpoint])
+            .args(args),
+        Duration::from_secs(60),
+    )
+}
+
+fn status(endpoint: &str) -> Option<Value> {
+    let out = coordctl(endpoint, &["--output", "json", "status"]);
+    out.status.success().then(|| json(&out))
+}
+
+/// Poll `coordctl status` until `pred` holds; panics with the last status after `timeout`.
+fn wait_status(
+    endpoint: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(s) = status(endpoint) {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; last status: {}",
+                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn phase(s: &Value) -> &str {
+    s["phase"].as_str().unwrap_or("")
+}
+
+#[track_caller]
+fn u(v: &Value) -> u64 {
+    match v.as_u64() {
+        Some(x) => x,
+        None => panic!("not a u64: {v}"),
+    }
+}
+
+fn stderr_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// `coordctl` refused: the documented exit code and exactly one line on stderr.
+fn refused(out: &Output, code: i32, needle: &str) -> String {
+    let err = stderr_line(out);
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    err
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+}
+
+/// Global sample ids per step from the workers' sample logs: for each step, the ranges of the
+/// latest epoch that ran it (a rollback re-runs steps in a new epoch).
+fn consumed_ids(records: &[Value]) -> (Vec<u64>, BTreeMap<u64, u64>) {
+    let mut by_step: BTreeMap<u64, (u64, Vec<(u64, u64)>)> = BTreeMap::new();
+    for r in records {
+        let (epoch, step) = (u(&r["epoch"]), u(&r["step"]));
+        let e = by_step.entry(step).or_insert((epoch, Vec::new()));
+        if epoch > e.0 {
+            *e = (epoch, Vec::new());
+        }
+        if epoch == e.0 {
+            e.1.push((u(&r["start"]), u(&r["end"])));
+        }
+    }
+    let mut ids = Vec::new();
+    let mut ranks = BTreeMap::new();
+    for (step, (_, ranges)) in &by_step {
+        ranks.insert(*step, ranges.len() as u64);
+        for &(a, b) in ranges {
+            ids.extend(a..b);
+        }
+    }
+    ids.sort_unstable();
+    (ids, ranks)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn control(
+    endpoint: &str,
+) -> pb::control_service_client::ControlServiceClient<tonic::transport::Channel> {
+    pb::control_service_client::ControlServiceClient::connect(endpoint.to_string())
+        .await
+        .unwrap()
+}
+
+// ------------------------------------------------------------------------------------------
+// 1 + 2. Online growth over DP=2; DP=2 matches one worker; every sample read exactly once
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn grow_dp2_online_traced_and_every_sample_read_once() {
+    let mut cl = Cluster::new("grow");
+    let rt = rt();
+    let otlp = rt.block_on(trellis_telemetry::testing::OtlpReceiver::start());
+    let max_steps = 300;
+    let job = cl.write_job(
+        "job.toml",
+        &spec("grow", 2, max_steps, 100, 2, &cl.path("ckpt"), ""),
+    );
+    let otel = ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
+    std::env::set_var(otel.0, &otel.1);
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &[],
+    );
+    std::env::remove_var(otel.0);
+    for _ in 0..2 {
+        cl.worker(&c.endpoint, &[(otel.0, otel.1.clone())]);
+    }
+    // The same job on one process (dp = 1, same global batch), for the loss comparison.
+    let solo_job = cl.write_job(
+        "solo.toml",
+        &spec("grow", 1, max_steps, 0, 1, &cl.path("solo-ckpt"), ""),
+    );
+    let solo = run(
+        Command::new(bin("trellis-worker"))
+            .args(["train", "--stop-at", "5", "--job"])
+            .arg(&solo_job)
+            .arg("--out")
+            .arg(cl.path("solo")),
+        LONG,
+    );
+    assert!(solo.status.success(), "{}", stderr_line(&solo));
+
+    wait_status(&c.endpoint, "DP=2 training past step 20", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 20
+    });
+    let t_grow = Instant::now();
+    let out = coordctl(&c.endpoint, &["--output", "json", "grow", "--factor", "4"]);
+    assert!(out.status.success(), "coordctl grow: {}", stderr_line(&out));
+    let g = json(&out);
+    assert_eq!(
+        (
+            u(&g["generation"]),
+            u(&g["from_layers"]),
+            u(&g["to_layers"])
+        ),
+        (1, 2, 8),
+        "{g}"
+    );
+    let grown = wait_status(&c.endpoint, "generation 1 training", LONG, |s| {
+        u(&s["generation"]) == 1 && phase(s) == "training"
+    });
+    let grow_wall = t_grow.elapsed();
+    assert_eq!(u(&grown["layers"]), 8);
+    let done = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done"
+    });
+
+    // Status: generation 1, 4x the layers, the growth done with its phase times.
+    assert_eq!(u(&done["generation"]), 1, "{done}");
+    assert_eq!(u(&done["layers"]), 8);
+    assert_eq!(u(&done["rollbacks"]), 0, "{done}");
+    let h = &done["growth_history"][0];
+    assert_eq!(h["phase"], "done", "{h}");
+    let at = u(&h["at_step"]);
+    let t = &done["last_growth_timings"];
+    for k in [
+        "checkpoint_seconds",
+        "stack_seconds",
+        "resume_seconds",
+        "total_seconds",
+    ] {
+        assert!(t[k].as_f64().unwrap() > 0.0, "{k}: {t}");
+    }
+    eprintln!(
+        "growth x4 at step {at}: coordctl grow -> generation 1 training in {:.2}s; phases {t}",
+        grow_wall.as_secs_f64()
+    );
+
+    // Both ranks stopped at the same step: each ran steps 1..=max once, generation 0 up to the
+    // barrier and generation 1 after it.
+    let mut all = Vec::new();
+    for w in 0..2 {
+        let recs = cl.sample_log(w);
+        let steps: Vec<u64> = recs.iter().map(|r| u(&r["step"])).collect();
+        assert_eq!(
+            steps,
+            (1..=max_steps).collect::<Vec<_>>(),
+            "worker {w} ran every step once"
+        );
+        let first_grown = recs
+            .iter()
+            .find(|r| u(&r["generation"]) == 1)
+            .map(|r| u(&r["step"]));
+        assert_eq!(
+            first_grown,
+            Some(at + 1),
+            "worker {w} grew at the barrier step {at}"
+        );
+        all.extend(recs);
+    }
+    // No sample read twice or skipped across the growth.
+    let (ids, ranks) = consumed_ids(&all);
+    assert!(ranks.values().all(|&n| n == 2), "two ranks per step");
+    assert_eq!(
+        ids,
+        (0..max_steps * GB).collect::<Vec<_>>(),
+        "every sample id exactly once"
+    );
+
+    // The loss jumps at growth (G_stack is not function preserving) and recovers.
+    let loss = json(&coordctl(&c.endpoint, &["--output", "json", "loss"]));
+    let pts: Vec<(u64, f64)> = loss["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((u(&p["step"]), p["train_loss"].as_f64()?)))
+        .collect();
+    let mean = |r: std::ops::RangeInclusive<u64>| {
+        let v: Vec<f64> = pts
+            .iter()
+            .filter(|(s, _)| r.contains(s))
+            .map(|p| p.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let before = mean(at - 4..=at);
+    let after = mean(at + 1..=at + 3);
+    let end = mean(max_steps - 9..=max_steps);
+    eprintln!("loss: before growth {before:.4}, just after {after:.4}, at the end {end:.4}");
+    assert!(
+        end < before && end < after,
+        "the loss recovers: {before} {after} {end}"
+    );
+
+    // DP=2 on the global batch matches one process for the first steps.
+    let solo_losses: Vec<f64> = std::fs::read_to_string(cl.path("solo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(solo_losses.len(), 5);
+    let mut worst = 0f64;
+    for (i, l1) in solo_losses.iter().enumerate() {
+        let l2 = pts.iter().find(|p| p.0 == i as u64 + 1).unwrap().1;
+        let rel = (l1 - l2).abs() / l1.abs();
+        worst = worst.max(rel);
+        assert!(
+            rel < 1e-4,
+            "step {}: dp=1 {l1} vs dp=2 {l2} (rel {rel:e})",
+            i + 1
+        );
+    }
+    eprintln!(
+        "DP=2 vs one worker, steps 1-5: max relative loss difference {worst:.2e} (tolerance 1e-4)"
+    );
+
+    // The growth is one trace: coordinator `grow` and its phases, and every rank's spans.
+    let spans = wait_for(
+        "the growth's spans over OTLP",
+        Duration::from_secs(30),
+        || {
+            let spans = otlp.spans();
+            let grow = spans
+                .iter()
+                .find(|s| s.name == "grow" && s.service_name == "trellis-coordinator")?
+                .clone();
+            let in_trace: Vec<_> = spans
+                .iter()
+                .filter(|s| s.trace_id == grow.trace_id)
+                .cloned()
+                .collect();
+            let has = |n: &str, svc: &str| {
+                in_trace
+                    .iter()
+                    .filter(|s| s.name == n && s.service_name == svc)
+                    .count()
+            };
+            let ok = [
+                "grow.checkpoint",
+                "grow.stack",
+                "grow.reshard",
+                "grow.resume",
+            ]
+            .iter()
+            .all(|n| has(n, "trellis-coordinator") == 1)
+                && has("worker.grow.stack", "trellis-worker") == 2
+                && has("worker.grow.checkpoint", "trellis-worker") == 2;
+            ok.then_some((grow, in_trace))
+        },
+    );
+    let (grow, in_trace) = spans;
+    for s in in_trace.iter().filter(|s| s.name.starts_with("grow.")) {
+        assert_eq!(
+            s.parent_span_id, grow.span_id,
+            "{} is a child of grow",
+            s.name
+        );
+    }
+    assert_eq!(grow.attr("generation"), Some("1"));
+
+    // Workers that exited on Stop are not lost; the catalogue lists only what exists (keep 2).
+    for i in 1..=2 {
+        let idx = cl.procs.len() - i;
+        wait_for("the workers to exit on Stop", LONG, || {
+            (!cl.procs[idx].is_running()).then_some(())
+        });
+        assert!(
+            cl.procs[idx].child.wait().unwrap().success(),
+            "worker exit status"
+        );
+    }
+    let s = wait_status(&c.endpoint, "workers counted as exited", LONG, |s| {
+        u(&s["workers"]["exited"]) == 2
+    });
+    assert_eq!(u(&s["workers"]["lost"]), 0, "{s}");
+    let ws = json(&coordctl(&c.endpoint, &["--output", "json", "workers"]));
+    assert!(
+        ws.as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "exited"),
+        "{ws}"
+    );
+    let cks = s["checkpoints"].as_array().unwrap();
+    assert!(!cks.is_empty() && cks.len() <= 2, "{cks:?}");
+    for ck in cks {
+        let d = ck["dir"].as_str().unwrap();
+        assert!(Path::new(d).is_dir(), "listed checkpoint {d} exists");
+    }
+    let _ = c.idx;
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. Faults: a worker killed mid-step; the coordinator killed (embedded store, mid-growth);
+//    a leader killed with a standby waiting (etcd), then a restart on the same port (etcd)
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_killed_worker_rolls_the_job_back_until_a_worker_rejoins() {
+    let mut cl = Cluster::new("kill-worker");
+    let job = cl.write_job(
+        "job.toml",
+        &spec("killw", 2, 100_000, 20, 2, &cl.path("ckpt"), ""),
+    );
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &[],
+    );
+    cl.worker(&c.endpoint, &[]);
+    let victim = cl.worker(&c.endpoint, &[]);
+    let before = wait_status(
+        &c.endpoint,
+        "a committed checkpoint and training past it",
+        LONG,
+        |s| {
+            let ck = s["checkpoints"].as_array().map(|v| v.len()).unwrap_or(0);
+            phase(s) == "training" && ck > 0 && u(&s["step"]) % 20 > 5
+        },
+    );
+    let t0 = Instant::now();
+    cl.procs[victim].kill9(); // SIGKILL, mid-step
+    let rolled = wait_status(
+        &c.endpoint,
+        "the coordinator to notice",
+        Duration::from_secs(30),
+        |s| u(&s["rollbacks"]) >= 1,
+    );
+    let detect = t0.elapsed();
+    assert_eq!(u(&rolled["rollbacks"]), 1, "{rolled}");
+    let waiting = wait_status(&c.endpoint, "waiting for a worker", LONG, |s| {
+        phase(s) == "waiting_for_workers"
+    });
+    let restored = waiting["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| u(&c["step"]))
+        .max()
+        .unwrap();
+    assert!(
+        waiting["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("checkpoint step {restored}")),
+        "{waiting}"
+    );
+    let t1 = Instant::now();
+    cl.worker(&c.endpoint, &[]);
+    let back = wait_status(&c.endpoint, "training again in a new epoch", LONG, |s| {
+        phase(s) == "training"
+            && u(&s["epoch"]) > u(&before["epoch"])
+            && u(&s["step"]) > restored + 5
+    });
+    let rejoin = t1.elapsed();
+    // The new rank started from the committed checkpoint.
+    let fresh_recs = cl.sample_log(2); // the third worker process
+    assert_eq!(
+        fresh_recs.first().map(|r| u(&r["step"])),
+        Some(restored + 1),
+        "restored from step {restored}"
+    );
+    assert!(u(&back["generation"]) == 0 && u(&back["rollbacks"]) == 1);
+    eprintln!(
+        "SIGKILL of a worker: noticed in {:.2}s (heartbeat TTL 3s; the session stream ends at once); \
+         rejoin -> training again from checkpoint step {restored} in {:.2}s",
+        detect.as_secs_f64(),
+        rejoin.as_secs_f64()
+    );
+    assert!(
+        detect < Duration::from_secs(3 + 2),
+        "noticed within the liveness timeout: {detect:?}"
+    );
+}
+
+#[test]
+fn a_coordinator_killed_mid_growth_recovers_from_the_embedded_store() {
+    let mut cl = Cluster::new("kill-coord");
+    let job = cl.write_job(
+        "job.toml",
+        &spec("killc", 2, 100_000, 20, 3, &cl.path("ckpt"), ""),
+    );
+    let port = free_port();
+    let store = format!("file:{}", cl.path("store").display());
+    let c = cl.coordinator("coordinator-1", port, &store, Some(&job), &[]);
+    let hold = [("TRELLIS_FAULT_GROW_DELAY_MS", "3000".to_string())];
+    cl.worker(&c.endpoint, &hold);
+    cl.worker(&c.endpoint, &hold);
+    wait_status(&c.endpoint, "training past step 30", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 30
+    });
+    let out = coordctl(&c.endpoint, &["grow", "--factor", "2"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let mid = wait_status(&c.endpoint, "the growth in its stack phase", LONG, |s| {
+        s["growth"]["phase"] == "stack"
+    });
+    cl.procs[c.idx].kill9();
+    let t0 = Instant::now();
+    let c2 = cl.coordinator("coordinator-2", port, &store, None, &[]);
+    let s = wait_status(&c2.endpoint, "the job recovered and training", LONG, |s| {
+        phase(s) == "training" && u(&s["epoch"]) > u(&mid["epoch"])
+    });
+    let recovered = t0.elapsed();
+    let s2 = wait_status(&c2.endpoint, "progress after recovery", LONG, |x| {
+        u(&x["step"]) > u(&s["step"]) + 10
+    });
+    // Old or new generation, never half grown.
+    let gen = u(&s2["generation"]);
+    assert!(gen <= 1);
+    assert_eq!(u(&s2["layers"]), 2 << gen, "{s2}");
+    assert!(
+        s2["growth"].is_null(),
+        "no growth in flight after recovery: {s2}"
+    );
+    let h = &s2["growth_history"][0];
+    assert_eq!(
+        h["phase"],
+        if gen == 0 { "rolled_back" } else { "done" },
+        "{h}"
+    );
+    assert!(
+        s2["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| u(&c["layers"]) == 2 << u(&c["generation"])),
+        "{s2}"
+    );
+    eprintln!(
+        "coordinator SIGKILL in the stack phase of a growth: restarted, recovered (generation {gen}) and training in {:.2}s",
+        recovered.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_standby_coordinator_takes_over_from_etcd_and_a_restart_recovers() {
+    let etcd = match trellis_store::testing::EtcdServer::start() {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    };
+    let mut cl = Cluster::new("standby");
+    let job = cl.write_job(
+        "job.toml",
+        &spec("standby", 2, 100_000, 20, 2, &cl.path("ckpt"), ""),
+    );
+    let (pa, pb_) = (free_port(), free_port());
+    let ttl = ["--leader-ttl-secs", "2"];
+    let a = cl.coordinator("coordinator-a", pa, &etcd.spec(), Some(&job), &ttl);
+    let (b_idx, b_rx) = cl.spawn_coordinator("coordinator-b", pb_, &etcd.spec(), None, &ttl);
+    let b_log = cl.procs[b_idx].log.clone();
+    wait_for("B to wait as a standby", LONG, || {
+        std::fs::read_to_string(&b_log)
+            .ok()?
+            .contains("standby: waiting for leadership")
+            .then_some(())
+    });
+    let endpoints = format!("http://127.0.0.1:{pa},http://127.0.0.1:{pb_}");
+    cl.worker(&endpoints, &[]);
+    cl.worker(&endpoints, &[]);
+    let s = wait_status(&a.endpoint, "training with a checkpoint", LONG, |s| {
+        phase(s) == "training" && !s["checkpoints"].as_array().unwrap().is_empty()
+    });
+    cl.procs[a.idx].kill9();
+    let t0 = Instant::now();
+    let b = cl.serving(b_idx, &b_rx);
+    let takeover = t0.elapsed();
+    let sb = wait_status(&b.endpoint, "the standby leading and training", LONG, |x| {
+        phase(x) == "training" && u(&x["epoch"]) > u(&s["epoch"])
+    });
+    let resumed = t0.elapsed();
+    wait_status(&b.endpoint, "progress under the new leader", LONG, |x| {
+        u(&x["step"]) > u(&sb["step"]) + 10
+    });
+    eprintln!(
+        "leader SIGKILL: standby elected and serving in {:.2}s (lease TTL 2s), job training again in {:.2}s",
+        takeover.as_secs_f64(),
+        resumed.as_secs_f64()
+    );
+    // Kill the new leader too and restart a coordinator on the first port: it recovers the job
+    // from etcd once the dead leader's lease expires.
+    cl.procs[b.idx].kill9();
+    let t1 = Instant::now();
+    let a2 = cl.coordinator("coordinator-a2", pa, &etcd.spec(), None, &ttl);
+    let sa = wait_status(
+        &a2.endpoint,
+        "the restarted coordinator training",
+        LONG,
+        |x| phase(x) == "training" && u(&x["epoch"]) > u(&sb["epoch"]),
+    );
+    wait_status(&a2.endpoint, "progress after the restart", LONG, |x| {
+        u(&x["step"]) > u(&sa["step"]) + 10
+    });
+    assert_eq!(sa["job_id"], "standby");
+    eprintln!(
+        "coordinator restart on etcd: training again in {:.2}s",
+        t1.elapsed().as_secs_f64()
+    );
+    drop(cl);
+    drop(etcd);
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. Bad requests: a gRPC code, an actionable one-line message, no change
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_requests_are_refused_with_a_code_and_change_nothing() {
+    let mut cl = Cluster::new("bad");
+    let text = spec("bad", 2, 100_000, 50, 2, &cl.path("ckpt"), "");
+    let job = cl.write_job("job.toml", &text);
+    // A budget that holds the 8-layer model (x4) exactly but not 16 layers (x8).
+    let parsed = trellis_core::job::JobSpec::from_toml(&text, cl.dir.path(), "job").unwrap();
+    let cfg8 = parsed.model_config(512).unwrap().with_layers(8);
+    let budget = trellis_core::layout::memory_per_rank(&cfg8, 1, 2, 32).total;
+    let budget_arg = budget.to_string();
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &["--device-memory-bytes", &budget_arg],
+    );
+    let hold = [("TRELLIS_FAULT_GROW_DELAY_MS", "4000".to_string())];
+    cl.worker(&c.endpoint, &hold);
+    cl.worker(&c.endpoint, &hold);
+    let s0 = wait_status(&c.endpoint, "training", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) > 5
+    });
+    let ep = c.endpoint.as_str();
+
+    // coordctl checks what it can locally: exit 2, one line.
+    for f in ["0", "1", "-2", "2.5", "x"] {
+        refused(&coordctl(ep, &["grow", "--factor", f]), 2, "factor");
+    }
+    refused(
+        &coordctl(ep, &["grow", "--factor", "4", "--operator", "bogus"]),
+        2,
+        "stack",
+    );
+    // The server refuses the same with INVALID_ARGUMENT, and says what to do.
+    let rt = rt();
+    rt.block_on(async {
+        let mut ctl = control(ep).await;
+        let grow = |factor: i64, operator: &str, job: &str| pb::GrowRequest {
+            job_id: job.into(),
+            factor,
+            operator: operator.into(),
+            ..Default::default()
+        };
+        for f in [0, 1, -3] {
+            let e = ctl.grow(grow(f, "", "")).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("integer >= 2"), "{}", e.message());
+        }
+        let e = ctl.grow(grow(4, "bogus", "")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = ctl.grow(grow(4, "", "nope")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(
+            e.message().contains("'nope'") && e.message().contains("'bad'"),
+            "{}",
+            e.message()
+        );
+        let e = ctl
+            .get_status(pb::GetStatusRequest {
+                job_id: "nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = ctl.grow(grow(8, "", "")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        eprintln!("x8 over the memory budget: {:?} {}", e.code(), e.message());
+    });
+    // Exceeding memory: refused by the coordinator (exit 1) with what to do.
+    let err = refused(&coordctl(ep, &["grow", "--factor", "8"]), 1, "GiB");
+    assert!(
+        err.contains("budget") && err.contains("parallel.tp"),
+        "{err}"
+    );
+
+    // Paused: FAILED_PRECONDITION (exit 1).
+    assert!(coordctl(ep, &["pause"]).status.success());
+    wait_status(ep, "paused", LONG, |s| phase(s) == "paused");
+    refused(&coordctl(ep, &["grow", "--factor", "2"]), 1, "resume");
+    assert!(coordctl(ep, &["resume"]).status.success());
+    wait_status(ep, "training", LONG, |s| phase(s) == "training");
+
+    // A stale acknowledgement (not a rank of this epoch / an older generation) is fenced and
+    // changes nothing: this one reports a failure, which from a rank would roll the job back.
+    let before = status(ep).unwrap();
+    rt.block_on(async {
+        let mut w = pb::worker_service_client::WorkerServiceClient::connect(ep.to_string())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let msg = |k| pb::WorkerMessage { kind: Some(k) };
+        tx.send(msg(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: "intruder".into(),
+            host: "test".into(),
+            pid: 1,
+            device: "cpu".into(),
+            ring_address: "127.0.0.1:9".into(),
+        })))
+        .unwrap();
+        tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {
+            epoch: u(&before["epoch"]),
+            generation: 0,
+            command_id: 1,
+            phase: "checkpoint".into(),
+            ok: false,
+            error: "stale".into(),
+            ..Default::default()
+        })))
+        .unwrap();
+        let _inbound = w
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ctl = control(ep).await;
+            let s = ctl
+                .get_status(pb::GetStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if s.fenced_messages > u(&before["fenced_messages"]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the stale ack was not counted as fenced"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(tx);
+    });
+    let after = status(ep).unwrap();
+    assert_eq!(after["rollbacks"], before["rollbacks"], "{after}");
+    assert_eq!(after["epoch"], before["epoch"]);
+
+    // Nothing changed by the refusals.
+    assert_eq!(u(&after["generation"]), 0);
+    assert_eq!(u(&after["layers"]), 2);
+    assert!(
+        after["growth_history"].as_array().unwrap().is_empty(),
+        "{after}"
+    );
+    assert_eq!(after["epoch"], s0["epoch"]);
+
+    // Growth while growing: the second is FAILED_PRECONDITION (exit 1).
+    let ok = coordctl(ep, &["grow", "--factor", "4"]);
+    assert!(
+        ok.status.success(),
+        "x4 fits the budget: {}",
+        stderr_line(&ok)
+    );
+    refused(
+        &coordctl(ep, &["grow", "--factor", "2"]),
+        1,
+        "already in flight",
+    );
+    // Unreachable: exit 3.
+    refused(
+        &coordctl(&format!("http://127.0.0.1:{}", free_port()), &["status"]),
+        3,
+        "127.0.0.1",
+    );
+
+    // A job whose heads do not divide over tp is refused at submit (INVALID_ARGUMENT, exit 1);
+    // a coordinator without a job answers NOT_FOUND (exit 1).
+    let empty = cl.coordinator(
+        "coordinator-empty",
+        0,
+        &format!("file:{}", cl.path("store2").display()),
+        None,
+        &[],
+    );
+    let tp3 = cl.write_job(
+        "tp3.toml",
+        &text
+            .replace("dp = 2\ntp = 1", "dp = 1\ntp = 3")
+            .replace("global_batch = 4", "global_batch = 3"),
+    );
+    refused(
+        &coordctl(&empty.endpoint, &["job", "submit", tp3.to_str().unwrap()]),
+        1,
+        "not divisible by parallel.tp 3",
+    );
+    refused(&coordctl(&empty.endpoint, &["status"]), 1, "submit");
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. A NaN loss: rollback to the last committed checkpoint, the batch skipped, counted
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_nan_loss_rolls_back_and_skips_its_data_window() {
+    let mut cl = Cluster::new("nan");
+    let max_steps = 60;
+    let nan_step = 25;
+    let job = cl.write_job(
+        "job.toml",
+        &spec("nan", 2, max_steps, 10, 3, &cl.path("ckpt"), ""),
+    );
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &[],
+    );
+    let nan = [("TRELLIS_FAULT_NAN_AT_STEP", nan_step.to_string())];
+    cl.worker(&c.endpoint, &nan);
+    cl.worker(&c.endpoint, &nan);
+    let done = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done" || phase(s) == "failed"
+    });
+    assert_eq!(phase(&done), "done", "{done}");
+    assert_eq!(u(&done["rollbacks"]), 1, "{done}");
+    assert!(u(&done["loss_anomalies"]) >= 1, "{done}");
+    let loss = json(&coordctl(&c.endpoint, &["--output", "json", "loss"]));
+    assert!(
+        loss["anomalies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "nan" && u(&a["step"]) == nan_step),
+        "{}",
+        loss["anomalies"]
+    );
+    let m = http_get(&c.metrics, "/metrics");
+    assert_eq!(
+        metric(&m, "trellis_loss_anomalies_total{kind=\"nan\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "trellis_rollbacks_total"), Some(1.0));
+
+    // The run restarted from the checkpoint before the NaN (step 20) and skipped exactly the
+    // offending window: every other sample id is consumed exactly once.
+    let mut all = cl.sample_log(0);
+    all.extend(cl.sample_log(1));
+    let epochs: std::collections::BTreeSet<u64> = all.iter().map(|r| u(&r["epoch"])).collect();
+    assert_eq!(epochs.len(), 2, "one rollback: {epochs:?}");
+    let second = *epochs.iter().last().unwrap();
+    let first_after = all
+        .iter()
+        .filter(|r| u(&r["epoch"]) == second)
+        .map(|r| u(&r["step"]))
+        .min();
+    assert_eq!(first_after, Some(21), "restarted from checkpoint step 20");
+    let (ids, _) = consumed_ids(&all);
+    let window = (nan_step - 1) * GB..nan_step * GB;
+    let expected: Vec<u64> = (0..(max_steps + 1) * GB)
+        .filter(|i| !window.contains(i))
+        .collect();
+    assert_eq!(ids, expected, "skipped exactly {window:?}");
+    eprintln!("NaN at step {nan_step}: rolled back to step 20, skipped samples {window:?}, anomaly counted");
+}
