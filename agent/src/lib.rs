@@ -231,19 +231,6 @@ impl Default for AgentOptions {
     }
 }
 
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 enum Control {
     Assign(pb::Assignment),
     Command(pb::Command),
@@ -278,10 +265,10 @@ pub async fn run<F: RunnerFactory>(
     })?;
     let ring_address = match (&options.ring_advertise_host, local.ip().is_unspecified()) {
         (Some(h), _) => format!("{h}:{}", local.port()),
-        (None, true) => format!("{}:{}", hostname(), local.port()),
+        (None, true) => format!("{}:{}", trellis_core::ids::hostname(), local.port()),
         (None, false) => local.to_string(),
     };
-    let host = hostname();
+    let host = trellis_core::ids::hostname();
     let pid = std::process::id();
     let worker_id = options.worker_id.clone().unwrap_or_else(|| {
         let nonce = std::time::SystemTime::now()

@@ -106,7 +106,7 @@ fn run() -> anyhow::Result<()> {
         let leadership = match &spec {
             trellis_store::StoreSpec::Etcd(_) => {
                 let election = trellis_store::keys::leader();
-                let candidate = format!("{}-{}", hostname(), std::process::id());
+                let candidate = format!("{}-{}", trellis_core::ids::hostname(), std::process::id());
                 if let Some(leader) = store.leader(&election).await? {
                     tracing::info!(%leader, candidate, "standby: waiting for leadership");
                 }
@@ -156,19 +156,6 @@ async fn sigterm() {
         }
     }
     std::future::pending::<()>().await
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn running_wait(r: trellis_coordinator::server::Running) {

@@ -58,3 +58,18 @@ int_id!(
     Step,
     u64
 );
+
+/// This machine's host name (`$HOSTNAME`, else `/etc/hostname`, else `localhost`): the
+/// default prefix of worker ids and coordinator election candidates.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
