@@ -16,3 +16,7 @@ if [ -x scripts/check-deploy.sh ]; then
   echo "== deployment checks"
   scripts/check-deploy.sh
 fi
+echo "== live dashboard queries"
+# A real Prometheus scrapes a short real training run (growth included) on free loopback ports;
+# every Grafana dashboard expression must return series (deploy/local-stack.sh --check, < 3 min).
+deploy/local-stack.sh --check

@@ -197,6 +197,17 @@ impl Metrics {
             "1 for the job's current phase",
             m.job_phase.clone(),
         );
+        // Every known label value exists (at 0) from the start, so a dashboard query or an
+        // `increase()` over these families returns data before the first event, not "no data".
+        for kind in ["nan", "inf", "spike", "plateau"] {
+            let _ = m.loss_anomalies_total.get_or_create(&[("kind", kind)]);
+        }
+        for outcome in ["done", "rolled_back"] {
+            let _ = m.growths_total.get_or_create(&[("outcome", outcome)]);
+        }
+        for state in ["active", "idle", "lost"] {
+            let _ = m.workers.get_or_create(&[("state", state)]);
+        }
         Metrics { registry: r, ..m }
     }
 
@@ -205,5 +216,32 @@ impl Metrics {
         let mut s = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_counters_are_exported_at_zero_from_the_start() {
+        let text = Metrics::new().encode();
+        for line in [
+            r#"trellis_loss_anomalies_total{kind="nan"} 0"#,
+            r#"trellis_loss_anomalies_total{kind="inf"} 0"#,
+            r#"trellis_loss_anomalies_total{kind="spike"} 0"#,
+            r#"trellis_loss_anomalies_total{kind="plateau"} 0"#,
+            r#"trellis_growths_total{outcome="done"} 0"#,
+            r#"trellis_growths_total{outcome="rolled_back"} 0"#,
+            r#"trellis_workers{state="active"} 0"#,
+            r#"trellis_workers{state="idle"} 0"#,
+            r#"trellis_workers{state="lost"} 0"#,
+            "trellis_rollbacks_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }
