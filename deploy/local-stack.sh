@@ -13,6 +13,10 @@
 # Needs the release binaries (make build) and promtool/prometheus (scripts/setup.sh installs
 # them). Ports: GRPC_PORT (50151), METRICS_PORT (19090), PROM_PORT (19091), all on 127.0.0.1;
 # --check picks free ones unless these are set.
+# For scripts that drive the stack themselves (scripts/check-ops-doc.sh): RUN_DIR=DIR uses DIR
+# as the run dir (created, never removed), SUBMIT=0 starts the stack without submitting JOB, and
+# DIR/stack.env (GRPC_PORT, METRICS_PORT, PROM_PORT, COORDINATOR_PID, PROMETHEUS_PID,
+# WORKER_PIDS) appears once everything is started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,6 +43,10 @@ ss = [socket.socket() for _ in range(3)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in ss])')
   GRPC_PORT=${GRPC_PORT:-$p1} METRICS_PORT=${METRICS_PORT:-$p2} PROM_PORT=${PROM_PORT:-$p3}
+elif [ -n "${RUN_DIR:-}" ]; then
+  RUN=$RUN_DIR
+  SCRAPE=${SCRAPE:-1s}
+  GRPC_PORT=${GRPC_PORT:-50151} METRICS_PORT=${METRICS_PORT:-19090} PROM_PORT=${PROM_PORT:-19091}
 else
   RUN=$ROOT/runs/local-stack
   rm -rf "$RUN"
@@ -118,13 +126,26 @@ prometheus --config.file="$RUN/prometheus.yml" --storage.tsdb.path="$RUN/prometh
   --web.listen-address="127.0.0.1:$PROM_PORT" >"$RUN/logs/prometheus.log" 2>&1 &
 pids+=($!)
 
+worker_pids=()
 for i in $(seq 0 $((WORKERS - 1))); do
   "$BIN/trellis-worker" --coordinator "$ENDPOINT" --device cpu >"$RUN/logs/worker-$i.log" 2>&1 &
   pids+=($!)
+  worker_pids+=($!)
 done
 
-"$BIN/coordctl" --endpoint "$ENDPOINT" job submit "$JOB"
-echo "local-stack: submitted $JOB; logs in $RUN/logs"
+if [ "${SUBMIT:-1}" != 0 ]; then
+  "$BIN/coordctl" --endpoint "$ENDPOINT" job submit "$JOB"
+  echo "local-stack: submitted $JOB; logs in $RUN/logs"
+fi
+cat >"$RUN/stack.env.tmp" <<ENV
+GRPC_PORT=$GRPC_PORT
+METRICS_PORT=$METRICS_PORT
+PROM_PORT=$PROM_PORT
+COORDINATOR_PID=${pids[0]}
+PROMETHEUS_PID=${pids[1]}
+WORKER_PIDS="${worker_pids[*]}"
+ENV
+mv "$RUN/stack.env.tmp" "$RUN/stack.env"
 
 if [ "$CHECK" = 1 ]; then
   start=$SECONDS

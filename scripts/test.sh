@@ -20,3 +20,7 @@ echo "== live dashboard queries"
 # A real Prometheus scrapes a short real training run (growth included) on free loopback ports;
 # every Grafana dashboard expression must return series (deploy/local-stack.sh --check, < 3 min).
 deploy/local-stack.sh --check
+echo "== operations doc commands"
+# Every coordctl/curl line of docs/operations.md's ops-check blocks, in order, against a local
+# stack: submit, watch, grow x4, metrics, a killed worker and its replacement (< 2 min).
+scripts/check-ops-doc.sh
