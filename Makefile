@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build test demo bench fmt clean-runs
+.PHONY: setup build test demo bench paper-mini fmt clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,15 @@ demo: build
 
 bench: build
 	@$(ENV) && bench/run.sh
+
+# The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
+# make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main]  (docs/results.md)
+CORPUS ?= ../shared/data/corpus
+SCALE ?= cpu
+SEEDS ?= 2
+ONLY ?= main
+paper-mini: build
+	@bench/paper_mini.sh $(CORPUS) --scale $(SCALE) --seeds $(SEEDS) --only $(ONLY)
 
 fmt:
 	@$(ENV) && cargo fmt --all
