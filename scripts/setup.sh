@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what Trellis needs on a fresh Debian machine, idempotently. Everything heavy is
 # cached outside the repo in ${TRELLIS_CACHE:-~/.cache/trellis}, keyed by version.
-#   - apt: protoc (tonic, etcd-client), etcd-server (store tests), prometheus/promtool, zstd
+#   - apt: protoc (tonic, etcd-client), etcd-server (store tests), prometheus/promtool, zstd, curl, jq
 #   - a Python venv with torch==2.11.0 (the libtorch tch 0.24 links) and transformers (parity
 #     checks against Hugging Face)
 set -euo pipefail
@@ -18,6 +18,7 @@ command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v jq >/dev/null || need_apt+=(jq)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
