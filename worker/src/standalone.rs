@@ -165,6 +165,15 @@ impl Metrics {
 }
 
 /// Run (or resume) the job `spec` with outputs under `out`.
+/// Validation loss now: recorded in `metrics.jsonl` and reported to the observer.
+fn validate(t: &mut Trainer, metrics: &mut Metrics, observer: &mut dyn FnMut(Event)) -> Result<()> {
+    let (step, tokens) = (t.step_count(), t.tokens());
+    let loss = t.evaluate()?;
+    metrics.push(MetricLine::Val { step, tokens, loss })?;
+    observer(Event::Validation { step, tokens, loss });
+    Ok(())
+}
+
 pub fn run_job(
     spec: &JobSpec,
     out: &Path,
@@ -278,17 +287,7 @@ pub fn run_job(
         let s = t.step_count();
         let ei = spec.train.eval_interval;
         if ei > 0 && s % ei == 0 {
-            let loss = t.evaluate()?;
-            metrics.push(MetricLine::Val {
-                step: s,
-                tokens: t.tokens(),
-                loss,
-            })?;
-            observer(Event::Validation {
-                step: s,
-                tokens: t.tokens(),
-                loss,
-            });
+            validate(&mut t, &mut metrics, observer)?;
             last_val_step = Some(s);
         }
         let ci = spec.checkpoint.interval;
@@ -304,17 +303,7 @@ pub fn run_job(
             .iter()
             .any(|l| matches!(l, MetricLine::Val { step, .. } if *step == s))
     {
-        let loss = t.evaluate()?;
-        metrics.push(MetricLine::Val {
-            step: s,
-            tokens: t.tokens(),
-            loss,
-        })?;
-        observer(Event::Validation {
-            step: s,
-            tokens: t.tokens(),
-            loss,
-        });
+        validate(&mut t, &mut metrics, observer)?;
     }
     save(&mut t, &mut last_ckpt, observer)?;
 
