@@ -29,6 +29,9 @@ const MAX_GROWTH_FAILURES: u32 = 3;
 /// A job fails after this many consecutive rollbacks to the same checkpoint without progress
 /// (a deterministic failure would otherwise roll it back forever).
 const MAX_STALLED_ROLLBACKS: u32 = 3;
+/// How many steps further than the previous rollback a job must get before a new rollback
+/// counts as progress rather than the same failure again.
+const STALL_SLACK_STEPS: u64 = 2 * LOOKAHEAD_STEPS;
 
 /// What a session sends to its worker.
 pub type Outbox = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -1234,20 +1237,29 @@ impl Domain {
             }
         }
         let failures = job.state.growth_failures;
-        // Progress since the last rollback: a commit (which clears the count) or a step beyond
-        // the one the last rollback happened at. Without it the failure is deterministic.
+        // Progress since the last rollback: a commit (which clears the count) or getting clearly
+        // further than the last rollback did. Ranks run a few steps past a failing barrier
+        // before the failure reaches them, so "clearly" allows STALL_SLACK_STEPS of jitter;
+        // otherwise a deterministic failure seen at steps 11, 12, 11, 12… would never count.
         let at = job.state.step;
         let target = job.state.last_checkpoint.as_ref().map_or(0, |c| c.step);
         let stalled = match job.state.last_rollback {
             Some((prev_at, prev_target))
-                if job.state.stalled_rollbacks > 0 && at <= prev_at && target == prev_target =>
+                if job.state.stalled_rollbacks > 0
+                    && at <= prev_at + STALL_SLACK_STEPS
+                    && target == prev_target =>
             {
                 job.state.stalled_rollbacks + 1
             }
             _ => 1,
         };
         job.state.stalled_rollbacks = stalled;
-        job.state.last_rollback = Some((at, target));
+        // Within a stalled series the reference is the furthest step any of its rollbacks saw.
+        let reference = match job.state.last_rollback {
+            Some((prev_at, _)) if stalled > 1 => prev_at.max(at),
+            _ => at,
+        };
+        job.state.last_rollback = Some((reference, target));
         for w in job.ranks.drain(..) {
             if let Some(e) = self.workers.get_mut(&w) {
                 e.rank = None;
