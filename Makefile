@@ -23,13 +23,14 @@ bench: build
 	@$(ENV) && bench/run.sh
 
 # The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
-# make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main]  (docs/results.md)
+# make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md)
 CORPUS ?= ../shared/data/corpus
 SCALE ?= cpu
 SEEDS ?= 2
 ONLY ?= main
+ABL_SEEDS ?= 1
 paper-mini: build
-	@bench/paper_mini.sh $(CORPUS) --scale $(SCALE) --seeds $(SEEDS) --only $(ONLY)
+	@bench/paper_mini.sh $(CORPUS) --scale $(SCALE) --seeds $(SEEDS) --only $(ONLY) --ablation-seeds $(ABL_SEEDS)
 
 fmt:
 	@$(ENV) && cargo fmt --all

@@ -15,23 +15,26 @@
 #         + carry     (gstack with optimizer = carry: Adam moments grown, schedule continued)
 #         + g2        (L/2 layers grown x2 at d1)
 #         + gstack-d2 (gstack grown at d2 instead of d1)
+#         + gstack-lr (gstack with the post-growth peak LR equal to the baseline's, not 3e-4)
+# The main pair runs with --seeds N seeds (default 2); ablations with --ablation-seeds M (default 1).
 # Growth steps are multiples of the eval interval, so the loss right before growth is measured.
 # --specs-only writes the specs and stops. Env overrides: BASE_LR (baseline and small-model peak LR, default 1e-3), GROW_LR (post-growth
 # peak LR under reset, default the paper's 3e-4; min LR is a tenth), THREADS, DEVICE.
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 CORPUS_DIR [--scale smoke|cpu|gpu] [--seeds N] [--only main|all] [--specs-only]" >&2
+  echo "usage: $0 CORPUS_DIR [--scale smoke|cpu|gpu] [--seeds N] [--only main|all] [--ablation-seeds M] [--specs-only]" >&2
   exit 2
 }
 [[ $# -ge 1 ]] || usage
 CORPUS=$1; shift
-SCALE=cpu SEEDS=2 ONLY=main SPECS_ONLY=0
+SCALE=cpu SEEDS=2 ABL_SEEDS=1 ONLY=main SPECS_ONLY=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --scale) SCALE=${2:?}; shift 2 ;;
     --seeds) SEEDS=${2:?}; shift 2 ;;
     --only) ONLY=${2:?}; shift 2 ;;
+    --ablation-seeds) ABL_SEEDS=${2:?}; shift 2 ;;
     --specs-only) SPECS_ONLY=1; shift ;;
     -h|--help) usage ;;
     *) echo "unknown argument '$1'" >&2; usage ;;
@@ -42,6 +45,7 @@ done
   exit 2
 }
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "--seeds must be a positive integer" >&2; exit 2; }
+[[ $ABL_SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "--ablation-seeds must be a positive integer" >&2; exit 2; }
 [[ $ONLY == main || $ONLY == all ]] || { echo "--only must be main or all" >&2; exit 2; }
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -77,23 +81,24 @@ SPECS=$OUT/specs
 CACHE=$ROOT/runs/paper-mini/cache   # shared by every run and scale: tokenise once
 mkdir -p "$SPECS" "$CACHE"
 MIN_LR=$(awk -v x="$BASE_LR" 'BEGIN{printf "%g", x/10}')
-GROW_MIN_LR=$(awk -v x="$GROW_LR" 'BEGIN{printf "%g", x/10}')
 
-# name  small-layers  factor  operator  optimizer  growth-step   (factor 0 = no growth)
-RUNS=("baseline $LAYERS 0 - - 0" "gstack $((LAYERS / 4)) 4 stack reset $D1")
+# name  small-layers  factor  operator  optimizer  growth-step  post-growth-LR  seeds
+#   (factor 0 = no growth)
+RUNS=("baseline $LAYERS 0 - - 0 - $SEEDS" "gstack $((LAYERS / 4)) 4 stack reset $D1 $GROW_LR $SEEDS")
 if [[ $ONLY == all ]]; then
   RUNS+=(
-    "interpolate $((LAYERS / 4)) 4 interpolate reset $D1"
-    "zero $((LAYERS / 4)) 4 zero reset $D1"
-    "random $((LAYERS / 4)) 4 random reset $D1"
-    "carry $((LAYERS / 4)) 4 stack carry $D1"
-    "g2 $((LAYERS / 2)) 2 stack reset $D1"
-    "gstack-d2 $((LAYERS / 4)) 4 stack reset $D2"
+    "interpolate $((LAYERS / 4)) 4 interpolate reset $D1 $GROW_LR $ABL_SEEDS"
+    "zero $((LAYERS / 4)) 4 zero reset $D1 $GROW_LR $ABL_SEEDS"
+    "random $((LAYERS / 4)) 4 random reset $D1 $GROW_LR $ABL_SEEDS"
+    "carry $((LAYERS / 4)) 4 stack carry $D1 $GROW_LR $ABL_SEEDS"
+    "g2 $((LAYERS / 2)) 2 stack reset $D1 $GROW_LR $ABL_SEEDS"
+    "gstack-d2 $((LAYERS / 4)) 4 stack reset $D2 $GROW_LR $ABL_SEEDS"
+    "gstack-lr $((LAYERS / 4)) 4 stack reset $D1 $BASE_LR $ABL_SEEDS"
   )
 fi
 
-write_spec() { # name seed layers factor operator optimizer at_step -> spec path
-  local name=$1 seed=$2 layers=$3 factor=$4 op=$5 opt=$6 at=$7
+write_spec() { # name seed layers factor operator optimizer at_step grow_lr -> spec path
+  local name=$1 seed=$2 layers=$3 factor=$4 op=$5 opt=$6 at=$7 glr=$8
   local spec=$SPECS/$name-s$seed.toml
   sed -e "s|@NAME@|pm-$SCALE-$name-s$seed|" -e "s|@SEED@|$seed|" -e "s|@PRESET@|$PRESET|" \
       -e "s|@HIDDEN@|$HIDDEN|" -e "s|@FFN@|$FFN|" -e "s|@HEADS@|$HEADS|" \
@@ -112,8 +117,8 @@ at_step = $at
 factor = $factor
 operator = "$op"
 optimizer = "$opt"
-lr = $GROW_LR
-min_lr = $GROW_MIN_LR
+lr = $glr
+min_lr = $(awk -v x="$glr" 'BEGIN{printf "%g", x/10}')
 warmup_steps = $GROW_WARMUP
 EOF
   fi
@@ -124,13 +129,14 @@ EOF
 echo "paper-mini: scale $SCALE, $SEEDS seed(s), runs: $ONLY; outputs in $OUT"
 echo "  target ${LAYERS}x$HIDDEN, seq $SEQ_LEN, batch $BATCH, $STEPS steps = $((STEPS * BATCH * SEQ_LEN)) tokens; growth at steps $D1 / $D2"
 TOTAL=0 DONE=0
-for seed_i in $(seq 1 "$SEEDS"); do
+for seed_i in $(seq 1 $((SEEDS > ABL_SEEDS ? SEEDS : ABL_SEEDS))); do
   seed=$((1000 + seed_i))
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
     name=$1
-    spec=$(write_spec "$name" "$seed" "$2" "$3" "$4" "$5" "$6")
+    [[ $seed_i -le $8 ]] || continue
+    spec=$(write_spec "$name" "$seed" "$2" "$3" "$4" "$5" "$6" "$7")
     dir=$OUT/$name-s$seed
     TOTAL=$((TOTAL + 1))
     if [[ $SPECS_ONLY == 1 ]]; then echo "   $spec"; continue; fi

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["baseline", "gstack", "interpolate", "zero", "random", "carry", "g2", "gstack-d2"]
+ORDER = ["baseline", "gstack", "interpolate", "zero", "random", "carry", "g2", "gstack-d2", "gstack-lr"]
 LABEL = {
     "baseline": "baseline (target from scratch)",
     "gstack": "G_stack (stack, g=4, reset)",

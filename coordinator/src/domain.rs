@@ -388,7 +388,12 @@ impl Domain {
         keys::check_segment("job name", &id.0)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let world = spec.parallel.dp * spec.parallel.tp;
-        let layout = self.layout_info(&spec, &model0, world)?;
+        let init = match &spec.checkpoint.init_from {
+            Some(dir) => Some(init_checkpoint(dir, &spec, &model0).await?),
+            None => None,
+        };
+        let cfg = init.as_ref().map_or(model0.clone(), |(_, c)| c.clone());
+        let layout = self.layout_info(&spec, &cfg, world)?;
         let record = JobRecord {
             job_id: id.0.clone(),
             spec_toml: spec_toml.to_string(),
@@ -416,6 +421,17 @@ impl Domain {
             last_rollback: None,
             message: format!("submitted; waiting for {world} workers"),
         };
+        let mut state = state;
+        if let Some((c, cfg)) = init {
+            info!(job_id = %id, dir = %c.dir, step = c.step, layers = c.layers, "job starts from checkpoint.init_from");
+            state.step = c.step;
+            state.tokens = c.tokens;
+            state.data_cursor = c.data_cursor;
+            state.generation = c.generation;
+            state.layers = c.layers;
+            state.parameters = cfg.num_parameters();
+            state.last_checkpoint = Some(c);
+        }
         self.store.put(&keys::job_spec(&id), json(&record)).await?;
         self.store.put(&keys::job_state(&id), json(&state)).await?;
         info!(job_id = %id, world, layers = state.layers, "job submitted");
@@ -2084,6 +2100,62 @@ fn ckpt_progress(
         reports_json: serde_json::to_string(&reports).unwrap_or_else(|_| "[]".into()),
         reason: c.reason.clone(),
     })
+}
+
+/// The committed checkpoint a job starts from (`checkpoint.init_from`), verified (manifest and
+/// every file's hash, off the async threads) and checked against the spec: same sizes (the
+/// depth may differ), a step before `max_steps`. Returns its record and model config.
+async fn init_checkpoint(
+    dir: &std::path::Path,
+    spec: &JobSpec,
+    model0: &ModelConfig,
+) -> Result<(CheckpointRecord, ModelConfig)> {
+    let path = dir.to_path_buf();
+    let ck = tokio::task::spawn_blocking(move || trellis_core::checkpoint::Checkpoint::open(&path))
+        .await
+        .map_err(|e| Error::Internal(format!("checkpoint verification panicked: {e}")))?
+        .map_err(|e| {
+            Error::InvalidArgument(format!("checkpoint.init_from {}: {e}", dir.display()))
+        })?;
+    let st = ck.state;
+    if st.model.with_layers(model0.num_hidden_layers) != *model0 {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint.init_from {}: its model (hidden {}, ffn {}, heads {}/{}, vocab {}) differs from the              [model] section (hidden {}, ffn {}, heads {}/{}, vocab {}); make [model] describe the checkpoint's model",
+            dir.display(),
+            st.model.hidden_size,
+            st.model.intermediate_size,
+            st.model.num_attention_heads,
+            st.model.num_key_value_heads,
+            st.model.vocab_size,
+            model0.hidden_size,
+            model0.intermediate_size,
+            model0.num_attention_heads,
+            model0.num_key_value_heads,
+            model0.vocab_size,
+        )));
+    }
+    if st.step >= spec.train.max_steps {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint.init_from {} is at step {} but train.max_steps is {}; raise max_steps",
+            dir.display(),
+            st.step,
+            spec.train.max_steps
+        )));
+    }
+    Ok((
+        CheckpointRecord {
+            step: st.step,
+            tokens: st.tokens,
+            generation: st.generation,
+            layers: st.model.num_hidden_layers,
+            data_cursor: st.data_cursor,
+            dir: dir.display().to_string(),
+            reason: "init_from".into(),
+            committed_at: now_unix(),
+            next_growth_stage: 0,
+        },
+        st.model,
+    ))
 }
 
 fn reject(reason: &str) -> pb::CoordinatorMessage {

@@ -113,6 +113,12 @@ pub struct CheckpointSection {
     /// Committed checkpoints to keep.
     #[serde(default = "d_keep")]
     pub keep: usize,
+    /// Start the job from this committed checkpoint (`…/step-N`, of any job, e.g. one grown
+    /// offline with `coordctl checkpoint grow`): weights, optimizer, step, tokens, data cursor and
+    /// growth history. Its model must have the `[model]` section's sizes (the depth may differ).
+    /// The job's own checkpoints, once it has any, take precedence on restart.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for CheckpointSection {
@@ -121,6 +127,7 @@ impl Default for CheckpointSection {
             dir: None,
             interval: d_ckpt_interval(),
             keep: d_keep(),
+            init_from: None,
         }
     }
 }
@@ -292,6 +299,9 @@ impl JobSpec {
             resolve(c);
         }
         if let Some(c) = spec.checkpoint.dir.as_mut() {
+            resolve(c);
+        }
+        if let Some(c) = spec.checkpoint.init_from.as_mut() {
             resolve(c);
         }
         spec.validate().map_err(|e| err(e.to_string()))?;

@@ -1045,3 +1045,98 @@ fn a_nan_loss_rolls_back_and_skips_its_data_window() {
     assert_eq!(ids, expected, "skipped exactly {window:?}");
     eprintln!("NaN at step {nan_step}: rolled back to step 20, skipped samples {window:?}, anomaly counted");
 }
+
+// ------------------------------------------------------------------------------------------
+// The offline path: stop, `coordctl checkpoint grow`, a new job from the grown checkpoint
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_new_job_starts_from_an_offline_grown_checkpoint() {
+    let mut cl = Cluster::new("offline");
+    let ckpt = cl.path("ckpt");
+    let a = cl.write_job("a.toml", &spec("small", 1, 30, 10, 3, &ckpt, ""));
+    let c = cl.coordinator(
+        "coordinator-a",
+        0,
+        &format!("file:{}", cl.path("store-a").display()),
+        Some(&a),
+        &[],
+    );
+    cl.worker(&c.endpoint, &[]);
+    let done = wait_status(&c.endpoint, "job a to finish", LONG, |s| {
+        phase(s) == "done" || phase(s) == "failed"
+    });
+    assert_eq!(phase(&done), "done", "{done}");
+    let src = ckpt.join("small/step-30");
+    let grown = cl.path("grown");
+    let out = coordctl(
+        &c.endpoint,
+        &[
+            "checkpoint",
+            "grow",
+            "--factor",
+            "4",
+            src.to_str().unwrap(),
+            grown.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+
+    // A second coordinator, fresh store, no job yet.
+    let b = cl.coordinator(
+        "coordinator-b",
+        0,
+        &format!("file:{}", cl.path("store-b").display()),
+        None,
+        &[],
+    );
+    let with_init = |name: &str, dir: &Path, max_steps: u64| {
+        spec(name, 1, max_steps, 10, 3, &ckpt, "").replace(
+            "[parallel]",
+            &format!("init_from = \"{}\"\n\n[parallel]", dir.display()),
+        )
+    };
+    // Refused, nothing submitted: a missing checkpoint, a run already past max_steps.
+    for (file, text, needle) in [
+        (
+            "missing.toml",
+            with_init("big", &cl.path("nope"), 60),
+            "no manifest.json",
+        ),
+        (
+            "short.toml",
+            with_init("big", &grown, 20),
+            "raise max_steps",
+        ),
+    ] {
+        let p = cl.write_job(file, &text);
+        let err = refused(
+            &coordctl(&b.endpoint, &["job", "submit", p.to_str().unwrap()]),
+            1,
+            needle,
+        );
+        assert!(err.contains("checkpoint.init_from"), "{err}");
+    }
+    refused(&coordctl(&b.endpoint, &["status"]), 1, "submit");
+
+    let p = cl.write_job("b.toml", &with_init("big", &grown, 50));
+    let out = coordctl(&b.endpoint, &["job", "submit", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    cl.worker(&b.endpoint, &[]); // worker 1
+    let s = wait_status(&b.endpoint, "job b to finish", LONG, |s| {
+        phase(s) == "done" || phase(s) == "failed"
+    });
+    assert_eq!(phase(&s), "done", "{s}");
+    assert_eq!(u(&s["layers"]), 8, "{s}");
+    assert_eq!(u(&s["generation"]), 1, "{s}");
+    assert_eq!(u(&s["step"]), 50, "{s}");
+    // Job b continued job a's data stream: its first step read the samples after a's last.
+    let first = cl
+        .sample_log(1)
+        .into_iter()
+        .min_by_key(|r| u(&r["step"]))
+        .unwrap();
+    assert_eq!(u(&first["step"]), 31, "{first}");
+    assert_eq!(u(&first["start"]), 30 * GB, "{first}");
+    assert!(ckpt.join("big/step-50/manifest.json").exists());
+}

@@ -188,7 +188,12 @@ pub fn run_job(
     let params_before = t.model().num_parameters();
     let layers_before = t.config().num_hidden_layers;
     let mut resumed_from = None;
-    if let Some(dir) = checkpoint::latest(&root)? {
+    // The job's own latest checkpoint, else the spec's `checkpoint.init_from`.
+    let start = match checkpoint::latest(&root)? {
+        Some(dir) => Some(dir),
+        None => spec.checkpoint.init_from.clone(),
+    };
+    if let Some(dir) = start {
         t.restore(&dir)?;
         resumed_from = Some(t.step_count());
         observer(Event::Resumed {

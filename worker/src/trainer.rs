@@ -832,10 +832,20 @@ impl Trainer {
     /// this job's model (other than depth, which growth changes), whose vocabulary differs from
     /// the tokenizer, or whose tensors do not have their config's shapes.
     pub fn restore(&mut self, ckpt_dir: &Path) -> Result<()> {
-        let ck = Checkpoint::open(ckpt_dir)?;
+        let init = self.spec.checkpoint.init_from.as_deref() == Some(ckpt_dir);
+        self.restore_checked(ckpt_dir, init)
+    }
+
+    /// [`Trainer::restore`]; `init`: `ckpt_dir` is the spec's `checkpoint.init_from`, which may
+    /// belong to another job (its growth stages are not this job's: counting restarts at 0).
+    fn restore_checked(&mut self, ckpt_dir: &Path, init: bool) -> Result<()> {
+        let mut ck = Checkpoint::open(ckpt_dir)?;
+        if init {
+            ck.state.next_growth_stage = 0;
+        }
         let st = &ck.state;
         let dir = ckpt_dir.display();
-        if st.job != self.spec.job.name {
+        if st.job != self.spec.job.name && !init {
             return Err(Error::Invalid(format!(
                 "checkpoint {dir} belongs to job '{}', not '{}'; point at this job's checkpoints",
                 st.job, self.spec.job.name
