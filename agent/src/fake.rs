@@ -5,7 +5,6 @@ use crate::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use trellis_comm::Collective;
 use trellis_core::checkpoint::{FileEntry, ShardReport};
 use trellis_core::growth::Operator;
 
@@ -46,7 +45,7 @@ struct FakeState {
 pub struct FakeRunner {
     cfg: FakeConfig,
     a: Assignment,
-    coll: Box<dyn Collective>,
+    groups: crate::Collectives,
     st: FakeState,
     pending: Option<FakeState>,
 }
@@ -54,7 +53,7 @@ pub struct FakeRunner {
 impl FakeRunner {
     pub fn new(
         a: &Assignment,
-        coll: Box<dyn Collective>,
+        groups: crate::Collectives,
         cfg: FakeConfig,
     ) -> Result<FakeRunner, BoxError> {
         let st = match &a.restore_from {
@@ -71,7 +70,7 @@ impl FakeRunner {
         let r = FakeRunner {
             cfg,
             a: a.clone(),
-            coll,
+            groups,
             st,
             pending: None,
         };
@@ -81,8 +80,8 @@ impl FakeRunner {
 
     /// A factory for [`crate::run`].
     pub fn factory(cfg: FakeConfig) -> impl crate::RunnerFactory {
-        move |a: &Assignment, coll: Box<dyn Collective>| -> Result<Box<dyn Runner>, BoxError> {
-            Ok(Box::new(FakeRunner::new(a, coll, cfg.clone())?))
+        move |a: &Assignment, groups: crate::Collectives| -> Result<Box<dyn Runner>, BoxError> {
+            Ok(Box::new(FakeRunner::new(a, groups, cfg.clone())?))
         }
     }
 
@@ -230,6 +229,7 @@ impl Runner for FakeRunner {
     }
 
     fn agree_min(&mut self, v: u64) -> Result<u64, BoxError> {
-        Ok(self.coll.all_reduce_min_u64(v)?)
+        let v = self.groups.tp.all_reduce_min_u64(v)?;
+        Ok(self.groups.dp.all_reduce_min_u64(v)?)
     }
 }

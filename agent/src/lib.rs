@@ -82,8 +82,10 @@ pub struct Assignment {
     pub job_root: PathBuf,
     /// Data-cursor windows `[from, to)` to skip: when the cursor reaches `from`, jump to `to`.
     pub skip: Vec<(u64, u64)>,
-    /// Ring listen addresses of every rank, by rank.
+    /// Ring listen addresses of every rank, by rank (the DP group's ring).
     pub peers: Vec<String>,
+    /// TP ring listen addresses of every rank, by rank (used when `tp > 1`).
+    pub tp_peers: Vec<String>,
     pub group_token: String,
 }
 
@@ -91,6 +93,21 @@ impl Assignment {
     pub fn world(&self) -> usize {
         self.dp * self.tp
     }
+
+    /// This rank's `(dp_rank, tp_rank)`: global rank `r` is `(r / tp, r % tp)` (TP-major, so the
+    /// ranks of a TP group are adjacent and the coordinator can keep them on one host).
+    pub fn coords(&self) -> (usize, usize) {
+        let r = self.rank.0 as usize;
+        (r / self.tp, r % self.tp)
+    }
+}
+
+/// A rank's two process groups, built by the agent from its assignment: `dp` joins the ranks
+/// with this rank's TP slice (gradients are averaged over it), `tp` the ranks holding the
+/// slices of this rank's model replica. A group of one is [`Solo`].
+pub struct Collectives {
+    pub dp: Box<dyn Collective>,
+    pub tp: Box<dyn Collective>,
 }
 
 /// One completed optimizer step.
@@ -174,25 +191,15 @@ pub trait Runner {
 /// Builds a fresh [`Runner`] for an assignment (restoring `restore_from` when set, skipping the
 /// `skip` windows). Called on the training thread.
 pub trait RunnerFactory: Send + 'static {
-    fn build(
-        &mut self,
-        a: &Assignment,
-        collective: Box<dyn Collective>,
-    ) -> Result<Box<dyn Runner>, BoxError>;
+    fn build(&mut self, a: &Assignment, groups: Collectives) -> Result<Box<dyn Runner>, BoxError>;
 }
 
 impl<F> RunnerFactory for F
 where
-    F: FnMut(&Assignment, Box<dyn Collective>) -> Result<Box<dyn Runner>, BoxError>
-        + Send
-        + 'static,
+    F: FnMut(&Assignment, Collectives) -> Result<Box<dyn Runner>, BoxError> + Send + 'static,
 {
-    fn build(
-        &mut self,
-        a: &Assignment,
-        collective: Box<dyn Collective>,
-    ) -> Result<Box<dyn Runner>, BoxError> {
-        self(a, collective)
+    fn build(&mut self, a: &Assignment, groups: Collectives) -> Result<Box<dyn Runner>, BoxError> {
+        self(a, groups)
     }
 }
 
@@ -201,7 +208,8 @@ pub struct AgentOptions {
     /// Default: `<host>-<pid>-<nonce>`.
     pub worker_id: Option<String>,
     pub device: String,
-    /// Where the ring listens (`127.0.0.1:0`, or `0.0.0.0:0` on a cluster).
+    /// Where the ring listens (`127.0.0.1:0`, or `0.0.0.0:0` on a cluster). The TP group's ring
+    /// listens on the next port (or any free one when this port is 0).
     pub ring_bind: String,
     /// The host to advertise for the ring when `ring_bind` is a wildcard.
     pub ring_advertise_host: Option<String>,
@@ -259,15 +267,33 @@ pub async fn run<F: RunnerFactory>(
         addr: options.ring_bind.clone(),
         source: e,
     })?;
-    let local = listener.local_addr().map_err(|e| Error::Listen {
-        addr: options.ring_bind.clone(),
+    // A second listener for the TP group's ring (the two rings of a rank form independently):
+    // on the next port when the ring port is fixed, else on any free one.
+    let tp_bind = match options.ring_bind.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            format!("{host}:{}", port.parse::<u16>().unwrap().wrapping_add(1))
+        }
+        _ => options.ring_bind.clone(),
+    };
+    let tp_listener = TcpListener::bind(&tp_bind).map_err(|e| Error::Listen {
+        addr: tp_bind.clone(),
         source: e,
     })?;
-    let ring_address = match (&options.ring_advertise_host, local.ip().is_unspecified()) {
-        (Some(h), _) => format!("{h}:{}", local.port()),
-        (None, true) => format!("{}:{}", trellis_core::ids::hostname(), local.port()),
-        (None, false) => local.to_string(),
+    let advertise = |l: &TcpListener| -> Result<String> {
+        let local = l.local_addr().map_err(|e| Error::Listen {
+            addr: options.ring_bind.clone(),
+            source: e,
+        })?;
+        Ok(
+            match (&options.ring_advertise_host, local.ip().is_unspecified()) {
+                (Some(h), _) => format!("{h}:{}", local.port()),
+                (None, true) => format!("{}:{}", trellis_core::ids::hostname(), local.port()),
+                (None, false) => local.to_string(),
+            },
+        )
     };
+    let ring_address = advertise(&listener)?;
+    let tp_ring_address = advertise(&tp_listener)?;
     let host = trellis_core::ids::hostname();
     let pid = std::process::id();
     let worker_id = options.worker_id.clone().unwrap_or_else(|| {
@@ -293,6 +319,7 @@ pub async fn run<F: RunnerFactory>(
                     factory,
                     worker_id: wid,
                     listener,
+                    tp_listener,
                     sink,
                     opts,
                     progress,
@@ -309,6 +336,7 @@ pub async fn run<F: RunnerFactory>(
         pid,
         device: options.device.clone(),
         ring_address,
+        tp_ring_address,
     };
     // Dropping this future (or returning) detaches the trainer from the session and, through the
     // closed control channel, ends the training thread.
@@ -489,6 +517,7 @@ struct Trainer<F> {
     factory: F,
     worker_id: String,
     listener: TcpListener,
+    tp_listener: TcpListener,
     sink: Sink,
     opts: AgentOptions,
     progress: Arc<Progress>,
@@ -516,8 +545,47 @@ fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxE
         job_root: PathBuf::from(&a.job_root),
         skip: a.skip.iter().map(|w| (w.from, w.to)).collect(),
         peers: a.peers.clone(),
+        tp_peers: a.tp_peers.clone(),
         group_token: a.group_token.clone(),
     })
+}
+
+/// The ring of `members` (global ranks, in group-rank order) that this rank (group rank `me`)
+/// joins over `listener`, or [`Solo`] for a group of one. `kind` + `index` make the group's
+/// token distinct from every other group of the epoch.
+fn form_group(
+    listener: &TcpListener,
+    addrs: &[String],
+    members: &[usize],
+    me: usize,
+    token: &str,
+    kind: &str,
+    index: usize,
+    timeout: Duration,
+) -> std::result::Result<Box<dyn Collective>, BoxError> {
+    if members.len() == 1 {
+        return Ok(Box::new(Solo));
+    }
+    let peers = members
+        .iter()
+        .map(|&r| {
+            let a = addrs.get(r).ok_or_else(|| {
+                format!(
+                    "the assignment has {} {kind} ring addresses but names rank {r}",
+                    addrs.len()
+                )
+            })?;
+            resolve(a)
+        })
+        .collect::<std::result::Result<Vec<_>, BoxError>>()?;
+    Ok(Box::new(TcpRing::new(
+        me,
+        members.len(),
+        listener.try_clone()?,
+        peers,
+        group_token(&format!("{token}/{kind}/{index}")),
+        timeout,
+    )?))
 }
 
 fn group_token(s: &str) -> u64 {
@@ -597,35 +665,45 @@ impl<F: RunnerFactory> Trainer<F> {
     fn assign(&mut self, a: pb::Assignment) {
         // Drop the old runner (and its collective) before forming the new group.
         self.epoch = None;
+        let t0 = Instant::now();
         self.progress.epoch.store(a.epoch, Ordering::Relaxed);
         let built = (|| -> std::result::Result<Epoch, BoxError> {
+            let a_hold = a.hold;
             let a = decode_assignment(&a)?;
-            let world = a.world();
-            let coll: Box<dyn Collective> = if world == 1 {
-                Box::new(Solo)
-            } else {
-                let peers = a
-                    .peers
-                    .iter()
-                    .map(|p| resolve(p))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                Box::new(TcpRing::new(
-                    a.rank.0 as usize,
-                    world,
-                    self.listener.try_clone()?,
-                    peers,
-                    group_token(&a.group_token),
-                    self.opts.ring_timeout,
-                )?)
-            };
-            let runner = self.factory.build(&a, coll)?;
+            let (dp_rank, tp_rank) = a.coords();
+            let t = self.opts.ring_timeout;
+            // Every rank forms its TP group first, then its DP group: no rank waits on a ring
+            // that a peer will only join later.
+            let tp_members: Vec<usize> = (0..a.tp).map(|j| dp_rank * a.tp + j).collect();
+            let tp = form_group(
+                &self.tp_listener,
+                &a.tp_peers,
+                &tp_members,
+                tp_rank,
+                &a.group_token,
+                "tp",
+                dp_rank,
+                t,
+            )?;
+            let dp_members: Vec<usize> = (0..a.dp).map(|i| i * a.tp + tp_rank).collect();
+            let dp = form_group(
+                &self.listener,
+                &a.peers,
+                &dp_members,
+                dp_rank,
+                &a.group_token,
+                "dp",
+                tp_rank,
+                t,
+            )?;
+            let runner = self.factory.build(&a, Collectives { dp, tp })?;
             Ok(Epoch {
                 a,
                 runner,
                 queue: VecDeque::new(),
                 highest: 0,
                 paused: false,
-                hold: false,
+                hold: a_hold,
                 failed: false,
                 growth_generation: 0,
             })
@@ -635,8 +713,27 @@ impl<F: RunnerFactory> Trainer<F> {
                 info!(
                     epoch = e.a.epoch,
                     rank = e.a.rank.0,
+                    dp = e.a.dp,
+                    tp = e.a.tp,
                     generation = e.a.generation,
+                    seconds = t0.elapsed().as_secs_f64(),
                     "assignment: runner ready"
+                );
+                let st = e.runner.state();
+                send(
+                    &self.sink,
+                    pb::worker_message::Kind::Ack(pb::Ack {
+                        epoch: e.a.epoch,
+                        generation: st.generation,
+                        command_id: 0,
+                        phase: "assign".into(),
+                        ok: true,
+                        error: String::new(),
+                        payload_json: String::new(),
+                        seconds: t0.elapsed().as_secs_f64(),
+                        step: st.step,
+                        rank: e.a.rank.0,
+                    }),
                 );
                 self.progress
                     .step
@@ -943,6 +1040,25 @@ impl<F: RunnerFactory> Trainer<F> {
                             self.ack(cmd.id, name, Ok((String::new(), t.elapsed().as_secs_f64())))
                         }
                         Err(err) => return self.fail(name, err.to_string()),
+                    }
+                }
+                // The grown model's validation loss before it trains (the loss jump of the
+                // growth), when the job evaluates at all; after the resume ack, so the growth's
+                // timings do not include it.
+                let e = self.epoch.as_mut().expect("epoch");
+                if e.a.spec.train.eval_interval > 0 {
+                    match e.runner.evaluate() {
+                        Ok(v) => send(
+                            &self.sink,
+                            pb::worker_message::Kind::ValLoss(pb::ValLoss {
+                                epoch: e.a.epoch,
+                                generation: order.generation,
+                                step: e.runner.state().step,
+                                loss: v,
+                                rank: e.a.rank.0,
+                            }),
+                        ),
+                        Err(err) => self.fail("evaluate", err.to_string()),
                     }
                 }
             }

@@ -62,6 +62,11 @@ pub struct GrowthView {
     pub phase: &'static str,
     pub timings: TimingsView,
     pub error: String,
+    /// Validation loss of the grown model before it trained.
+    pub val_loss_after: Option<f64>,
+    /// The layout the grown model trains at.
+    pub dp_after: u32,
+    pub tp_after: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,6 +299,9 @@ impl From<&pb::GrowthEvent> for GrowthView {
                 .map(TimingsView::from)
                 .unwrap_or_default(),
             error: g.error.clone(),
+            val_loss_after: g.val_loss_after,
+            dp_after: g.dp_after,
+            tp_after: g.tp_after,
         }
     }
 }

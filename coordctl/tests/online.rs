@@ -43,6 +43,9 @@ fn growth_event() -> pb::GrowthEvent {
             total_seconds: 0.8,
         }),
         error: String::new(),
+        val_loss_after: Some(5.1),
+        dp_after: 2,
+        tp_after: 1,
     }
 }
 

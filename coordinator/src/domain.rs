@@ -66,6 +66,7 @@ struct WorkerEntry {
     pid: u32,
     device: String,
     ring_address: String,
+    tp_ring_address: String,
     tx: Option<Outbox>,
     last_seen: Instant,
     lost: bool,
@@ -100,6 +101,9 @@ struct GrowthTxn {
     started: Instant,
     span: Span,
     phase_span: Option<Span>,
+    /// While the growth re-forms the groups at a new layout (its reshard, before the stack):
+    /// when that began, and the ranks whose runner is ready in the new layout.
+    relayout: Option<(Instant, BTreeSet<u32>)>,
 }
 
 enum Txn {
@@ -511,6 +515,79 @@ impl Domain {
         })
     }
 
+    /// The layout a grown model (`cfg`) trains at: the current one while it fits the per-rank
+    /// budget (no reshard), else the smallest TP of the same world that fits (DP = world / TP,
+    /// dividing the global batch). Refuses with the numbers when no layout holds it.
+    fn growth_layout(&self, cfg: &ModelConfig) -> Result<LayoutInfo> {
+        let job = self.job.as_ref().ok_or_else(no_job)?;
+        let spec = &job.spec;
+        let world = job.world();
+        let cur = &job.state.layout;
+        let budget = self.opts.device_memory_bytes.unwrap_or(u64::MAX);
+        let seq = spec.data.seq_len;
+        let need = |tp: usize| {
+            let dp = world / tp;
+            let mb = spec
+                .train
+                .micro_batch
+                .unwrap_or(spec.train.global_batch / dp.max(1));
+            trellis_core::layout::memory_per_rank(cfg, tp, mb.max(1), seq).total
+        };
+        let splits = |tp: usize| {
+            world % tp == 0
+                && spec.train.global_batch % (world / tp) == 0
+                && cfg.num_attention_heads % tp == 0
+                && cfg.num_key_value_heads % tp == 0
+                && cfg.intermediate_size % tp == 0
+        };
+        let budget_text = if self.opts.device_memory_bytes.is_some() {
+            format!("the {:.2} GiB per-rank budget", gib(budget))
+        } else {
+            "the unlimited budget (no --device-memory-bytes)".to_string()
+        };
+        let layers = cfg.num_hidden_layers;
+        if splits(cur.tp) && need(cur.tp) <= budget {
+            return Ok(LayoutInfo {
+                dp: cur.dp,
+                tp: cur.tp,
+                explanation: format!(
+                    "TP={} × DP={} kept at growth: the {layers}-layer model needs {:.2} GiB per rank, within {budget_text}",
+                    cur.tp,
+                    cur.dp,
+                    gib(need(cur.tp))
+                ),
+                memory_per_rank_bytes: need(cur.tp),
+                budget_bytes: self.opts.device_memory_bytes.unwrap_or(0),
+            });
+        }
+        let candidates: Vec<usize> = (1..=world).filter(|&t| splits(t)).collect();
+        if let Some(&tp) = candidates.iter().find(|&&t| need(t) <= budget) {
+            return Ok(LayoutInfo {
+                dp: world / tp,
+                tp,
+                explanation: format!(
+                    "re-planned at growth to TP={tp} × DP={}: the {layers}-layer model needs {:.2} GiB per rank at TP={}, over {budget_text}; at TP={tp} it needs {:.2} GiB",
+                    world / tp,
+                    gib(need(cur.tp)),
+                    cur.tp,
+                    gib(need(tp))
+                ),
+                memory_per_rank_bytes: need(tp),
+                budget_bytes: self.opts.device_memory_bytes.unwrap_or(0),
+            });
+        }
+        let options: Vec<String> = candidates
+            .iter()
+            .map(|&t| format!("TP={t}: {:.2} GiB", gib(need(t))))
+            .collect();
+        Err(Error::FailedPrecondition(format!(
+            "no layout of the {world} rank(s) holds the grown {layers}-layer model ({:.2}B parameters) within {budget_text}: {}; \
+             add workers (TP up to the heads' divisors), use devices with more memory, set train.micro_batch, or grow by a smaller factor",
+            cfg.num_parameters() as f64 / 1e9,
+            if options.is_empty() { "no TP degree divides the heads, KV heads, FFN width and global batch".to_string() } else { options.join(", ") }
+        )))
+    }
+
     fn job_for(&self, job_id: Option<&str>) -> Result<&Job> {
         let job = self.job.as_ref().ok_or_else(no_job)?;
         match job_id {
@@ -884,9 +961,8 @@ impl Domain {
             ));
         }
         let new_cfg = job.model0.with_layers(to);
-        let world = job.world();
         let spec = job.spec.clone();
-        let layout = self.layout_info(&spec, &new_cfg, world)?;
+        let layout = self.growth_layout(&new_cfg)?;
         let job = self.job.as_mut().unwrap();
         let generation = job.state.generation + 1;
         let stage_spec = stage.map(|i| spec.growth[i].clone());
@@ -919,12 +995,13 @@ impl Domain {
             times: PhaseTimes::default(),
             error: String::new(),
             stage,
+            layout_after: Some(layout.clone()),
+            val_loss_after: None,
         };
         job.growths.insert(generation, record.clone());
         job.plateau_seen = false;
         job.state.phase = Phase::Growing(GrowPhase::Checkpoint);
         job.state.message = format!("growing {from} -> {to} layers (generation {generation})");
-        job.state.layout.explanation = layout.explanation.clone();
         self.persist_growth(&record).await?;
         self.persist_state().await?;
         let job = self.job.as_mut().unwrap();
@@ -968,6 +1045,7 @@ impl Domain {
             started: now,
             span,
             phase_span: Some(phase_span),
+            relayout: None,
         }));
         self.send_with_id(
             ckpt_cmd,
@@ -1112,6 +1190,7 @@ impl Domain {
                 pid: hello.pid,
                 device: hello.device,
                 ring_address: hello.ring_address,
+                tp_ring_address: hello.tp_ring_address,
                 tx: Some(tx),
                 last_seen: Instant::now(),
                 lost: false,
@@ -1356,10 +1435,15 @@ impl Domain {
         let Some(job) = self.job.as_ref() else {
             return Ok(());
         };
-        if !matches!(
-            job.state.phase,
-            Phase::Pending | Phase::WaitingForWorkers | Phase::RollingBack
-        ) {
+        // A growth re-forming the groups at a new layout keeps its transaction and phase.
+        let relayout = job.state.phase == Phase::Growing(GrowPhase::Reshard)
+            && matches!(&job.txn, Some(Txn::Growth(g)) if g.relayout.is_some());
+        if !relayout
+            && !matches!(
+                job.state.phase,
+                Phase::Pending | Phase::WaitingForWorkers | Phase::RollingBack
+            )
+        {
             return Ok(());
         }
         let world = job.world();
@@ -1369,7 +1453,23 @@ impl Domain {
             .filter(|(_, e)| !e.lost && e.tx.is_some() && e.rank.is_none())
             .map(|(id, e)| (e.seq, id.clone()))
             .collect();
-        idle.sort();
+        // By host, then registration order: ranks are TP-major, so adjacent ranks (one TP
+        // group) land on one host where the hosts allow.
+        idle.sort_by(|a, b| {
+            let host = |id: &WorkerId| self.workers[id].host.clone();
+            (host(&a.1), a.0).cmp(&(host(&b.1), b.0))
+        });
+        if idle.len() < world && relayout {
+            return self
+                .rollback(
+                    &format!(
+                        "only {} of {world} workers are available to re-form the groups for the grown model",
+                        idle.len()
+                    ),
+                    None,
+                )
+                .await;
+        }
         if idle.len() < world {
             let job = self.job.as_mut().unwrap();
             let msg = format!(
@@ -1391,12 +1491,21 @@ impl Domain {
         let opts = self.opts.clone();
         let job = self.job.as_mut().unwrap();
         job.state.epoch += 1;
-        job.state.phase = if job.state.paused {
+        job.state.phase = if relayout {
+            job.state.phase
+        } else if job.state.paused {
             Phase::Paused
         } else {
             Phase::Training
         };
-        job.state.message = if job.state.paused {
+        job.state.message = if relayout {
+            format!(
+                "growing to generation {}: resharding to TP={} × DP={}",
+                job.state.generation + 1,
+                job.state.layout.tp,
+                job.state.layout.dp
+            )
+        } else if job.state.paused {
             "paused by the operator; `coordctl resume` continues".into()
         } else {
             format!(
@@ -1407,13 +1516,20 @@ impl Domain {
         job.ranks = idle.into_iter().take(world).map(|(_, id)| id).collect();
         job.group_token = token;
         job.next_cmd = 1;
-        job.txn = None;
+        if !relayout {
+            job.txn = None;
+        }
         self.persist_state().await?;
         let job = self.job.as_ref().unwrap();
         let peers: Vec<String> = job
             .ranks
             .iter()
             .map(|w| self.workers[w].ring_address.clone())
+            .collect();
+        let tp_peers: Vec<String> = job
+            .ranks
+            .iter()
+            .map(|w| self.workers[w].tp_ring_address.clone())
             .collect();
         let restore = job
             .state
@@ -1429,9 +1545,11 @@ impl Domain {
             spec_toml: job.record.spec_toml.clone(),
             base_dir: job.record.base_dir.clone(),
             rank: 0,
-            dp: job.spec.parallel.dp as u32,
-            tp: job.spec.parallel.tp as u32,
+            dp: job.state.layout.dp as u32,
+            tp: job.state.layout.tp as u32,
             peers,
+            tp_peers,
+            hold: relayout,
             group_token: job.group_token.clone(),
             restore_from: restore,
             job_root: job.job_root(&opts).display().to_string(),
@@ -1642,6 +1760,12 @@ impl Domain {
             return;
         }
         if let Some(job) = self.job.as_mut() {
+            // The grown model's loss before it trains (sent right after a growth's resume).
+            if let Some(g) = job.growths.get_mut(&v.generation) {
+                if g.at_step == v.step && g.val_loss_after.is_none() && v.loss.is_finite() {
+                    g.val_loss_after = Some(v.loss);
+                }
+            }
             let tokens = job.state.tokens;
             job.loss.observe_val(v.step, tokens, v.generation, v.loss);
             if v.loss.is_finite() {
@@ -1748,6 +1872,12 @@ impl Domain {
             );
             return self.rollback(&why, None).await;
         }
+        if ack.phase == "assign" {
+            self.rank_ready(rank).await?;
+            self.update_gauges();
+            self.bump();
+            return Ok(());
+        }
         let Some(job) = self.job.as_mut() else {
             return Ok(());
         };
@@ -1816,8 +1946,16 @@ impl Domain {
                         rec.times.checkpoint = ckpt_secs;
                         rec.phase = GrowPhase::Stack;
                         rec.at_step = c.step;
+                        let cur = &job.state.layout;
+                        let relayout = rec
+                            .layout_after
+                            .clone()
+                            .filter(|l| (l.dp, l.tp) != (cur.dp, cur.tp));
+                        if relayout.is_some() {
+                            rec.phase = GrowPhase::Reshard;
+                        }
                         let rec = rec.clone();
-                        job.state.phase = Phase::Growing(GrowPhase::Stack);
+                        job.state.phase = Phase::Growing(rec.phase);
                         self.persist_growth(&rec).await?;
                         self.persist_state().await?;
                         self.metrics
@@ -1828,33 +1966,10 @@ impl Domain {
                             .growth_last_phase_seconds
                             .get_or_create(&[("phase", "checkpoint")])
                             .set(ckpt_secs);
-                        let id = self.next_id();
-                        let job = self.job.as_mut().unwrap();
-                        let Some(Txn::Growth(g)) = &mut job.txn else {
-                            unreachable!()
-                        };
-                        g.cmd = id;
-                        g.phase_started = Instant::now();
-                        g.phase_span = Some(
-                            info_span!(parent: &g.span, "grow.stack", job_id = %job.id, generation = gen, step = c.step),
-                        );
-                        let tp = job.spec.parallel.tp as u32;
-                        let dp = job.spec.parallel.dp as u32;
-                        let cmd = pb::GrowCmd {
-                            generation: gen,
-                            factor: rec.factor as u32,
-                            operator: rec.operator.clone(),
-                            stacking_list: rec.stacking_list.iter().map(|&l| l as u32).collect(),
-                            optimizer: optimizer_pb(rec.optimizer) as i32,
-                            mask_ramp_steps: rec.mask_ramp_steps,
-                            lr: rec.lr,
-                            min_lr: rec.min_lr,
-                            warmup_steps: rec.warmup_steps,
-                            dp,
-                            tp,
-                        };
-                        let trace_context = trellis_telemetry::inject(&g.span);
-                        self.send_with_id(id, 0, pb::command::Kind::Grow(cmd), None, trace_context);
+                        match relayout {
+                            Some(l) => self.relayout(gen, l).await?,
+                            None => self.send_grow(gen),
+                        }
                     }
                 } else if ack.command_id == g.cmd {
                     g.acks.entry(ack.phase.clone()).or_default().insert(rank);
@@ -1865,6 +1980,94 @@ impl Domain {
         }
         self.update_gauges();
         self.bump();
+        Ok(())
+    }
+
+    /// Send the growth's stack/reshard/resume command to every rank of the epoch (the stack
+    /// phase starts now).
+    fn send_grow(&mut self, gen: u64) {
+        let id = self.next_id();
+        let job = self.job.as_mut().unwrap();
+        let Some(Txn::Growth(g)) = &mut job.txn else {
+            return;
+        };
+        let Some(rec) = job.growths.get_mut(&gen) else {
+            return;
+        };
+        rec.phase = GrowPhase::Stack;
+        job.state.phase = Phase::Growing(GrowPhase::Stack);
+        let step = job.state.step;
+        g.cmd = id;
+        g.phase_started = Instant::now();
+        g.phase_span = Some(
+            info_span!(parent: &g.span, "grow.stack", job_id = %job.id, generation = gen, step),
+        );
+        let cmd = pb::GrowCmd {
+            generation: gen,
+            factor: rec.factor as u32,
+            operator: rec.operator.clone(),
+            stacking_list: rec.stacking_list.iter().map(|&l| l as u32).collect(),
+            optimizer: optimizer_pb(rec.optimizer) as i32,
+            mask_ramp_steps: rec.mask_ramp_steps,
+            lr: rec.lr,
+            min_lr: rec.min_lr,
+            warmup_steps: rec.warmup_steps,
+            dp: job.state.layout.dp as u32,
+            tp: job.state.layout.tp as u32,
+        };
+        let trace_context = trellis_telemetry::inject(&g.span);
+        self.send_with_id(id, 0, pb::command::Kind::Grow(cmd), None, trace_context);
+    }
+
+    /// The growth's reshard when the grown model needs another layout: every rank gets a new
+    /// assignment at `layout` (new groups) restoring its slices of the growth checkpoint just
+    /// committed; once every rank reports its runner ready, the stack command follows, and the
+    /// ranks stack their own slices.
+    async fn relayout(&mut self, gen: u64, layout: LayoutInfo) -> Result<()> {
+        let job = self.job.as_mut().unwrap();
+        info!(job_id = %job.id, generation = gen, from_dp = job.state.layout.dp, from_tp = job.state.layout.tp,
+              dp = layout.dp, tp = layout.tp, "growth re-forms the groups: {}", layout.explanation);
+        job.state.layout = layout;
+        let step = job.state.step;
+        if let Some(Txn::Growth(g)) = &mut job.txn {
+            g.relayout = Some((Instant::now(), BTreeSet::new()));
+            g.phase_span = Some(
+                info_span!(parent: &g.span, "grow.reshard", job_id = %job.id, generation = gen, step),
+            );
+        }
+        for w in job.ranks.drain(..) {
+            if let Some(e) = self.workers.get_mut(&w) {
+                e.rank = None;
+            }
+        }
+        self.try_start_epoch().await
+    }
+
+    /// A rank's runner is ready in a new epoch (`assign` ack): during a growth's re-layout,
+    /// the reshard is done once every rank is, and the stack follows.
+    async fn rank_ready(&mut self, rank: u32) -> Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let world = job.world();
+        let Some(Txn::Growth(g)) = &mut job.txn else {
+            return Ok(());
+        };
+        let Some((t0, ready)) = &mut g.relayout else {
+            return Ok(());
+        };
+        ready.insert(rank);
+        if ready.len() < world {
+            return Ok(());
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        g.relayout = None;
+        let gen = g.generation;
+        if let Some(rec) = job.growths.get_mut(&gen) {
+            rec.times.reshard = secs;
+        }
+        info!(job_id = %job.id, generation = gen, seconds = secs, "growth reshard done: every rank holds its slices at the new layout");
+        self.send_grow(gen);
         Ok(())
     }
 
@@ -1904,7 +2107,8 @@ impl Domain {
             let rec = job.growths.get_mut(&gen).unwrap();
             match phase {
                 GrowPhase::Stack => rec.times.stack = secs,
-                GrowPhase::Reshard => rec.times.reshard = secs,
+                // After a re-layout the worker's own reshard phase is a no-op: add it.
+                GrowPhase::Reshard => rec.times.reshard += secs,
                 _ => rec.times.resume = secs,
             }
             self.metrics
@@ -2244,6 +2448,9 @@ fn growth_event(g: &GrowthRecordState) -> pb::GrowthEvent {
         phase: grow_phase_pb(g.phase) as i32,
         timings: Some(timings(&g.times)),
         error: g.error.clone(),
+        val_loss_after: g.val_loss_after,
+        dp_after: g.layout_after.as_ref().map_or(0, |l| l.dp as u32),
+        tp_after: g.layout_after.as_ref().map_or(0, |l| l.tp as u32),
     }
 }
 

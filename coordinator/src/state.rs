@@ -152,6 +152,12 @@ pub struct GrowthRecordState {
     pub error: String,
     /// The spec stage that fired it, if any.
     pub stage: Option<usize>,
+    /// The layout the grown model trains at (planned when the growth starts).
+    #[serde(default)]
+    pub layout_after: Option<LayoutInfo>,
+    /// Validation loss of the grown model before it trains.
+    #[serde(default)]
+    pub val_loss_after: Option<f64>,
 }
 
 pub fn now_unix() -> f64 {

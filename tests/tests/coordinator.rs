@@ -860,8 +860,13 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
     });
     // Exceeding memory: refused by the coordinator (exit 1) with what to do.
     let err = refused(&coordctl(ep, &["grow", "--factor", "8"]), 1, "GiB");
+    // No layout of the job's ranks holds it: the need at every valid TP, and what to do.
     assert!(
-        err.contains("budget") && err.contains("parallel.tp"),
+        err.contains("budget")
+            && err.contains("no layout of the 2 rank(s)")
+            && err.contains("TP=1: ")
+            && err.contains("TP=2: ")
+            && err.contains("add workers"),
         "{err}"
     );
 
@@ -887,6 +892,7 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
             pid: 1,
             device: "cpu".into(),
             ring_address: "127.0.0.1:9".into(),
+            tp_ring_address: "127.0.0.1:9".into(),
         })))
         .unwrap();
         tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {
@@ -1139,4 +1145,149 @@ fn a_new_job_starts_from_an_offline_grown_checkpoint() {
     assert_eq!(u(&first["step"]), 31, "{first}");
     assert_eq!(u(&first["start"]), 30 * GB, "{first}");
     assert!(ckpt.join("big/step-50/manifest.json").exists());
+}
+
+// ------------------------------------------------------------------------------------------
+// Issue 4, acceptance 2: a growth that no longer fits one rank is re-planned to TP = 2
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_growth_that_does_not_fit_one_rank_reshards_to_tp2_and_resumes() {
+    let mut cl = Cluster::new("relayout");
+    let (max_steps, grow_at) = (40u64, 20u64);
+    let text = spec(
+        "relayout",
+        2,
+        max_steps,
+        10,
+        5,
+        &cl.path("ckpt"),
+        &format!("\n[[growth]]\nat_step = {grow_at}\nfactor = 4\noperator = \"stack\"\n"),
+    )
+    .replace("eval_interval = 50", "eval_interval = 10");
+    let job = cl.write_job("job.toml", &text);
+    // A per-rank budget between what the grown model needs at TP = 1 (DP = 2, 2 sequences per
+    // rank) and at TP = 2 (DP = 1, 4 sequences per rank); the small model fits TP = 1.
+    let parsed = trellis_core::job::JobSpec::from_toml(&text, cl.dir.path(), "test").unwrap();
+    let small = parsed.model_config(512).unwrap();
+    let grown = small.with_layers(4 * small.num_hidden_layers);
+    let need = |c, tp, mb| trellis_core::layout::memory_per_rank(c, tp, mb, 32).total;
+    let budget = (need(&grown, 1, 2) + need(&grown, 2, 4)) / 2;
+    assert!(need(&small, 1, 2) <= budget && need(&grown, 2, 4) <= budget);
+    assert!(need(&grown, 1, 2) > budget);
+    let budget_arg = budget.to_string();
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &["--device-memory-bytes", &budget_arg],
+    );
+    cl.worker(&c.endpoint, &[]);
+    cl.worker(&c.endpoint, &[]);
+    let before = wait_status(&c.endpoint, "training at TP=1", LONG, |s| {
+        u(&s["step"]) >= 1
+    });
+    assert_eq!(u(&before["layout"]["tp"]), 1, "{before}");
+    assert_eq!(u(&before["layout"]["dp"]), 2, "{before}");
+    let s = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done" || phase(s) == "failed"
+    });
+    assert_eq!(phase(&s), "done", "{s}");
+    assert_eq!(u(&s["layers"]), 8, "{s}");
+    assert_eq!(u(&s["layout"]["tp"]), 2, "{s}");
+    assert_eq!(u(&s["layout"]["dp"]), 1, "{s}");
+    let expl = s["layout"]["explanation"].as_str().unwrap();
+    assert!(expl.contains("re-planned at growth to TP=2"), "{expl}");
+    let g = &s["growth_history"][0];
+    assert_eq!(u(&g["tp_after"]), 2, "{g}");
+    assert_eq!(u(&g["at_step"]), grow_at, "{g}");
+    assert!(
+        g["timings"]["reshard_seconds"].as_f64().unwrap() > 0.0,
+        "{g}"
+    );
+    let after = g["val_loss_after"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no val_loss_after: {g}"));
+    let eval_tp1 = |ck: &Path| -> Value {
+        let out = run(
+            Command::new(bin("trellis-worker"))
+                .args(["eval", "--output", "json", "--checkpoint"])
+                .arg(ck)
+                .arg("--job")
+                .arg(&job),
+            LONG,
+        );
+        assert!(out.status.success(), "{}", stderr_line(&out));
+        json(&out)
+    };
+    // The loss right after the reshard (TP = 2) equals the loss the same checkpoint gives at
+    // TP = 1: the growth checkpoint (TP = 1, generation 0), grown x4 offline, evaluated at
+    // TP = 1 as the job's trainer evaluates. fp32; the TP reductions reorder sums: 1e-4.
+    let pre = cl.path(&format!("ckpt/relayout/step-{grow_at}"));
+    let grown_dir = cl.path("grown-tp1");
+    let out = coordctl(
+        &c.endpoint,
+        &[
+            "checkpoint",
+            "grow",
+            "--factor",
+            "4",
+            pre.to_str().unwrap(),
+            grown_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let e = eval_tp1(&grown_dir);
+    let tp1 = e["loss"].as_f64().unwrap();
+    assert!(
+        (tp1 - after).abs() < 1e-4,
+        "TP=1 {tp1} vs TP=2 right after the reshard {after}"
+    );
+    // And the TP = 2 training state: the checkpoint of step 30, written by the two TP ranks (one
+    // slice each), evaluated at TP = 1, gives the validation loss the TP = 2 job reported there.
+    let ck30 = cl.path("ckpt/relayout/step-30");
+    assert!(
+        ck30.join("model-tp1-of-2.safetensors").exists(),
+        "{}",
+        ck30.display()
+    );
+    let e30 = eval_tp1(&ck30);
+    assert_eq!(u(&e30["generation"]), 1, "{e30}");
+    let loss = json(&coordctl(&c.endpoint, &["--output", "json", "loss"]));
+    let job30 = loss["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| u(&p["step"]) == 30 && p["val_loss"].is_f64())
+        .unwrap_or_else(|| panic!("no val loss at step 30: {loss}"))["val_loss"]
+        .as_f64()
+        .unwrap();
+    let l30 = e30["loss"].as_f64().unwrap();
+    assert!(
+        (l30 - job30).abs() < 1e-4,
+        "step 30: TP=1 {l30} vs the TP=2 job {job30}"
+    );
+
+    // DP 2 -> 1 neither skipped nor repeated a sample (both TP ranks read the same ones).
+    let mut all = cl.sample_log(0);
+    all.extend(cl.sample_log(1));
+    let mut by_step: BTreeMap<u64, (u64, std::collections::BTreeSet<(u64, u64)>)> = BTreeMap::new();
+    for r in &all {
+        let (epoch, step) = (u(&r["epoch"]), u(&r["step"]));
+        let e = by_step.entry(step).or_insert((epoch, Default::default()));
+        if epoch > e.0 {
+            *e = (epoch, Default::default());
+        }
+        if epoch == e.0 {
+            e.1.insert((u(&r["start"]), u(&r["end"])));
+        }
+    }
+    let mut ids: Vec<u64> = by_step
+        .values()
+        .flat_map(|(_, rs)| rs.iter().flat_map(|&(a, b)| a..b))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..max_steps * GB).collect::<Vec<_>>());
+    eprintln!("grown at step {grow_at} and resharded to TP=2: val loss {after:.6} (TP=1 from the same checkpoint: {tp1:.6}); step 30: {job30:.6} vs {l30:.6}");
 }

@@ -48,12 +48,16 @@ enum Cmd {
         #[arg(long)]
         stop_at: Option<u64>,
     },
-    /// Mean next-token loss of a checkpoint on a text file.
+    /// Mean next-token loss of a checkpoint on a text file, or (--job) the job's validation loss
+    /// on exactly the windows its trainer evaluates (`data.valid`, `train.eval_sequences`), at TP 1.
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
+        #[arg(long, required_unless_present = "job", conflicts_with = "job")]
+        text: Option<PathBuf>,
+        /// A job spec: evaluate as that job's trainer does (its validation windows).
         #[arg(long)]
-        text: PathBuf,
+        job: Option<PathBuf>,
         /// Window length (default: the model's max_position_embeddings).
         #[arg(long)]
         seq_len: Option<usize>,
@@ -168,11 +172,41 @@ fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()>
 
 fn eval(
     checkpoint: PathBuf,
-    text: PathBuf,
+    text: Option<PathBuf>,
+    job: Option<PathBuf>,
     seq_len: Option<usize>,
     device: String,
     output: String,
 ) -> Result<()> {
+    if let Some(job) = job {
+        let mut spec = load_spec(&job)?;
+        spec.train.device = device;
+        let out = std::env::temp_dir().join(format!("trellis-eval-{}", std::process::id()));
+        let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(trellis_comm::Solo))?;
+        t.restore(&checkpoint)?;
+        let loss = t.evaluate()?;
+        let _ = std::fs::remove_dir_all(&out);
+        let r = serde_json::json!({
+            "checkpoint": checkpoint.display().to_string(),
+            "job": spec.job.name,
+            "loss": loss,
+            "windows": spec.train.eval_sequences,
+            "step": t.step_count(),
+            "generation": t.generation(),
+            "num_hidden_layers": t.config().num_hidden_layers,
+        });
+        match output.as_str() {
+            "json" => println!("{r}"),
+            _ => println!(
+                "validation loss {loss:.6} of job {} — {} at step {}",
+                spec.job.name,
+                checkpoint.display(),
+                t.step_count()
+            ),
+        }
+        return Ok(());
+    }
+    let text = text.expect("clap requires --text without --job");
     let device = parse_device(&device)?;
     let r = trellis_worker::eval::eval_checkpoint(&checkpoint, &text, seq_len, device)?;
     match output.as_str() {
@@ -281,8 +315,8 @@ fn main() -> ExitCode {
     };
     let res = match (cli.cmd, cli.coordinator) {
         (Some(Cmd::Train { job, out, stop_at }), _) => train(job, out, stop_at),
-        (Some(Cmd::Eval { checkpoint, text, seq_len, device, output }), _) => {
-            eval(checkpoint, text, seq_len, device, output)
+        (Some(Cmd::Eval { checkpoint, text, job, seq_len, device, output }), _) => {
+            eval(checkpoint, text, job, seq_len, device, output)
         }
         (Some(Cmd::Bench { job, steps, warmup, out }), _) => bench(job, steps, warmup, out),
         (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after),
@@ -335,10 +369,10 @@ fn managed(url: &str, device: &str, give_up_after: u64) -> Result<()> {
         options.ring_bind = format!("0.0.0.0:{port}");
     }
     let device = device.to_string();
-    let factory = move |a: &trellis_agent::Assignment, comm: Box<dyn trellis_comm::Collective>| {
+    let factory = move |a: &trellis_agent::Assignment, groups: trellis_agent::Collectives| {
         let mut a = a.clone();
         a.spec.train.device = device.clone();
-        trellis_worker::managed::ManagedRunner::build(&a, comm)
+        trellis_worker::managed::ManagedRunner::build(&a, groups)
             .map(|r| Box::new(r) as Box<dyn trellis_agent::Runner>)
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -11,12 +11,14 @@
 //! - `TRELLIS_FAULT_NAN_AT_STEP=N`: report the loss of step N as NaN, once per process.
 //! - `TRELLIS_FAULT_GROW_DELAY_MS=MS`: sleep MS milliseconds at the start of the stack phase of
 //!   every growth (holds a growth in flight).
+use crate::parallel::Groups;
 use crate::trainer::{PostGrowthSchedule, Trainer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use trellis_agent::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
-use trellis_comm::Collective;
+use trellis_agent::{
+    Assignment, BoxError, Collectives, GrowOrder, Runner, RunnerState, StepOutcome,
+};
 use trellis_core::checkpoint::{self, ShardReport, TrainerState};
 
 /// One rank's trainer as the agent drives it.
@@ -59,18 +61,28 @@ impl ManagedRunner {
     /// Build the rank of `a`: a fresh trainer from the job seed, restored from the assignment's
     /// committed checkpoint when it names one, with the data windows the coordinator skipped
     /// (after a NaN) applied to the cursor.
-    pub fn build(a: &Assignment, comm: Box<dyn Collective>) -> Result<ManagedRunner, BoxError> {
-        if a.tp != 1 {
+    pub fn build(a: &Assignment, groups: Collectives) -> Result<ManagedRunner, BoxError> {
+        std::fs::create_dir_all(&a.job_root)
+            .map_err(|e| format!("cannot create the job root {}: {e}", a.job_root.display()))?;
+        let (dp_rank, tp_rank) = a.coords();
+        if groups.tp.world() != a.tp || groups.tp.rank() != tp_rank || groups.dp.world() != a.dp {
             return Err(format!(
-                "this worker supports tensor-parallel degree 1 only, the assignment asks for tp = {}",
+                "the groups formed ({} TP, {} DP ranks) do not match the assignment (dp = {}, tp = {})",
+                groups.tp.world(),
+                groups.dp.world(),
+                a.dp,
                 a.tp
             )
             .into());
         }
-        std::fs::create_dir_all(&a.job_root)
-            .map_err(|e| format!("cannot create the job root {}: {e}", a.job_root.display()))?;
-        let mut trainer = Trainer::new(&a.spec, &a.job_root, a.rank.0 as usize, a.dp, comm)?;
+        let groups = Groups {
+            dp: groups.dp,
+            tp: groups.tp,
+        };
+        let mut trainer = Trainer::with_groups(&a.spec, &a.job_root, dp_rank, a.dp, groups)?;
         if let Some(dir) = &a.restore_from {
+            // Any layout restores any checkpoint: each rank reads only its own slices
+            // (the checkpoint reshard path, DESIGN §5).
             trainer.restore(dir)?;
         }
         trainer.set_skip_windows(a.skip.clone());
@@ -201,6 +213,8 @@ impl Runner for ManagedRunner {
     }
 
     fn agree_min(&mut self, v: u64) -> Result<u64, BoxError> {
+        // The minimum over the world: over this rank's TP group, then over its DP group.
+        let v = self.trainer.tp_comm_mut().all_reduce_min_u64(v)?;
         Ok(self.trainer.comm_mut().all_reduce_min_u64(v)?)
     }
 }
