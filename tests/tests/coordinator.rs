@@ -1291,3 +1291,68 @@ fn a_growth_that_does_not_fit_one_rank_reshards_to_tp2_and_resumes() {
     assert_eq!(ids, (0..max_steps * GB).collect::<Vec<_>>());
     eprintln!("grown at step {grow_at} and resharded to TP=2: val loss {after:.6} (TP=1 from the same checkpoint: {tp1:.6}); step 30: {job30:.6} vs {l30:.6}");
 }
+
+// ------------------------------------------------------------------------------------------
+// Issue 4, acceptance 1: DP = 2 × TP = 2 over four worker processes matches one rank
+// ------------------------------------------------------------------------------------------
+
+/// Train losses by step of a finished job.
+fn train_losses(endpoint: &str) -> Vec<(u64, f64)> {
+    let loss = json(&coordctl(endpoint, &["--output", "json", "loss"]));
+    loss["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((u(&p["step"]), p["train_loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn dp2_tp2_over_four_processes_matches_one_rank() {
+    let mut cl = Cluster::new("dp2tp2");
+    let steps = 8u64;
+    let run_job = |cl: &mut Cluster, name: &str, dp: usize, tp: usize| -> Vec<(u64, f64)> {
+        let text = spec(name, dp, steps, 0, 1, &cl.path("ckpt"), "")
+            .replace("tp = 1", &format!("tp = {tp}"))
+            .replace(&format!("name = \"{name}\""), "name = \"same\"");
+        let job = cl.write_job(&format!("{name}.toml"), &text);
+        let c = cl.coordinator(
+            &format!("coordinator-{name}"),
+            0,
+            &format!("file:{}", cl.path(&format!("store-{name}")).display()),
+            Some(&job),
+            &[],
+        );
+        for _ in 0..dp * tp {
+            cl.worker(&c.endpoint, &[]);
+        }
+        let s = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+            phase(s) == "done" || phase(s) == "failed"
+        });
+        assert_eq!(phase(&s), "done", "{s}");
+        assert_eq!(u(&s["layout"]["tp"]), tp as u64, "{s}");
+        assert_eq!(u(&s["layout"]["dp"]), dp as u64, "{s}");
+        let l = train_losses(&c.endpoint);
+        assert_eq!(l.len() as u64, steps, "{l:?}");
+        l
+    };
+    let one = run_job(&mut cl, "one", 1, 1);
+    std::fs::remove_dir_all(cl.path("ckpt")).unwrap();
+    let four = run_job(&mut cl, "four", 2, 2);
+    // Same seed, same global batch, same samples: the losses agree to fp32 reduction order
+    // (TP all-reduces and DP gradient averaging reorder sums): 1e-4 absolute.
+    for ((s1, a), (s4, b)) in one.iter().zip(&four) {
+        assert_eq!(s1, s4);
+        assert!(
+            (a - b).abs() < 1e-4,
+            "step {s1}: one rank {a} vs DP2xTP2 {b}"
+        );
+    }
+    eprintln!(
+        "DP2xTP2 over 4 processes vs one rank, {steps} steps: max |Δloss| = {:.2e}",
+        one.iter()
+            .zip(&four)
+            .map(|((_, a), (_, b))| (a - b).abs())
+            .fold(0.0, f64::max)
+    );
+}
