@@ -76,9 +76,19 @@ impl Client {
         })
     }
 
+    /// A request with the timeout and, when this coordctl exports traces, the W3C
+    /// `traceparent` of its command span (the coordinator's spans become its children).
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.timeout);
+        for (k, v) in trellis_telemetry::inject(&tracing::Span::current()) {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+                v.parse(),
+            ) {
+                r.metadata_mut().insert(k, v);
+            }
+        }
         r
     }
 

@@ -435,10 +435,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let mut c = Client::connect(&endpoint, timeout).await?;
-        remote(&mut c, format, &cli.command, local).await
-    })
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the command is a client span (`coordctl <command>`)
+    // whose context every request carries: `coordctl grow` roots the growth's trace.
+    let mut telemetry = match trellis_telemetry::endpoint_from_env() {
+        Some(_) => {
+            let _guard = rt.enter();
+            Some(
+                trellis_telemetry::init_with(trellis_telemetry::Options {
+                    default_log_filter: "off".into(),
+                    ..trellis_telemetry::Options::new("coordctl")
+                })
+                .context("cannot start the OpenTelemetry exporter")?,
+            )
+        }
+        None => None,
+    };
+    let span = tracing::info_span!(
+        "coordctl",
+        otel.name = %format!("coordctl {}", command_name(&cli.command)),
+        otel.kind = "client",
+        endpoint = %endpoint,
+    );
+    let r = rt.block_on(tracing::Instrument::instrument(
+        async move {
+            let mut c = Client::connect(&endpoint, timeout).await?;
+            remote(&mut c, format, &cli.command, local).await
+        },
+        span,
+    ));
+    if let Some(t) = telemetry.as_mut() {
+        let _guard = rt.enter();
+        t.shutdown();
+    }
+    r
+}
+
+/// The subcommand as typed (`grow`, `checkpoint save`, …), for the span name.
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Job(_) => "job",
+        Command::Status => "status",
+        Command::Workers => "workers",
+        Command::Watch => "watch",
+        Command::Grow(..) => "grow",
+        Command::Pause => "pause",
+        Command::Resume => "resume",
+        Command::Loss(..) => "loss",
+        Command::Checkpoint(_) => "checkpoint",
+        Command::Plan(_) => "plan",
+    }
 }
 
 /// Local input an online command needs, read and validated before connecting.

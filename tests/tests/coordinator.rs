@@ -376,7 +376,14 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
         phase(s) == "training" && u(&s["step"]) >= 20
     });
     let t_grow = Instant::now();
-    let out = coordctl(&c.endpoint, &["--output", "json", "grow", "--factor", "4"]);
+    // coordctl exports its own span too: it roots the growth's trace.
+    let out = run(
+        Command::new(bin("coordctl"))
+            .args(["--endpoint", &c.endpoint])
+            .args(["--output", "json", "grow", "--factor", "4"])
+            .env(otel.0, &otel.1),
+        Duration::from_secs(60),
+    );
     assert!(out.status.success(), "coordctl grow: {}", stderr_line(&out));
     let g = json(&out);
     assert_eq!(
@@ -519,14 +526,15 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
                     .filter(|s| s.name == n && s.service_name == svc)
                     .count()
             };
-            let ok = [
-                "grow.checkpoint",
-                "grow.stack",
-                "grow.reshard",
-                "grow.resume",
-            ]
-            .iter()
-            .all(|n| has(n, "trellis-coordinator") == 1)
+            let ok = has("coordctl grow", "coordctl") == 1
+                && [
+                    "grow.checkpoint",
+                    "grow.stack",
+                    "grow.reshard",
+                    "grow.resume",
+                ]
+                .iter()
+                .all(|n| has(n, "trellis-coordinator") == 1)
                 && has("worker.grow.stack", "trellis-worker") == 2
                 && has("worker.grow.checkpoint", "trellis-worker") == 2;
             ok.then_some((grow, in_trace))
@@ -541,6 +549,16 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
         );
     }
     assert_eq!(grow.attr("generation"), Some("1"));
+    let root = in_trace
+        .iter()
+        .find(|s| s.service_name == "coordctl")
+        .unwrap();
+    assert!(
+        in_trace
+            .iter()
+            .any(|s| s.parent_span_id == root.span_id && s.service_name == "trellis-coordinator"),
+        "the coordinator's request span is a child of coordctl's: {in_trace:#?}"
+    );
 
     // Workers that exited on Stop are not lost; the catalogue lists only what exists (keep 2).
     for i in 1..=2 {
