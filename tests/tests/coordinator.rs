@@ -1374,3 +1374,81 @@ fn dp2_tp2_over_four_processes_matches_one_rank() {
             .fold(0.0, f64::max)
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// A frozen worker (SIGSTOP: its session stays open) expires by heartbeat; after SIGCONT its
+// late messages are fenced
+// ------------------------------------------------------------------------------------------
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+#[test]
+fn a_frozen_worker_expires_by_heartbeat_and_its_late_messages_are_fenced() {
+    let mut cl = Cluster::new("sigstop");
+    let job = cl.write_job(
+        "job.toml",
+        &spec("frozen", 2, 100_000, 20, 2, &cl.path("ckpt"), ""),
+    );
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &[],
+    );
+    cl.worker(&c.endpoint, &[]);
+    let victim = cl.worker(&c.endpoint, &[]);
+    let before = wait_status(&c.endpoint, "training past a checkpoint", LONG, |s| {
+        let ck = s["checkpoints"].as_array().map(|v| v.len()).unwrap_or(0);
+        phase(s) == "training" && ck > 0
+    });
+    let pid = cl.procs[victim].child.id();
+    let t0 = Instant::now();
+    signal(pid, "-STOP");
+    // Its TCP session stays open: only the missed heartbeats (TTL 3 s) can tell.
+    let rolled = wait_status(&c.endpoint, "the heartbeat to expire", LONG, |s| {
+        u(&s["rollbacks"]) >= 1
+    });
+    let detect = t0.elapsed();
+    assert_eq!(u(&rolled["rollbacks"]), 1, "{rolled}");
+    assert!(u(&rolled["workers"]["lost"]) >= 1, "{rolled}");
+    let waiting = wait_status(&c.endpoint, "waiting for a worker", LONG, |s| {
+        phase(s) == "waiting_for_workers"
+    });
+    assert!(u(&waiting["workers"]["lost"]) == 1, "{waiting}");
+    cl.worker(&c.endpoint, &[]);
+    let back = wait_status(&c.endpoint, "training again in a new epoch", LONG, |s| {
+        phase(s) == "training" && u(&s["epoch"]) > u(&before["epoch"])
+    });
+    let fenced0 = u(&back["fenced_messages"]);
+    // Thawed, the old rank still believes it is in the old epoch: whatever it sends for it is
+    // fenced, and the job goes on without it.
+    signal(pid, "-CONT");
+    let after = wait_status(
+        &c.endpoint,
+        "the thawed worker's messages fenced",
+        LONG,
+        |s| u(&s["fenced_messages"]) > fenced0,
+    );
+    let later = wait_status(&c.endpoint, "training on", LONG, |s| {
+        u(&s["step"]) > u(&after["step"]) + 20
+    });
+    assert_eq!(phase(&later), "training", "{later}");
+    assert_eq!(
+        u(&later["rollbacks"]),
+        1,
+        "the thawed worker caused no rollback: {later}"
+    );
+    assert_eq!(u(&later["epoch"]), u(&back["epoch"]), "{later}");
+    eprintln!(
+        "SIGSTOP of a worker: expired by heartbeat after {:.2}s (TTL 3s); after SIGCONT {} late message(s) fenced",
+        detect.as_secs_f64(),
+        u(&after["fenced_messages"]) - fenced0
+    );
+}
