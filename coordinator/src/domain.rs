@@ -422,6 +422,7 @@ impl Domain {
             paused: false,
             growth_failures: 0,
             stalled_rollbacks: 0,
+            failed_growths: Vec::new(),
             last_rollback: None,
             message: format!("submitted; waiting for {world} workers"),
         };
@@ -648,7 +649,16 @@ impl Domain {
             mfu: job.mfu,
             growth,
             last_growth_timings: last,
-            growth_history: job.growths.values().map(growth_event).collect(),
+            growth_history: {
+                let mut all: Vec<&GrowthRecordState> = job
+                    .state
+                    .failed_growths
+                    .iter()
+                    .chain(job.growths.values())
+                    .collect();
+                all.sort_by_key(|g| (g.generation, g.at_step));
+                all.into_iter().map(growth_event).collect()
+            },
             checkpoints: job.checkpoints.iter().map(ckpt_info).collect(),
             workers: Some(summary),
             message: s.message.clone(),
@@ -998,7 +1008,14 @@ impl Domain {
             layout_after: Some(layout.clone()),
             val_loss_after: None,
         };
-        job.growths.insert(generation, record.clone());
+        // A retry of a rolled-back growth: keep the failed attempt in the history.
+        if let Some(old) = job.growths.insert(generation, record.clone()) {
+            job.state.failed_growths.push(old);
+            let n = job.state.failed_growths.len();
+            if n > MAX_FAILED_GROWTHS {
+                job.state.failed_growths.drain(..n - MAX_FAILED_GROWTHS);
+            }
+        }
         job.plateau_seen = false;
         job.state.phase = Phase::Growing(GrowPhase::Checkpoint);
         job.state.message = format!("growing {from} -> {to} layers (generation {generation})");

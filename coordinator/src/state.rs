@@ -103,8 +103,15 @@ pub struct JobState {
     /// (step the job had reached, checkpoint step it restarted from) at the last rollback.
     #[serde(default)]
     pub last_rollback: Option<(u64, u64)>,
+    /// Growths that were rolled back and later retried under the same generation number (the
+    /// newest `MAX_FAILED_GROWTHS`), so the history keeps every attempt.
+    #[serde(default)]
+    pub failed_growths: Vec<GrowthRecordState>,
     pub message: String,
 }
+
+/// Rolled-back growth attempts kept in the job state.
+pub const MAX_FAILED_GROWTHS: usize = 16;
 
 /// `/…/jobs/<job>/checkpoints/<step>`: a committed checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1452,3 +1452,76 @@ fn a_frozen_worker_expires_by_heartbeat_and_its_late_messages_are_fenced() {
         u(&after["fenced_messages"]) - fenced0
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// A worker killed in the middle of a growth: the job rolls back to the previous generation's
+// checkpoint (nothing half grown), and the growth succeeds when asked again
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_worker_killed_mid_growth_rolls_back_to_the_old_generation_and_a_retry_grows() {
+    let mut cl = Cluster::new("kill-grow");
+    let job = cl.write_job(
+        "job.toml",
+        &spec("killg", 2, 100_000, 20, 3, &cl.path("ckpt"), ""),
+    );
+    let c = cl.coordinator(
+        "coordinator",
+        0,
+        &format!("file:{}", cl.path("store").display()),
+        Some(&job),
+        &[],
+    );
+    let hold = [("TRELLIS_FAULT_GROW_DELAY_MS", "3000".to_string())];
+    cl.worker(&c.endpoint, &hold);
+    let victim = cl.worker(&c.endpoint, &hold);
+    wait_status(&c.endpoint, "training past step 10", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 10
+    });
+    let out = coordctl(&c.endpoint, &["grow", "--factor", "2"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let mid = wait_status(&c.endpoint, "the growth in its stack phase", LONG, |s| {
+        s["growth"]["phase"] == "stack"
+    });
+    let grow_ckpt = u(&mid["growth"]["at_step"]);
+    cl.procs[victim].kill9();
+    let rolled = wait_status(&c.endpoint, "the rollback", LONG, |s| {
+        u(&s["rollbacks"]) >= 1 && s["growth"].is_null()
+    });
+    assert_eq!(u(&rolled["generation"]), 0, "{rolled}");
+    assert_eq!(u(&rolled["layers"]), 2, "{rolled}");
+    let h = &rolled["growth_history"][0];
+    assert_eq!(h["phase"], "rolled_back", "{h}");
+    assert!(!h["error"].as_str().unwrap().is_empty(), "{h}");
+    // The growth's checkpoint (generation 0, the rollback point) is where training restarts.
+    cl.worker(&c.endpoint, &[]);
+    let back = wait_status(&c.endpoint, "training again", LONG, |s| {
+        phase(s) == "training" && u(&s["epoch"]) > u(&mid["epoch"]) && u(&s["step"]) > grow_ckpt + 2
+    });
+    assert_eq!(u(&back["generation"]), 0, "{back}");
+    let restart = cl
+        .sample_log(2)
+        .into_iter()
+        .map(|r| u(&r["step"]))
+        .min()
+        .unwrap();
+    assert_eq!(
+        restart,
+        grow_ckpt + 1,
+        "restarted from the growth checkpoint"
+    );
+    // Asked again, the growth completes: generation 1, 4 layers.
+    let out = coordctl(&c.endpoint, &["grow", "--factor", "2"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let grown = wait_status(&c.endpoint, "the retried growth", LONG, |s| {
+        u(&s["generation"]) == 1 && s["growth_history"][1]["phase"] == "done"
+    });
+    assert_eq!(u(&grown["layers"]), 4, "{grown}");
+    // The history keeps both attempts of generation 1.
+    let h = grown["growth_history"].as_array().unwrap();
+    assert_eq!(h.len(), 2, "{grown}");
+    assert_eq!(h[0]["phase"], "rolled_back", "{grown}");
+    assert_eq!(u(&h[0]["at_step"]), grow_ckpt, "{grown}");
+    assert!(u(&h[1]["at_step"]) > grow_ckpt, "{grown}");
+    eprintln!("worker SIGKILL in the stack phase: rolled back to generation 0 at step {grow_ckpt}; the retry grew to 4 layers");
+}
