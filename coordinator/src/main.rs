@@ -120,6 +120,12 @@ fn run() -> anyhow::Result<()> {
             }
             trellis_store::StoreSpec::File(_) => None,
         };
+        // The leader's writes are fenced by its election revision: a deposed leader that has
+        // not noticed yet cannot overwrite the new leader's state.
+        let store: std::sync::Arc<dyn trellis_store::StateStore> = match &leadership {
+            Some(l) => std::sync::Arc::new(trellis_store::FencedStore::new(store, l)),
+            None => store,
+        };
         let running = trellis_coordinator::server::start(&cfg, store).await?;
         println!("{}", running.banner());
         use std::io::Write;

@@ -21,6 +21,46 @@ pub async fn run_all(store: Arc<dyn StateStore>, ns: &str) {
     txn(store.as_ref(), &format!("{ns}txn/")).await;
     let (lns, ens) = (format!("{ns}lease/"), format!("{ns}election/"));
     tokio::join!(leases(store.as_ref(), &lns), election(store.clone(), &ens));
+    fenced_store(store.clone(), &format!("{ns}fenced-store/")).await;
+}
+
+/// [`crate::FencedStore`]: the leader's writes apply; once another candidate leads, every write
+/// of the deposed leader is refused with `Error::Fenced` and changes nothing.
+pub async fn fenced_store(s: Arc<dyn StateStore>, ns: &str) {
+    let e = format!("{ns}leader");
+    let state = format!("{ns}state");
+    let a = s.campaign(&e, "a", TTL).await.unwrap();
+    let fa = crate::FencedStore::new(s.clone(), &a);
+    let rev = fa.put(&state, b"a1".to_vec()).await.unwrap();
+    assert!(rev > 0);
+    assert_eq!(s.get(&state).await.unwrap().unwrap().value, b"a1");
+    // A failing compare of the caller's own is a plain `false`, not a fencing error.
+    let other = Compare::ModRevision {
+        key: state.clone(),
+        revision: 0,
+    };
+    let put = |v: &[u8]| Op::Put {
+        key: state.clone(),
+        value: v.to_vec(),
+    };
+    assert!(!fa.txn(vec![other], vec![put(b"x")]).await.unwrap());
+    // a's lease goes (as when it expires under a frozen leader); b wins and writes.
+    s.revoke(a.lease()).await.unwrap();
+    let b = s.campaign(&e, "b", TTL).await.unwrap();
+    s.put(&state, b"b1".to_vec()).await.unwrap();
+    for r in [
+        fa.put(&state, b"a2".to_vec()).await.map(|_| ()),
+        fa.delete(&state).await,
+        fa.txn(vec![], vec![put(b"a3")]).await.map(|_| ()),
+    ] {
+        match r {
+            Err(Error::Fenced(m)) => assert!(m.contains("no longer leads"), "{m}"),
+            other => panic!("a deposed leader's write must be fenced: {other:?}"),
+        }
+    }
+    assert_eq!(s.get(&state).await.unwrap().unwrap().value, b"b1");
+    drop(a);
+    b.resign().await.unwrap();
 }
 
 async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F) -> Duration

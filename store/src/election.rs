@@ -220,3 +220,104 @@ async fn keep_leading(
     }
     let _ = tx.send(false);
 }
+
+/// A store whose every write is fenced by a leadership: each `put`/`delete`/`txn` runs as one
+/// transaction that also requires the election key to still carry the leader's revision, so a
+/// deposed leader (its lease expired or taken over, before it noticed) cannot overwrite the
+/// new leader's state. A fenced-off write is [`Error::Fenced`]. Reads and leases pass through.
+pub struct FencedStore {
+    inner: Arc<dyn StateStore>,
+    key: String,
+    revision: i64,
+}
+
+impl FencedStore {
+    pub fn new(inner: Arc<dyn StateStore>, leadership: &Leadership) -> FencedStore {
+        FencedStore {
+            inner,
+            key: leadership.key().to_string(),
+            revision: leadership.revision(),
+        }
+    }
+
+    fn guard(&self) -> Compare {
+        Compare::ModRevision {
+            key: self.key.clone(),
+            revision: self.revision,
+        }
+    }
+
+    async fn fenced(&self, compares: Vec<Compare>, ops: Vec<Op>, what: &str) -> Result<bool> {
+        let mut all = vec![self.guard()];
+        all.extend(compares.iter().cloned());
+        if self.inner.txn(all, ops.clone()).await? {
+            return Ok(true);
+        }
+        // Which compare failed: the leadership's, or the caller's own?
+        let ours = self.inner.get(&self.key).await?.map(|v| v.mod_revision);
+        if ours != Some(self.revision) {
+            return Err(Error::Fenced(format!(
+                "{what}: this coordinator no longer leads (election key {} is at revision {}, it won at {}); another coordinator owns the state now",
+                self.key,
+                ours.map_or("none".to_string(), |r| r.to_string()),
+                self.revision
+            )));
+        }
+        Ok(false)
+    }
+}
+
+#[async_trait::async_trait]
+impl StateStore for FencedStore {
+    fn describe(&self) -> String {
+        format!("{} (writes fenced by {})", self.inner.describe(), self.key)
+    }
+    async fn get(&self, key: &str) -> Result<Option<crate::Versioned>> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, crate::Versioned)>> {
+        self.inner.list(prefix).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64> {
+        let op = Op::Put {
+            key: key.to_string(),
+            value,
+        };
+        self.fenced(Vec::new(), vec![op], &format!("put {key}"))
+            .await?;
+        Ok(self.inner.get(key).await?.map_or(0, |v| v.mod_revision))
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        let op = Op::Delete {
+            key: key.to_string(),
+        };
+        self.fenced(Vec::new(), vec![op], &format!("delete {key}"))
+            .await?;
+        Ok(())
+    }
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool> {
+        self.fenced(compares, ops, "txn").await
+    }
+    async fn grant_lease(&self, ttl_secs: u64) -> Result<LeaseId> {
+        self.inner.grant_lease(ttl_secs).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.inner.revoke(lease).await
+    }
+    async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<i64> {
+        let op = Op::PutWithLease {
+            key: key.to_string(),
+            value,
+            lease,
+        };
+        self.fenced(Vec::new(), vec![op], &format!("put {key}"))
+            .await?;
+        Ok(self.inner.get(key).await?.map_or(0, |v| v.mod_revision))
+    }
+    async fn campaign(&self, election: &str, candidate: &str, ttl_secs: u64) -> Result<Leadership> {
+        self.inner.campaign(election, candidate, ttl_secs).await
+    }
+}

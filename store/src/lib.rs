@@ -28,7 +28,7 @@ pub mod conformance;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use election::Leadership;
+pub use election::{FencedStore, Leadership};
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
 
@@ -68,6 +68,9 @@ pub enum Error {
     Invalid(String),
     #[error("store: the store has been closed")]
     Closed,
+    /// A write by a coordinator that is no longer the leader ([`FencedStore`]).
+    #[error("store: write refused: {0}")]
+    Fenced(String),
 }
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
