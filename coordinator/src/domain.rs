@@ -32,6 +32,8 @@ const MAX_STALLED_ROLLBACKS: u32 = 3;
 /// How many steps further than the previous rollback a job must get before a new rollback
 /// counts as progress rather than the same failure again.
 const STALL_SLACK_STEPS: u64 = 2 * LOOKAHEAD_STEPS;
+/// Steps per stored chunk of loss history.
+const LOSS_CHUNK_STEPS: u64 = 1000;
 
 /// What a session sends to its worker.
 pub type Outbox = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -128,6 +130,8 @@ struct Job {
     tokens_per_second: f64,
     mfu: f64,
     persisted_at: Instant,
+    /// The first loss-history chunk not yet written complete to the store.
+    loss_flushed: u64,
     last_commit: Option<Instant>,
     /// The loss watcher reported a plateau since the last trigger check.
     plateau_seen: bool,
@@ -239,6 +243,37 @@ impl Domain {
             .put(&keys::job_state(&job.id), json(&job.state))
             .await?;
         job.persisted_at = Instant::now();
+        self.persist_loss().await
+    }
+
+    /// Write the loss history to the store in chunks of `LOSS_CHUNK_STEPS` steps (a few tens of
+    /// KB each, well under etcd's value limit): the chunks changed since the last write, i.e.
+    /// from the first incomplete one to the newest.
+    async fn persist_loss(&mut self) -> Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let pts = job.loss.points();
+        let Some(newest) = pts.iter().map(|p| p.step / LOSS_CHUNK_STEPS).max() else {
+            return Ok(());
+        };
+        let from = job.loss_flushed.min(newest);
+        let mut chunks: BTreeMap<u64, Vec<&crate::loss::LossPoint>> = BTreeMap::new();
+        for p in pts {
+            let k = p.step / LOSS_CHUNK_STEPS;
+            if k >= from {
+                chunks.entry(k).or_default().push(p);
+            }
+        }
+        for (k, chunk) in chunks {
+            self.store
+                .put(
+                    &keys::loss(&job.id, Step(k * LOSS_CHUNK_STEPS)),
+                    json(&chunk),
+                )
+                .await?;
+        }
+        job.loss_flushed = newest;
         Ok(())
     }
 
@@ -282,6 +317,20 @@ impl Domain {
                 serde_json::from_slice(&v.value).map_err(|e| Error::json("growth record", e))?;
             growths.insert(g.generation, g);
         }
+        let mut points = Vec::new();
+        let mut loss_flushed = 0;
+        for (k, v) in self.store.list(&keys::loss_prefix(&id)).await? {
+            let chunk: Vec<crate::loss::LossPoint> =
+                serde_json::from_slice(&v.value).map_err(|e| Error::json(&k, e))?;
+            loss_flushed = chunk
+                .iter()
+                .map(|p| p.step / LOSS_CHUNK_STEPS)
+                .max()
+                .unwrap_or(0);
+            points.extend(chunk);
+        }
+        let mut loss = LossWatcher::new(self.opts.watcher.clone());
+        loss.restore_points(points);
         let spec = JobSpec::from_toml(
             &record.spec_toml,
             std::path::Path::new(&record.base_dir),
@@ -293,7 +342,8 @@ impl Domain {
             id,
             record,
             model0,
-            loss: LossWatcher::new(self.opts.watcher.clone()),
+            loss,
+            loss_flushed,
             spec,
             state,
             checkpoints,
@@ -457,6 +507,7 @@ impl Domain {
             tokens_per_second: 0.0,
             mfu: 0.0,
             persisted_at: Instant::now(),
+            loss_flushed: 0,
             last_commit: None,
             plateau_seen: false,
         });

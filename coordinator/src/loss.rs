@@ -108,6 +108,12 @@ impl LossWatcher {
         &self.points
     }
 
+    /// Put back a history read from the store (after a coordinator restart); the smoothing
+    /// state starts afresh.
+    pub fn restore_points(&mut self, points: Vec<LossPoint>) {
+        self.points = points;
+    }
+
     /// Forget the smoothing state (after growth the loss jumps by design; after a rollback the
     /// run continues from an earlier point).
     pub fn reset_smoothing(&mut self) {

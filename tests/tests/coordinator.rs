@@ -698,9 +698,19 @@ fn a_coordinator_killed_mid_growth_recovers_from_the_embedded_store() {
     let mid = wait_status(&c.endpoint, "the growth in its stack phase", LONG, |s| {
         s["growth"]["phase"] == "stack"
     });
+    let history = train_losses(&c.endpoint);
     cl.procs[c.idx].kill9();
     let t0 = Instant::now();
     let c2 = cl.coordinator("coordinator-2", port, &store, None, &[]);
+    // The loss history survived the restart (it is written to the store with the state).
+    let recovered: BTreeMap<u64, f64> = train_losses(&c2.endpoint).into_iter().collect();
+    for (step, l) in history.iter().filter(|(s, _)| *s <= 20) {
+        assert_eq!(
+            recovered.get(step),
+            Some(l),
+            "train loss of step {step} after the restart"
+        );
+    }
     let s = wait_status(&c2.endpoint, "the job recovered and training", LONG, |s| {
         phase(s) == "training" && u(&s["epoch"]) > u(&mid["epoch"])
     });
