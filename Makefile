@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build test demo bench paper-mini fmt clean-runs
+.PHONY: setup build test demo bench bench-growth paper-mini fmt clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,11 @@ demo: build
 
 bench: build
 	@$(ENV) && bench/run.sh
+
+# Growth latency (issue #6): online `coordctl grow` vs stop + offline grow + new job from
+# checkpoint.init_from, 3 -> 12 layers (142.6M parameters) on CPU; runs/bench-growth/ (docs/benchmarks.md)
+bench-growth: build
+	@$(ENV) && bench/growth_latency.sh
 
 # The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
 # make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md)
