@@ -182,8 +182,8 @@ fn eval(
         let mut spec = load_spec(&job)?;
         spec.train.device = device;
         let out = std::env::temp_dir().join(format!("trellis-eval-{}", std::process::id()));
-        let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(trellis_comm::Solo))?;
-        t.restore(&checkpoint)?;
+        let solo = trellis_worker::parallel::Groups::dp_only(Box::new(trellis_comm::Solo));
+        let mut t = Trainer::restored(&spec, &out, 0, 1, solo, &checkpoint)?;
         let loss = t.evaluate()?;
         let _ = std::fs::remove_dir_all(&out);
         let r = serde_json::json!({

@@ -79,12 +79,12 @@ impl ManagedRunner {
             dp: groups.dp,
             tp: groups.tp,
         };
-        let mut trainer = Trainer::with_groups(&a.spec, &a.job_root, dp_rank, a.dp, groups)?;
-        if let Some(dir) = &a.restore_from {
-            // Any layout restores any checkpoint: each rank reads only its own slices
-            // (the checkpoint reshard path, DESIGN §5).
-            trainer.restore(dir)?;
-        }
+        // Any layout restores any checkpoint: each rank reads only its own slices (the
+        // checkpoint reshard path, DESIGN §5).
+        let mut trainer = match &a.restore_from {
+            Some(dir) => Trainer::restored(&a.spec, &a.job_root, dp_rank, a.dp, groups, dir)?,
+            None => Trainer::with_groups(&a.spec, &a.job_root, dp_rank, a.dp, groups)?,
+        };
         trainer.set_skip_windows(a.skip.clone());
         Ok(ManagedRunner {
             trainer,

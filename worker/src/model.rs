@@ -464,6 +464,14 @@ impl Llama {
         })
     }
 
+    /// A shard whose tensors are allocated but not initialised: a model that a restore is
+    /// about to replace (drawing a fresh init first would cost seconds at 100M+ parameters).
+    pub fn placeholder_shard(cfg: &ModelConfig, device: Device, shard: Shard) -> Llama {
+        Llama::new_shard(cfg, device, shard, &mut |_name, local| {
+            Tensor::zeros(dims(local), (Kind::Float, Device::Cpu))
+        })
+    }
+
     /// Build from a name → tensor map (checkpoint load); every tensor must be present.
     pub fn from_tensors(
         cfg: &ModelConfig,

@@ -292,6 +292,32 @@ impl Trainer {
         dp: usize,
         groups: Groups,
     ) -> Result<Trainer> {
+        Trainer::build(spec, out_dir, dp_rank, dp, groups, true)
+    }
+
+    /// [`Trainer::with_groups`] restored from the committed checkpoint `dir` ([`Trainer::restore`]),
+    /// without drawing the fresh weights the restore would replace.
+    pub fn restored(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+        dir: &Path,
+    ) -> Result<Trainer> {
+        let mut t = Trainer::build(spec, out_dir, dp_rank, dp, groups, false)?;
+        t.restore(dir)?;
+        Ok(t)
+    }
+
+    fn build(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+        init: bool,
+    ) -> Result<Trainer> {
         let Groups {
             dp: comm,
             tp: tp_comm,
@@ -346,7 +372,12 @@ impl Trainer {
             )));
         }
         let sampler = Sampler::new(nwin, spec.job.seed);
-        let model = Llama::init_shard(&cfg, device, spec.job.seed, Shard { rank: tp_rank, tp });
+        let shard = Shard { rank: tp_rank, tp };
+        let model = if init {
+            Llama::init_shard(&cfg, device, spec.job.seed, shard)
+        } else {
+            Llama::placeholder_shard(&cfg, device, shard)
+        };
         let optim = AdamW::new(
             AdamWConfig::from_train(&spec.train),
             model.named_parameters(),
