@@ -153,6 +153,10 @@ pub struct GrowOrder {
     pub tp: usize,
 }
 
+/// A checkpoint's file writes, detached from the runner ([`Runner::begin_checkpoint_shards`]):
+/// the agent runs it on another thread while training goes on.
+pub type ShardWriteJob = Box<dyn FnOnce() -> Result<Option<ShardReport>, BoxError> + Send>;
+
 /// The worker's trainer as the agent drives it. Every method runs on the agent's training
 /// thread; methods that use the collective are called by every rank at the same point.
 pub trait Runner {
@@ -165,6 +169,13 @@ pub trait Runner {
     /// replica other than DP rank 0).
     fn write_checkpoint_shards(&mut self, job_root: &Path)
         -> Result<Option<ShardReport>, BoxError>;
+    /// [`Runner::write_checkpoint_shards`] split in two: everything that needs the runner (and
+    /// the collectives) now — the state at this step copied out — and the file writes as a
+    /// job that may run on another thread while the runner trains on. Default: all now.
+    fn begin_checkpoint_shards(&mut self, job_root: &Path) -> Result<ShardWriteJob, BoxError> {
+        let r = self.write_checkpoint_shards(job_root)?;
+        Ok(Box::new(move || Ok(r)))
+    }
     /// Rank 0 only, not collective: merge `reports`, write manifest + trainer state, rename to
     /// `step-<step>` and point `latest` at it. Returns the final directory.
     fn finalize_checkpoint(
@@ -511,6 +522,16 @@ struct Epoch {
     /// The generation of the growth whose checkpoint this rank wrote last (for the `generation`
     /// of the commit's span), 0 outside a growth.
     growth_generation: u64,
+    /// A checkpoint whose files are being written in the background.
+    writing: Option<PendingWrite>,
+}
+
+/// A checkpoint write in flight: acked (with the state of the step it snapshotted) when done.
+struct PendingWrite {
+    cmd_id: u64,
+    handle: std::thread::JoinHandle<std::result::Result<Option<ShardReport>, String>>,
+    state: RunnerState,
+    started: Instant,
 }
 
 struct Trainer<F> {
@@ -628,7 +649,19 @@ macro_rules! command_span {
 impl<F: RunnerFactory> Trainer<F> {
     fn ack(&self, cmd_id: u64, phase: &str, r: std::result::Result<(String, f64), String>) {
         let Some(e) = &self.epoch else { return };
-        let st = e.runner.state();
+        self.ack_at(cmd_id, phase, r, &e.runner.state());
+    }
+
+    /// [`Self::ack`] for work done at the step of `st` (a checkpoint written in the background
+    /// is acked with the step it snapshotted, not the step training has reached since).
+    fn ack_at(
+        &self,
+        cmd_id: u64,
+        phase: &str,
+        r: std::result::Result<(String, f64), String>,
+        st: &RunnerState,
+    ) {
+        let Some(e) = &self.epoch else { return };
         let (ok, error, payload, seconds) = match r {
             Ok((p, s)) => (true, String::new(), p, s),
             Err(err) => (false, err, String::new(), 0.0),
@@ -663,6 +696,11 @@ impl<F: RunnerFactory> Trainer<F> {
     }
 
     fn assign(&mut self, a: pb::Assignment) {
+        // A checkpoint still being written finishes first (a later one may reuse its temp dir);
+        // the old epoch's ack would be fenced anyway.
+        if let Some(w) = self.epoch.as_mut().and_then(|e| e.writing.take()) {
+            let _ = w.handle.join();
+        }
         // Drop the old runner (and its collective) before forming the new group.
         self.epoch = None;
         let t0 = Instant::now();
@@ -706,6 +744,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 hold: a_hold,
                 failed: false,
                 growth_generation: 0,
+                writing: None,
             })
         })();
         match built {
@@ -826,6 +865,7 @@ impl<F: RunnerFactory> Trainer<F> {
                     }
                 }
             }
+            self.poll_write(false);
             let Some(e) = self.epoch.as_mut() else {
                 continue;
             };
@@ -904,8 +944,45 @@ impl<F: RunnerFactory> Trainer<F> {
         }
     }
 
+    /// Ack the background checkpoint write once it is done; with `wait`, block until it is.
+    fn poll_write(&mut self, wait: bool) {
+        let Some(e) = self.epoch.as_mut() else { return };
+        match &e.writing {
+            Some(w) if wait || w.handle.is_finished() => {}
+            _ => return,
+        }
+        let w = e.writing.take().expect("checked");
+        let r = w
+            .handle
+            .join()
+            .unwrap_or_else(|_| Err("the checkpoint writer thread panicked".into()));
+        match r {
+            Ok(report) => self.ack_at(
+                w.cmd_id,
+                "checkpoint",
+                Ok((
+                    checkpoint_payload(&report, &w.state),
+                    w.started.elapsed().as_secs_f64(),
+                )),
+                &w.state,
+            ),
+            Err(err) => self.fail("checkpoint", err),
+        }
+    }
+
     fn execute(&mut self, cmd: pb::Command) {
         let Some(kind) = cmd.kind else { return };
+        // Commands run in order: one that depends on the disk or the state (another
+        // checkpoint, its commit, a growth) waits for a background write to finish.
+        if !matches!(
+            kind,
+            pb::command::Kind::Pause(_) | pb::command::Kind::Resume(_)
+        ) {
+            self.poll_write(true);
+            if self.epoch.as_ref().is_none_or(|e| e.failed) {
+                return;
+            }
+        }
         let t0 = Instant::now();
         let e = self.epoch.as_mut().expect("epoch");
         let was_hold = e.hold;
@@ -951,20 +1028,40 @@ impl<F: RunnerFactory> Trainer<F> {
                 let _span = span.enter();
                 let root = e.a.job_root.clone();
                 let st = e.runner.state();
-                match e.runner.write_checkpoint_shards(&root) {
-                    Ok(report) => {
-                        e.hold = c.hold;
-                        let payload = serde_json::json!({
-                            "report": report,
-                            "tokens": st.tokens,
-                            "data_cursor": st.data_cursor,
-                            "generation": st.generation,
-                        });
-                        self.ack(
-                            cmd.id,
-                            "checkpoint",
-                            Ok((payload.to_string(), t0.elapsed().as_secs_f64())),
-                        );
+                match e.runner.begin_checkpoint_shards(&root) {
+                    // A growth's checkpoint holds the ranks anyway: write it now. Any other
+                    // is written in the background while training goes on, and acked when
+                    // its files are durable (`poll_write`).
+                    Ok(job) if c.hold => {
+                        e.hold = true;
+                        match job() {
+                            Ok(report) => self.ack_at(
+                                cmd.id,
+                                "checkpoint",
+                                Ok((checkpoint_payload(&report, &st), t0.elapsed().as_secs_f64())),
+                                &st,
+                            ),
+                            Err(err) => self.fail("checkpoint", err.to_string()),
+                        }
+                    }
+                    Ok(job) => {
+                        let spawned = std::thread::Builder::new()
+                            .name("trellis-ckpt-write".into())
+                            .spawn(move || job().map_err(|e| e.to_string()));
+                        match spawned {
+                            Ok(handle) => {
+                                e.writing = Some(PendingWrite {
+                                    cmd_id: cmd.id,
+                                    handle,
+                                    state: st,
+                                    started: t0,
+                                })
+                            }
+                            Err(err) => self.fail(
+                                "checkpoint",
+                                format!("cannot start the writer thread: {err}"),
+                            ),
+                        }
                     }
                     Err(err) => self.fail("checkpoint", err.to_string()),
                 }
@@ -1065,6 +1162,17 @@ impl<F: RunnerFactory> Trainer<F> {
             pb::command::Kind::Stop(_) => {}
         }
     }
+}
+
+/// The `checkpoint` ack's payload: this rank's shard report and the state of its step.
+fn checkpoint_payload(report: &Option<ShardReport>, st: &RunnerState) -> String {
+    serde_json::json!({
+        "report": report,
+        "tokens": st.tokens,
+        "data_cursor": st.data_cursor,
+        "generation": st.generation,
+    })
+    .to_string()
 }
 
 fn is_stop(c: &pb::Command) -> bool {

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use trellis_agent::{
-    Assignment, BoxError, Collectives, GrowOrder, Runner, RunnerState, StepOutcome,
+    Assignment, BoxError, Collectives, GrowOrder, Runner, RunnerState, ShardWriteJob, StepOutcome,
 };
 use trellis_core::checkpoint::{self, ShardReport, TrainerState};
 
@@ -157,6 +157,15 @@ impl Runner for ManagedRunner {
         let report = self.trainer.write_checkpoint_shards(job_root)?;
         self.pending = Some(self.trainer.state());
         Ok(report)
+    }
+
+    fn begin_checkpoint_shards(&mut self, job_root: &Path) -> Result<ShardWriteJob, BoxError> {
+        let w = self.trainer.snapshot_checkpoint_shards(job_root)?;
+        self.pending = Some(self.trainer.state());
+        Ok(Box::new(move || match w {
+            Some(w) => Ok(Some(w.write()?)),
+            None => Ok(None),
+        }))
     }
 
     fn finalize_checkpoint(

@@ -232,6 +232,29 @@ pub fn check_growth_stages(spec: &JobSpec, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// A rank's checkpoint shards copied to the host, ready to be written
+/// ([`Trainer::snapshot_checkpoint_shards`]).
+pub struct ShardWrite {
+    tmp: PathBuf,
+    tp_rank: usize,
+    tp: usize,
+    model: Vec<(String, HostTensor)>,
+    optim: Vec<(String, HostTensor)>,
+}
+
+impl ShardWrite {
+    /// Write and fsync the shard files; their report for the commit.
+    pub fn write(self) -> Result<ShardReport> {
+        Ok(checkpoint::write_shard(
+            &self.tmp,
+            self.tp_rank,
+            self.tp,
+            &self.model,
+            &self.optim,
+        )?)
+    }
+}
+
 /// Everything for one rank.
 pub struct Trainer {
     spec: JobSpec,
@@ -786,6 +809,17 @@ impl Trainer {
     /// together (TP rank 0 prepares the temp dir, then a TP barrier), and the caller merges the
     /// reports of all of them.
     pub fn write_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardReport>> {
+        match self.snapshot_checkpoint_shards(job_root)? {
+            Some(w) => Ok(Some(w.write()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The first half of [`Trainer::write_checkpoint_shards`]: prepare the temp dir (TP rank 0,
+    /// then a TP barrier) and copy this rank's tensors to the host. The returned
+    /// [`ShardWrite`] writes and hashes the files and can run on another thread while training
+    /// goes on: it owns its copy of the state.
+    pub fn snapshot_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardWrite>> {
         if self.dp_rank != 0 {
             return Ok(None);
         }
@@ -797,6 +831,11 @@ impl Trainer {
             }
             std::fs::create_dir_all(&tmp)
                 .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+            // `finalize` lists (and hashes) every file in the temp dir, this one included.
+            let tok = tmp.join(checkpoint::TOKENIZER);
+            std::fs::copy(&self.data.tokenizer_path, &tok).map_err(|e| {
+                Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e)
+            })?;
         }
         self.tp_comm.barrier()?;
         let mut model = Vec::new();
@@ -811,15 +850,13 @@ impl Trainer {
             optim.push((format!("{name}.exp_avg"), to_host(&m.exp_avg)));
             optim.push((format!("{name}.exp_avg_sq"), to_host(&m.exp_avg_sq)));
         }
-        let report = checkpoint::write_shard(&tmp, self.tp_rank, self.tp, &model, &optim)?;
-        if self.tp_rank == 0 {
-            // `finalize` lists (and hashes) every file in the temp dir, this one included.
-            let tok = tmp.join(checkpoint::TOKENIZER);
-            std::fs::copy(&self.data.tokenizer_path, &tok).map_err(|e| {
-                Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e)
-            })?;
-        }
-        Ok(Some(report))
+        Ok(Some(ShardWrite {
+            tmp,
+            tp_rank: self.tp_rank,
+            tp: self.tp,
+            model,
+            optim,
+        }))
     }
 
     /// Merge the shard reports, write the manifest and `trainer_state.json`, fsync and rename to
