@@ -16,6 +16,7 @@
 #         + g2        (L/2 layers grown x2 at d1)
 #         + gstack-d2 (gstack grown at d2 instead of d1)
 #         + gstack-lr (gstack with the post-growth peak LR equal to the baseline's, not 3e-4)
+#         + random-lr, zero-lr (the random / zero operators at that LR too)
 # The main pair runs with --seeds N seeds (default 2); ablations with --ablation-seeds M (default 1).
 # Growth steps are multiples of the eval interval, so the loss right before growth is measured.
 # --specs-only writes the specs and stops. Env overrides: BASE_LR (baseline and small-model peak LR, default 1e-3), GROW_LR (post-growth
@@ -94,6 +95,8 @@ if [[ $ONLY == all ]]; then
     "g2 $((LAYERS / 2)) 2 stack reset $D1 $GROW_LR $ABL_SEEDS"
     "gstack-d2 $((LAYERS / 4)) 4 stack reset $D2 $GROW_LR $ABL_SEEDS"
     "gstack-lr $((LAYERS / 4)) 4 stack reset $D1 $BASE_LR $ABL_SEEDS"
+    "random-lr $((LAYERS / 4)) 4 random reset $D1 $BASE_LR $ABL_SEEDS"
+    "zero-lr $((LAYERS / 4)) 4 zero reset $D1 $BASE_LR $ABL_SEEDS"
   )
 fi
 
