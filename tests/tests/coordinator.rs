@@ -119,6 +119,14 @@ impl Cluster {
         p
     }
 
+    /// Write `job.toml` and start "coordinator" with it on the embedded store `store/`.
+    fn start_job(&mut self, spec_text: &str, extra: &[&str]) -> (PathBuf, Coord) {
+        let job = self.write_job("job.toml", spec_text);
+        let store = format!("file:{}", self.path("store").display());
+        let c = self.coordinator("coordinator", 0, &store, Some(&job), extra);
+        (job, c)
+    }
+
     /// Start a coordinator; returns its stdout lines (the banner comes once it serves).
     fn spawn_coordinator(
         &mut self,
@@ -600,17 +608,7 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
 #[test]
 fn a_killed_worker_rolls_the_job_back_until_a_worker_rejoins() {
     let mut cl = Cluster::new("kill-worker");
-    let job = cl.write_job(
-        "job.toml",
-        &spec("killw", 2, 100_000, 20, 2, &cl.path("ckpt"), ""),
-    );
-    let c = cl.coordinator(
-        "coordinator",
-        0,
-        &format!("file:{}", cl.path("store").display()),
-        Some(&job),
-        &[],
-    );
+    let (_, c) = cl.start_job(&spec("killw", 2, 100_000, 20, 2, &cl.path("ckpt"), ""), &[]);
     cl.worker(&c.endpoint, &[]);
     let victim = cl.worker(&c.endpoint, &[]);
     let before = wait_status(
@@ -1020,17 +1018,7 @@ fn a_nan_loss_rolls_back_and_skips_its_data_window() {
     let mut cl = Cluster::new("nan");
     let max_steps = 60;
     let nan_step = 25;
-    let job = cl.write_job(
-        "job.toml",
-        &spec("nan", 2, max_steps, 10, 3, &cl.path("ckpt"), ""),
-    );
-    let c = cl.coordinator(
-        "coordinator",
-        0,
-        &format!("file:{}", cl.path("store").display()),
-        Some(&job),
-        &[],
-    );
+    let (_, c) = cl.start_job(&spec("nan", 2, max_steps, 10, 3, &cl.path("ckpt"), ""), &[]);
     let nan = [("TRELLIS_FAULT_NAN_AT_STEP", nan_step.to_string())];
     cl.worker(&c.endpoint, &nan);
     cl.worker(&c.endpoint, &nan);
@@ -1407,15 +1395,8 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn a_frozen_worker_expires_by_heartbeat_and_its_late_messages_are_fenced() {
     let mut cl = Cluster::new("sigstop");
-    let job = cl.write_job(
-        "job.toml",
+    let (_, c) = cl.start_job(
         &spec("frozen", 2, 100_000, 20, 2, &cl.path("ckpt"), ""),
-    );
-    let c = cl.coordinator(
-        "coordinator",
-        0,
-        &format!("file:{}", cl.path("store").display()),
-        Some(&job),
         &[],
     );
     cl.worker(&c.endpoint, &[]);
@@ -1477,17 +1458,7 @@ fn a_frozen_worker_expires_by_heartbeat_and_its_late_messages_are_fenced() {
 #[test]
 fn a_worker_killed_mid_growth_rolls_back_to_the_old_generation_and_a_retry_grows() {
     let mut cl = Cluster::new("kill-grow");
-    let job = cl.write_job(
-        "job.toml",
-        &spec("killg", 2, 100_000, 20, 3, &cl.path("ckpt"), ""),
-    );
-    let c = cl.coordinator(
-        "coordinator",
-        0,
-        &format!("file:{}", cl.path("store").display()),
-        Some(&job),
-        &[],
-    );
+    let (_, c) = cl.start_job(&spec("killg", 2, 100_000, 20, 3, &cl.path("ckpt"), ""), &[]);
     let hold = [("TRELLIS_FAULT_GROW_DELAY_MS", "3000".to_string())];
     cl.worker(&c.endpoint, &hold);
     let victim = cl.worker(&c.endpoint, &hold);
