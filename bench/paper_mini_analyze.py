@@ -33,6 +33,9 @@ LABEL = {
     "carry": "G_stack, optimizer carry",
     "g2": "G_stack g=2",
     "gstack-d2": "G_stack, later growth (d2)",
+    "gstack-lr": "G_stack, post-growth LR = baseline's",
+    "random-lr": "random, post-growth LR = baseline's",
+    "zero-lr": "zero, post-growth LR = baseline's",
 }
 
 
@@ -165,12 +168,13 @@ def main():
     md += ["", "Plots: `val_vs_tokens.png`, `val_vs_flops.png` (dotted vertical lines: growth).", ""]
     (out / "results.md").write_text("\n".join(md))
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # One distinct colour per run (tab10 repeats after 10 runs); the baseline is black.
+    colors = [plt.cm.tab20(i) for i in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19)]
     styles = ["-", "--", ":", "-."]
     for xi, xlabel, fname in [(0, "tokens", "val_vs_tokens.png"), (1, "training FLOPs", "val_vs_flops.png")]:
         fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
         for ci, n in enumerate(names):
-            c = colors[ci % len(colors)]
+            c = "black" if n == "baseline" else colors[ci % len(colors)]
             for si, (seed, r) in enumerate(sorted(runs[n].items())):
                 xs = [p[xi] for p in r["val"]]
                 ys = [p[2] for p in r["val"]]
