@@ -527,6 +527,12 @@ fn growth_line(g: &GrowthView) -> String {
             seconds(t.resume_seconds)
         );
     }
+    if g.tp_after > 0 {
+        let _ = write!(s, "; then dp {} × tp {}", g.dp_after, g.tp_after);
+    }
+    if let Some(v) = g.val_loss_after {
+        let _ = write!(s, "; val loss right after {v:.4}");
+    }
     if !g.error.is_empty() {
         let _ = write!(s, ": {}", g.error);
     }
