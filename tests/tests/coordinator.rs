@@ -256,6 +256,22 @@ fn wait_status(
     }
 }
 
+/// `coordctl checkpoint grow --factor 4 SRC DST` (offline), which must succeed.
+fn grow_offline(endpoint: &str, src: &Path, dst: &Path) {
+    let out = coordctl(
+        endpoint,
+        &[
+            "checkpoint",
+            "grow",
+            "--factor",
+            "4",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+}
+
 fn phase(s: &Value) -> &str {
     s["phase"].as_str().unwrap_or("")
 }
@@ -1097,18 +1113,7 @@ fn a_new_job_starts_from_an_offline_grown_checkpoint() {
     assert_eq!(phase(&done), "done", "{done}");
     let src = ckpt.join("small/step-30");
     let grown = cl.path("grown");
-    let out = coordctl(
-        &c.endpoint,
-        &[
-            "checkpoint",
-            "grow",
-            "--factor",
-            "4",
-            src.to_str().unwrap(),
-            grown.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr_line(&out));
+    grow_offline(&c.endpoint, &src, &grown);
 
     // A second coordinator, fresh store, no job yet.
     let b = cl.coordinator(
@@ -1248,18 +1253,7 @@ fn a_growth_that_does_not_fit_one_rank_reshards_to_tp2_and_resumes() {
     // TP = 1 as the job's trainer evaluates. fp32; the TP reductions reorder sums: 1e-4.
     let pre = cl.path(&format!("ckpt/relayout/step-{grow_at}"));
     let grown_dir = cl.path("grown-tp1");
-    let out = coordctl(
-        &c.endpoint,
-        &[
-            "checkpoint",
-            "grow",
-            "--factor",
-            "4",
-            pre.to_str().unwrap(),
-            grown_dir.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr_line(&out));
+    grow_offline(&c.endpoint, &pre, &grown_dir);
     let e = eval_tp1(&grown_dir);
     let tp1 = e["loss"].as_f64().unwrap();
     assert!(
