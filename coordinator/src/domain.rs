@@ -585,20 +585,18 @@ impl Domain {
                 .unwrap_or(spec.train.global_batch / dp.max(1));
             trellis_core::layout::memory_per_rank(cfg, tp, mb.max(1), seq).total
         };
-        let splits = |tp: usize| {
-            world % tp == 0
-                && spec.train.global_batch % (world / tp) == 0
-                && cfg.num_attention_heads % tp == 0
-                && cfg.num_key_value_heads % tp == 0
-                && cfg.intermediate_size % tp == 0
-        };
+        // The TP degrees the model allows on this world whose DP divides the global batch.
+        let candidates: Vec<usize> = trellis_core::layout::valid_tps(cfg, world)
+            .into_iter()
+            .filter(|&t| spec.train.global_batch % (world / t) == 0)
+            .collect();
         let budget_text = if self.opts.device_memory_bytes.is_some() {
             format!("the {:.2} GiB per-rank budget", gib(budget))
         } else {
             "the unlimited budget (no --device-memory-bytes)".to_string()
         };
         let layers = cfg.num_hidden_layers;
-        if splits(cur.tp) && need(cur.tp) <= budget {
+        if candidates.contains(&cur.tp) && need(cur.tp) <= budget {
             return Ok(LayoutInfo {
                 dp: cur.dp,
                 tp: cur.tp,
@@ -612,7 +610,6 @@ impl Domain {
                 budget_bytes: self.opts.device_memory_bytes.unwrap_or(0),
             });
         }
-        let candidates: Vec<usize> = (1..=world).filter(|&t| splits(t)).collect();
         if let Some(&tp) = candidates.iter().find(|&&t| need(t) <= budget) {
             return Ok(LayoutInfo {
                 dp: world / tp,
