@@ -29,10 +29,12 @@ use tokio_stream::StreamExt;
 use tracing::{debug, info, warn, Span};
 use trellis_comm::{Collective, Solo, TcpRing};
 use trellis_core::checkpoint::ShardReport;
-use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
+use trellis_core::growth::GrowthSpec;
 use trellis_core::ids::{JobId, Rank};
 use trellis_core::job::JobSpec;
+use trellis_proto::convert::operator_from_pb;
 use trellis_proto::v1 as pb;
+use trellis_proto::v1::AckPhase;
 
 pub mod fake;
 
@@ -63,6 +65,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What a [`Runner`] returns on failure (any error type the worker uses).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What an ack reports: the typed result it carries (a checkpoint's or a commit's) and the
+/// seconds the work took, or why it failed.
+type AckResult = std::result::Result<(Option<pb::ack::Result>, f64), String>;
 
 /// A rank's place in an epoch, decoded from the coordinator's `Assignment`.
 #[derive(Debug, Clone)]
@@ -647,24 +653,18 @@ macro_rules! command_span {
 }
 
 impl<F: RunnerFactory> Trainer<F> {
-    fn ack(&self, cmd_id: u64, phase: &str, r: std::result::Result<(String, f64), String>) {
+    fn ack(&self, cmd_id: u64, phase: AckPhase, r: AckResult) {
         let Some(e) = &self.epoch else { return };
         self.ack_at(cmd_id, phase, r, &e.runner.state());
     }
 
     /// [`Self::ack`] for work done at the step of `st` (a checkpoint written in the background
     /// is acked with the step it snapshotted, not the step training has reached since).
-    fn ack_at(
-        &self,
-        cmd_id: u64,
-        phase: &str,
-        r: std::result::Result<(String, f64), String>,
-        st: &RunnerState,
-    ) {
+    fn ack_at(&self, cmd_id: u64, phase: AckPhase, r: AckResult, st: &RunnerState) {
         let Some(e) = &self.epoch else { return };
-        let (ok, error, payload, seconds) = match r {
+        let (ok, error, result, seconds) = match r {
             Ok((p, s)) => (true, String::new(), p, s),
-            Err(err) => (false, err, String::new(), 0.0),
+            Err(err) => (false, err, None, 0.0),
         };
         send(
             &self.sink,
@@ -672,10 +672,10 @@ impl<F: RunnerFactory> Trainer<F> {
                 epoch: e.a.epoch,
                 generation: st.generation,
                 command_id: cmd_id,
-                phase: phase.into(),
+                phase: phase as i32,
                 ok,
                 error,
-                payload_json: payload,
+                result,
                 seconds,
                 step: st.step,
                 rank: e.a.rank.0,
@@ -683,12 +683,15 @@ impl<F: RunnerFactory> Trainer<F> {
         );
     }
 
-    fn fail(&mut self, phase: &str, err: String) {
+    fn fail(&mut self, phase: AckPhase, err: String) {
         // Marks the command's span (when one is entered) as failed in the trace.
         let span = Span::current();
         span.record("otel.status_code", "error");
         span.record("otel.status_message", err.as_str());
-        warn!(phase, "runner failed: {err}; waiting for a new assignment");
+        warn!(
+            phase = phase.label(),
+            "runner failed: {err}; waiting for a new assignment"
+        );
         self.ack(0, phase, Err(err));
         if let Some(e) = self.epoch.as_mut() {
             e.failed = true;
@@ -765,10 +768,10 @@ impl<F: RunnerFactory> Trainer<F> {
                         epoch: e.a.epoch,
                         generation: st.generation,
                         command_id: 0,
-                        phase: "assign".into(),
+                        phase: AckPhase::Assign as i32,
                         ok: true,
                         error: String::new(),
-                        payload_json: String::new(),
+                        result: None,
                         seconds: t0.elapsed().as_secs_f64(),
                         step: st.step,
                         rank: e.a.rank.0,
@@ -787,10 +790,10 @@ impl<F: RunnerFactory> Trainer<F> {
                         epoch: a.epoch,
                         generation: a.generation,
                         command_id: 0,
-                        phase: "assign".into(),
+                        phase: AckPhase::Assign as i32,
                         ok: false,
                         error: err.to_string(),
-                        payload_json: String::new(),
+                        result: None,
                         seconds: 0.0,
                         step: 0,
                         rank: a.rank,
@@ -876,7 +879,7 @@ impl<F: RunnerFactory> Trainer<F> {
             let target = match e.runner.agree_min(e.highest) {
                 Ok(t) => t,
                 Err(err) => {
-                    self.fail("agree", err.to_string());
+                    self.fail(AckPhase::Agree, err.to_string());
                     continue;
                 }
             };
@@ -935,11 +938,11 @@ impl<F: RunnerFactory> Trainer<F> {
                                     rank: e.a.rank.0,
                                 }),
                             ),
-                            Err(err) => self.fail("evaluate", err.to_string()),
+                            Err(err) => self.fail(AckPhase::Evaluate, err.to_string()),
                         }
                     }
                 }
-                Err(err) => self.fail("step", err.to_string()),
+                Err(err) => self.fail(AckPhase::Step, err.to_string()),
             }
         }
     }
@@ -959,14 +962,14 @@ impl<F: RunnerFactory> Trainer<F> {
         match r {
             Ok(report) => self.ack_at(
                 w.cmd_id,
-                "checkpoint",
+                AckPhase::Checkpoint,
                 Ok((
-                    checkpoint_payload(&report, &w.state),
+                    Some(checkpoint_ack(&report, &w.state)),
                     w.started.elapsed().as_secs_f64(),
                 )),
                 &w.state,
             ),
-            Err(err) => self.fail("checkpoint", err),
+            Err(err) => self.fail(AckPhase::Checkpoint, err),
         }
     }
 
@@ -993,21 +996,21 @@ impl<F: RunnerFactory> Trainer<F> {
         match kind {
             pb::command::Kind::Pause(_) => {
                 e.paused = true;
-                self.ack(cmd.id, "pause", Ok((String::new(), 0.0)));
+                self.ack(cmd.id, AckPhase::Pause, Ok((None, 0.0)));
             }
             pb::command::Kind::Resume(_) => {
                 e.paused = false;
-                self.ack(cmd.id, "unpause", Ok((String::new(), 0.0)));
+                self.ack(cmd.id, AckPhase::Unpause, Ok((None, 0.0)));
             }
             pb::command::Kind::Evaluate(_) => {
                 let r = e.runner.evaluate();
                 match r {
-                    Ok(v) => self.ack(
+                    Ok(_) => self.ack(
                         cmd.id,
-                        "evaluate",
-                        Ok((format!("{{\"loss\":{v}}}"), t0.elapsed().as_secs_f64())),
+                        AckPhase::Evaluate,
+                        Ok((None, t0.elapsed().as_secs_f64())),
                     ),
-                    Err(err) => self.fail("evaluate", err.to_string()),
+                    Err(err) => self.fail(AckPhase::Evaluate, err.to_string()),
                 }
             }
             pb::command::Kind::Checkpoint(c) => {
@@ -1037,11 +1040,14 @@ impl<F: RunnerFactory> Trainer<F> {
                         match job() {
                             Ok(report) => self.ack_at(
                                 cmd.id,
-                                "checkpoint",
-                                Ok((checkpoint_payload(&report, &st), t0.elapsed().as_secs_f64())),
+                                AckPhase::Checkpoint,
+                                Ok((
+                                    Some(checkpoint_ack(&report, &st)),
+                                    t0.elapsed().as_secs_f64(),
+                                )),
                                 &st,
                             ),
-                            Err(err) => self.fail("checkpoint", err.to_string()),
+                            Err(err) => self.fail(AckPhase::Checkpoint, err.to_string()),
                         }
                     }
                     Ok(job) => {
@@ -1058,12 +1064,12 @@ impl<F: RunnerFactory> Trainer<F> {
                                 })
                             }
                             Err(err) => self.fail(
-                                "checkpoint",
+                                AckPhase::Checkpoint,
                                 format!("cannot start the writer thread: {err}"),
                             ),
                         }
                     }
-                    Err(err) => self.fail("checkpoint", err.to_string()),
+                    Err(err) => self.fail(AckPhase::Checkpoint, err.to_string()),
                 }
             }
             pb::command::Kind::CommitCheckpoint(c) => {
@@ -1077,24 +1083,19 @@ impl<F: RunnerFactory> Trainer<F> {
                 let _span = span.enter();
                 e.hold = was_hold;
                 let root = e.a.job_root.clone();
-                let reports: std::result::Result<Vec<ShardReport>, _> =
-                    serde_json::from_str(&c.reports_json);
-                match reports {
-                    Err(err) => self.fail(
-                        "commit",
-                        format!("bad shard reports from the coordinator: {err}"),
-                    ),
-                    Ok(reports) => match e.runner.finalize_checkpoint(&root, c.step, &reports) {
-                        Ok(dir) => {
-                            let payload = serde_json::json!({ "dir": dir.display().to_string() });
-                            self.ack(
-                                cmd.id,
-                                "commit",
-                                Ok((payload.to_string(), t0.elapsed().as_secs_f64())),
-                            );
-                        }
-                        Err(err) => self.fail("commit", err.to_string()),
-                    },
+                let reports: Vec<ShardReport> = c.reports.iter().map(Into::into).collect();
+                match e.runner.finalize_checkpoint(&root, c.step, &reports) {
+                    Ok(dir) => {
+                        let commit = pb::ack::Result::Commit(pb::CommitAck {
+                            dir: dir.display().to_string(),
+                        });
+                        self.ack(
+                            cmd.id,
+                            AckPhase::Commit,
+                            Ok((Some(commit), t0.elapsed().as_secs_f64())),
+                        );
+                    }
+                    Err(err) => self.fail(AckPhase::Commit, err.to_string()),
                 }
             }
             pb::command::Kind::Grow(g) => {
@@ -1109,33 +1110,33 @@ impl<F: RunnerFactory> Trainer<F> {
                             g.generation
                         );
                         let _span = span.enter();
-                        return self.fail("stack", err);
+                        return self.fail(AckPhase::Stack, err);
                     }
                 };
                 let phases: [(
-                    &str,
+                    AckPhase,
                     fn(&mut dyn Runner, &GrowOrder) -> std::result::Result<(), BoxError>,
                 ); 3] = [
-                    ("stack", |r, o| r.grow(o)),
-                    ("reshard", |r, o| r.reshard(o)),
-                    ("resume", |r, o| r.resume(o)),
+                    (AckPhase::Stack, |r, o| r.grow(o)),
+                    (AckPhase::Reshard, |r, o| r.reshard(o)),
+                    (AckPhase::Resume, |r, o| r.resume(o)),
                 ];
                 for (name, f) in phases {
                     let t = Instant::now();
                     let e = self.epoch.as_mut().expect("epoch");
                     let gen = order.generation;
                     let span = match name {
-                        "stack" => command_span!("worker.grow.stack", self.worker_id, e, cmd, gen),
-                        "reshard" => {
+                        AckPhase::Stack => {
+                            command_span!("worker.grow.stack", self.worker_id, e, cmd, gen)
+                        }
+                        AckPhase::Reshard => {
                             command_span!("worker.grow.reshard", self.worker_id, e, cmd, gen)
                         }
                         _ => command_span!("worker.grow.resume", self.worker_id, e, cmd, gen),
                     };
                     let _span = span.enter();
                     match f(e.runner.as_mut(), &order) {
-                        Ok(()) => {
-                            self.ack(cmd.id, name, Ok((String::new(), t.elapsed().as_secs_f64())))
-                        }
+                        Ok(()) => self.ack(cmd.id, name, Ok((None, t.elapsed().as_secs_f64()))),
                         Err(err) => return self.fail(name, err.to_string()),
                     }
                 }
@@ -1155,7 +1156,7 @@ impl<F: RunnerFactory> Trainer<F> {
                                 rank: e.a.rank.0,
                             }),
                         ),
-                        Err(err) => self.fail("evaluate", err.to_string()),
+                        Err(err) => self.fail(AckPhase::Evaluate, err.to_string()),
                     }
                 }
             }
@@ -1164,15 +1165,15 @@ impl<F: RunnerFactory> Trainer<F> {
     }
 }
 
-/// The `checkpoint` ack's payload: this rank's shard report and the state of its step.
-fn checkpoint_payload(report: &Option<ShardReport>, st: &RunnerState) -> String {
-    serde_json::json!({
-        "report": report,
-        "tokens": st.tokens,
-        "data_cursor": st.data_cursor,
-        "generation": st.generation,
+/// The `checkpoint` ack: this rank's shard report and the state of its step.
+fn checkpoint_ack(report: &Option<ShardReport>, st: &RunnerState) -> pb::ack::Result {
+    pb::ack::Result::Checkpoint(pb::CheckpointAck {
+        step: st.step,
+        tokens: st.tokens,
+        data_cursor: st.data_cursor,
+        generation: st.generation,
+        report: report.as_ref().map(Into::into),
     })
-    .to_string()
 }
 
 fn is_stop(c: &pb::Command) -> bool {
@@ -1180,19 +1181,12 @@ fn is_stop(c: &pb::Command) -> bool {
 }
 
 fn grow_order(g: &pb::GrowCmd) -> std::result::Result<GrowOrder, String> {
-    let operator = match g.operator.as_str() {
-        "stacking_list" => Operator::StackingList {
-            layers: g.stacking_list.iter().map(|&l| l as usize).collect(),
-        },
-        "random" => Operator::Random {
-            mask_ramp_steps: g.mask_ramp_steps,
-        },
-        other => Operator::parse(other).map_err(|e| e.to_string())?,
-    };
-    let optimizer = match pb::OptimizerPolicy::try_from(g.optimizer) {
-        Ok(pb::OptimizerPolicy::Carry) => OptimizerPolicy::Carry,
-        _ => OptimizerPolicy::Reset,
-    };
+    let operator = pb::GrowthOperator::try_from(g.operator)
+        .map_err(|_| format!("unknown growth operator {} in the Grow command", g.operator))?;
+    let operator = operator_from_pb(operator, &g.stacking_list, g.mask_ramp_steps);
+    let optimizer = pb::OptimizerPolicy::try_from(g.optimizer)
+        .unwrap_or(pb::OptimizerPolicy::Reset)
+        .into();
     Ok(GrowOrder {
         generation: g.generation,
         spec: GrowthSpec {

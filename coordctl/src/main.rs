@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy, MAX_LAYERS};
+use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
 use trellis_proto as pb;
 
 // ------------------------------------------------------------------------------------------
@@ -200,13 +200,6 @@ impl OperatorArgs {
                 "--mask-ramp-steps only applies to --operator random",
             ));
         }
-        if let Some(l) = &self.stacking_list {
-            if l.is_empty() || l.len() > MAX_LAYERS {
-                return Err(Failure::invalid(format!(
-                    "--stacking-list needs 1..{MAX_LAYERS} source layer indices, e.g. 0,1,0,1"
-                )));
-            }
-        }
         Ok(())
     }
 }
@@ -283,12 +276,21 @@ struct PlanArgs {
     remote: bool,
 }
 
+/// `--factor`: the syntax is parsed here, the range judged by core's growth rules.
 fn parse_factor(s: &str) -> Result<usize, String> {
     let t = s.trim();
     match t.parse::<i64>() {
-        Ok(n) if n >= 2 && (n as u64) <= MAX_LAYERS as u64 => Ok(n as usize),
-        Ok(n) if n >= 2 => Err(format!("the factor must be at most {MAX_LAYERS}")),
-        Ok(_) => Err("the factor must be an integer of at least 2 (the paper recommends 4)".into()),
+        // Not representable as a factor at all; core's rule would say the same.
+        Ok(n) if n < 0 => Err(format!(
+            "growth factor must be an integer ≥ 2, got {n}; the paper recommends {}",
+            trellis_core::growth::RECOMMENDED_FACTOR
+        )),
+        Ok(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            trellis_core::growth::check_factor(n)
+                .map(|()| n)
+                .map_err(|e| e.to_string())
+        }
         Err(_) if t.parse::<f64>().is_ok() => {
             Err("the factor must be a whole number (2, 3, 4, …; the paper recommends 4)".into())
         }
@@ -528,23 +530,16 @@ fn prepare(cmd: &Command) -> Result<Prepared, Failure> {
                 }
             }
             let spec = g.op.spec();
+            let (operator, stacking_list, mask_ramp_steps) =
+                trellis_proto::convert::operator_to_pb(&spec.operator);
             Prepared::Grow(pb::GrowRequest {
                 job_id: String::new(),
-                factor: spec.factor as i64,
-                operator: spec.operator.name().to_string(),
-                stacking_list: g
-                    .op
-                    .stacking_list
-                    .iter()
-                    .flatten()
-                    .map(|&l| l as u32)
-                    .collect(),
-                optimizer: match spec.optimizer {
-                    OptimizerPolicy::Reset => pb::OptimizerPolicy::Reset,
-                    OptimizerPolicy::Carry => pb::OptimizerPolicy::Carry,
-                } as i32,
+                factor: spec.factor as u32,
+                operator: operator as i32,
+                stacking_list,
+                optimizer: pb::OptimizerPolicy::from(spec.optimizer) as i32,
+                mask_ramp_steps,
                 at_step: g.at_step,
-                mask_ramp_steps: g.op.mask_ramp_steps,
                 lr: g.lr,
                 min_lr: g.min_lr,
                 warmup_steps: g.warmup_steps,

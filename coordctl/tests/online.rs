@@ -412,7 +412,7 @@ fn grow_sends_the_request_and_refusals_exit_1() {
     assert_eq!(v["layout"]["tp"], 2);
     let g = seen.lock().unwrap().grow.clone().unwrap();
     assert_eq!(g.factor, 2);
-    assert_eq!(g.operator, "zero");
+    assert_eq!(g.operator(), pb::GrowthOperator::Zero);
     assert_eq!(g.optimizer(), pb::OptimizerPolicy::Carry);
     assert_eq!(g.at_step, Some(70));
 
@@ -432,16 +432,16 @@ fn grow_sends_the_request_and_refusals_exit_1() {
     assert!(r.stdout.contains("8 → 32 layers"), "{}", r.stdout);
     let g = seen.lock().unwrap().grow.clone().unwrap();
     assert_eq!(
-        (g.operator.as_str(), g.mask_ramp_steps, g.optimizer()),
-        ("random", 20, pb::OptimizerPolicy::Reset)
+        (g.operator(), g.mask_ramp_steps, g.optimizer()),
+        (pb::GrowthOperator::Random, 20, pb::OptimizerPolicy::Reset)
     );
 
     let r = coordctl(addr, &["grow", "--stacking-list", "0,1,0,1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let g = seen.lock().unwrap().grow.clone().unwrap();
     assert_eq!(
-        (g.operator.as_str(), g.stacking_list.clone()),
-        ("stacking_list", vec![0, 1, 0, 1])
+        (g.operator(), g.stacking_list.clone()),
+        (pb::GrowthOperator::StackingList, vec![0, 1, 0, 1])
     );
 
     // The coordinator refuses: exit 1, its reason on one line.

@@ -1,7 +1,11 @@
-//! The Trellis coordinator (DESIGN §2–§3, §7–§8): the single source of truth for a job.
+//! The Trellis coordinator (docs/design.md): the single source of truth for a job.
 //!
-//! - [`domain`]: the job state machine, membership, lockstep commands, checkpoint commits, the
-//!   growth transaction, fencing — plain Rust over a `StateStore`, unit-testable.
+//! - [`txn`]: the transactions as pure state machines — checkpoint commit, growth, the job
+//!   lifecycle (epochs, rollback) — events in, effects out, no I/O.
+//! - [`domain`]: the one driver: membership, lockstep commands, fencing; feeds the transactions
+//!   events and carries out their effects over a `StateStore` (persist before acting).
+//! - [`plan`]: admission checks and layout planning; [`views`]: status encoding;
+//!   [`wire`]: worker and operator messages decoded at the edge.
 //! - [`loss`]: the loss watcher (history, EMA, NaN / spike / plateau).
 //! - [`service`]: thin tonic handlers; [`server`]: wiring (gRPC + health + reflection +
 //!   `/metrics`).
@@ -12,9 +16,13 @@ pub mod domain;
 pub mod error;
 pub mod loss;
 pub mod metrics;
+pub mod plan;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod txn;
+pub mod views;
+pub mod wire;
 
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Thin tonic handlers: decode → domain call → encode.
-use crate::domain::{Domain, GrowRequest};
+use crate::domain::Domain;
 use crate::error::Error;
+use crate::wire;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,6 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
-use trellis_core::growth::OptimizerPolicy;
 use trellis_core::ids::WorkerId;
 use trellis_proto::v1 as pb;
 
@@ -63,28 +63,7 @@ impl pb::control_service_server::ControlService for ControlSvc {
         r: Request<pb::GrowRequest>,
     ) -> Result<Response<pb::GrowResponse>, Status> {
         let r = r.into_inner();
-        let optimizer = match pb::OptimizerPolicy::try_from(r.optimizer) {
-            Ok(pb::OptimizerPolicy::Carry) => OptimizerPolicy::Carry,
-            Ok(_) => OptimizerPolicy::Reset,
-            Err(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown optimizer policy {}; use reset or carry",
-                    r.optimizer
-                ))
-                .into())
-            }
-        };
-        let req = GrowRequest {
-            factor: r.factor,
-            operator: r.operator,
-            stacking_list: r.stacking_list.iter().map(|&l| l as usize).collect(),
-            optimizer,
-            at_step: r.at_step,
-            mask_ramp_steps: r.mask_ramp_steps,
-            lr: r.lr,
-            min_lr: r.min_lr,
-            warmup_steps: r.warmup_steps,
-        };
+        let req = wire::grow_request(&r)?;
         // A checkpoint commit in flight takes well under a second: wait for it (bounded) rather
         // than refuse the operator's growth.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -253,7 +232,9 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
                     Some(pb::worker_message::Kind::Step(s)) => {
                         d.step_report(&worker, session, s).await
                     }
-                    Some(pb::worker_message::Kind::Ack(a)) => d.ack(&worker, session, a).await,
+                    Some(pb::worker_message::Kind::Ack(a)) => {
+                        d.ack(&worker, session, wire::ack(a)).await
+                    }
                     Some(pb::worker_message::Kind::ValLoss(v)) => {
                         d.val_loss(&worker, session, v);
                         Ok(())

@@ -1,7 +1,9 @@
-//! What the coordinator persists (DESIGN §7), as serde structs stored as JSON under the keys of
-//! `trellis_store::keys`. Every change is written before it is acted on.
+//! What the coordinator persists (docs/design.md §State), as serde structs stored as JSON under
+//! the keys of `trellis_store::keys`. Every change is written before it is acted on.
+use crate::txn::checkpoint::Reason;
 use serde::{Deserialize, Serialize};
-use trellis_core::growth::OptimizerPolicy;
+use trellis_core::growth::{Operator, OptimizerPolicy};
+use trellis_core::ids::{Epoch, Generation, Step};
 
 /// `/…/jobs/<job>/spec`: the spec as submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,11 +76,12 @@ pub struct LayoutInfo {
 /// `/…/jobs/<job>/state`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobState {
+    /// Changed only by [`crate::txn::job::transition`].
     pub phase: Phase,
     /// Training-group incarnation: +1 at every (re)assignment of ranks.
-    pub epoch: u64,
-    pub generation: u64,
-    pub step: u64,
+    pub epoch: Epoch,
+    pub generation: Generation,
+    pub step: Step,
     pub tokens: u64,
     pub data_cursor: u64,
     pub layers: usize,
@@ -102,7 +105,7 @@ pub struct JobState {
     pub stalled_rollbacks: u32,
     /// (step the job had reached, checkpoint step it restarted from) at the last rollback.
     #[serde(default)]
-    pub last_rollback: Option<(u64, u64)>,
+    pub last_rollback: Option<(Step, Step)>,
     /// Growths that were rolled back and later retried under the same generation number (the
     /// newest `MAX_FAILED_GROWTHS`), so the history keeps every attempt.
     #[serde(default)]
@@ -116,16 +119,20 @@ pub const MAX_FAILED_GROWTHS: usize = 16;
 /// `/…/jobs/<job>/checkpoints/<step>`: a committed checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
-    pub step: u64,
+    pub step: Step,
     pub tokens: u64,
-    pub generation: u64,
+    pub generation: Generation,
     pub layers: usize,
     pub data_cursor: u64,
     pub dir: String,
-    pub reason: String,
+    pub reason: Reason,
     pub committed_at: f64,
     /// Next growth stage at the time of the checkpoint (restored with it).
     pub next_growth_stage: usize,
+    /// The layout the job trained at when it was written (restored with it; absent in records
+    /// of older coordinators, which keep the current layout).
+    #[serde(default)]
+    pub layout: Option<LayoutInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -141,14 +148,12 @@ pub struct PhaseTimes {
 /// is committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GrowthRecordState {
-    pub generation: u64,
-    pub at_step: u64,
+    pub generation: Generation,
+    pub at_step: Step,
     pub tokens: u64,
-    pub operator: String,
-    pub stacking_list: Vec<usize>,
+    pub operator: Operator,
     pub factor: usize,
     pub optimizer: OptimizerPolicy,
-    pub mask_ramp_steps: u64,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,

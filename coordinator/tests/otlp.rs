@@ -180,7 +180,7 @@ async fn a_growth_is_one_trace_over_the_coordinator_and_every_rank() {
     };
     let mut req = tonic::Request::new(pb::GrowRequest {
         factor: 2,
-        operator: "stack".into(),
+        operator: pb::GrowthOperator::Stack as i32,
         // At the next step boundary (a fixed at_step could already have passed on a busy box).
         ..Default::default()
     });

@@ -7,10 +7,12 @@ use tonic::Code;
 use trellis_agent::fake::FakeConfig;
 use trellis_proto::v1 as pb;
 
-fn grow_req(factor: i64, op: &str) -> pb::GrowRequest {
+fn grow_req(factor: u32, op: &str) -> pb::GrowRequest {
+    // An unknown name becomes an operator value no coordinator knows.
+    let operator = trellis_proto::convert::operator_by_name(op).map_or(99, |o| o as i32);
     pb::GrowRequest {
         factor,
-        operator: op.into(),
+        operator,
         ..Default::default()
     }
 }
@@ -48,10 +50,10 @@ async fn grow_in_lockstep_and_bad_requests() {
     assert_eq!(s.layers, 2);
 
     // Bad requests.
-    for f in [0, 1, -4] {
+    for f in [0, 1] {
         let e = c.grow(grow_req(f, "stack")).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "factor {f}: {e:?}");
-        assert!(e.message().contains(">= 2"), "{}", e.message());
+        assert!(e.message().contains("≥ 2"), "{}", e.message());
     }
     let e = c.grow(grow_req(4, "sideways")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -268,7 +270,7 @@ async fn stale_epoch_messages_are_fenced() {
     tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {
         epoch: 0,
         command_id: 1,
-        phase: "checkpoint".into(),
+        phase: pb::AckPhase::Checkpoint as i32,
         ok: false,
         ..Default::default()
     })))
@@ -301,7 +303,9 @@ async fn periodic_checkpoints_commit_and_the_job_finishes() {
     let mut c = control(co.grpc_addr).await;
     submit(&mut c, &spec("periodic", 2, 60, 5, "")).await;
     let ep = format!("http://{}", co.grpc_addr);
-    let f = fake(5);
+    // Steps slow enough that a periodic barrier (sent LOOKAHEAD_STEPS ahead) is not passed
+    // before its command arrives on a loaded machine.
+    let f = fake(15);
     let a0 = spawn_agent(ep.clone(), f.clone());
     let a1 = spawn_agent(ep.clone(), f.clone());
     let s = wait_status(&mut c, "done", 90, |s| s.phase == pb::JobPhase::Done as i32).await;

@@ -214,14 +214,25 @@ enum LayerKind {
     Fresh,
 }
 
-fn factor_checked(cfg: &ModelConfig, spec: &GrowthSpec) -> Result<usize> {
-    let l = cfg.num_hidden_layers;
-    if spec.factor < 2 {
+/// Whether `factor` can be a growth factor at all (an integer in `2..=MAX_LAYERS`), before any
+/// model is known: the one rule clients check locally and [`plan`] applies.
+pub fn check_factor(factor: usize) -> Result<()> {
+    if factor < 2 {
         return Err(Error::InvalidGrowth(format!(
-            "growth factor must be an integer ≥ 2, got {}; the paper recommends {RECOMMENDED_FACTOR}",
-            spec.factor
+            "growth factor must be an integer ≥ 2, got {factor}; the paper recommends {RECOMMENDED_FACTOR}"
         )));
     }
+    if factor > MAX_LAYERS {
+        return Err(Error::InvalidGrowth(format!(
+            "growth factor must be at most {MAX_LAYERS}, got {factor}; the paper recommends {RECOMMENDED_FACTOR}"
+        )));
+    }
+    Ok(())
+}
+
+fn factor_checked(cfg: &ModelConfig, spec: &GrowthSpec) -> Result<usize> {
+    let l = cfg.num_hidden_layers;
+    check_factor(spec.factor)?;
     match l.checked_mul(spec.factor) {
         Some(n) if n <= MAX_LAYERS => Ok(n),
         _ => Err(Error::InvalidGrowth(format!(
@@ -276,6 +287,13 @@ pub fn plan(cfg: &ModelConfig, spec: &GrowthSpec) -> Result<GrowthPlan> {
                     "stacking_list[{pos}] = {bad} is not a layer of the {l}-layer model; \
                      use source indices 0..={}",
                     l - 1
+                )));
+            }
+            if layers.len() <= l {
+                return Err(Error::InvalidGrowth(format!(
+                    "stacking_list has {} entries; a growth must make the {l}-layer model deeper, \
+                     so list more than {l} source layers",
+                    layers.len()
                 )));
             }
             layers.iter().map(|&s| LayerKind::Copy(s)).collect()

@@ -58,6 +58,17 @@ int_id!(
     Step,
     u64
 );
+int_id!(
+    /// A training-group incarnation: +1 at every (re)assignment of ranks (start, rollback,
+    /// worker loss, coordinator recovery, re-layout).
+    Epoch,
+    u64
+);
+int_id!(
+    /// A lockstep command's number within its epoch (1, 2, ...; 0 = none).
+    CommandId,
+    u64
+);
 
 /// This machine's host name (`$HOSTNAME`, else `/etc/hostname`, else `localhost`): the
 /// default prefix of worker ids and coordinator election candidates.

@@ -136,6 +136,14 @@ fn stacking_list_refusals() {
         e.contains("stacking_list[1] = 2") && e.contains("0..=1"),
         "{e}"
     );
+    // A growth adds layers: a list no longer than the model is refused.
+    let e = plan(
+        &tiny(2),
+        &spec(Operator::StackingList { layers: vec![1, 0] }, 4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("must make the 2-layer model deeper"), "{e}");
 }
 
 #[test]

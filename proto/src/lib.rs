@@ -11,6 +11,8 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("trellis_descriptor");
 }
 
+pub mod convert;
+
 pub use v1::*;
 
 impl v1::JobPhase {

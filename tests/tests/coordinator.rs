@@ -869,20 +869,30 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
     let rt = rt();
     rt.block_on(async {
         let mut ctl = control(ep).await;
-        let grow = |factor: i64, operator: &str, job: &str| pb::GrowRequest {
+        let grow = |factor: u32, operator: i32, job: &str| pb::GrowRequest {
             job_id: job.into(),
             factor,
-            operator: operator.into(),
+            operator,
             ..Default::default()
         };
-        for f in [0, 1, -3] {
-            let e = ctl.grow(grow(f, "", "")).await.unwrap_err();
+        for f in [0, 1] {
+            let e = ctl.grow(grow(f, 0, "")).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-            assert!(e.message().contains("integer >= 2"), "{}", e.message());
+            assert!(
+                e.message().contains("factor must be an integer ≥ 2"),
+                "{}",
+                e.message()
+            );
         }
-        let e = ctl.grow(grow(4, "bogus", "")).await.unwrap_err();
+        // An operator value this coordinator does not know.
+        let e = ctl.grow(grow(4, 99, "")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        let e = ctl.grow(grow(4, "", "nope")).await.unwrap_err();
+        assert!(
+            e.message().contains("unknown growth operator 99"),
+            "{}",
+            e.message()
+        );
+        let e = ctl.grow(grow(4, 0, "nope")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
         assert!(
             e.message().contains("'nope'") && e.message().contains("'bad'"),
@@ -896,7 +906,7 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
-        let e = ctl.grow(grow(8, "", "")).await.unwrap_err();
+        let e = ctl.grow(grow(8, 0, "")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
         eprintln!("x8 over the memory budget: {:?} {}", e.code(), e.message());
     });
@@ -941,7 +951,7 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
             epoch: u(&before["epoch"]),
             generation: 0,
             command_id: 1,
-            phase: "checkpoint".into(),
+            phase: pb::AckPhase::Checkpoint as i32,
             ok: false,
             error: "stale".into(),
             ..Default::default()

@@ -1,0 +1,288 @@
+//! The job lifecycle: phases, epochs, rollback and its verdict, the restore point, and the
+//! scheduled work that is due. Pure functions over [`JobState`]; the driver persists the state
+//! after calling them and before acting on it.
+//!
+//! ```text
+//!   Pending ─▶ WaitingForWorkers ─▶ Training ◀──▶ Paused
+//!                 ▲        │            │  ▲
+//!                 │        │            ▼  │ resumed
+//!                 │        │         Growing(phase)
+//!                 │        ▼            │
+//!                 └── RollingBack ◀─────┘  a lost rank, a failed ack, a non-finite loss
+//!                          │
+//!                          ▼
+//!                 Failed (3 stalled rollbacks or 3 failed growths)      Done (final checkpoint)
+//! ```
+use crate::state::{CheckpointRecord, GrowthRecordState, JobState, Phase};
+use trellis_core::config::ModelConfig;
+use trellis_core::ids::{Generation, Step};
+use trellis_core::job::JobSpec;
+
+/// Steps ahead of a scheduled barrier (growth stage, periodic checkpoint) at which its command is
+/// sent, so that it reaches every rank before the ranks get there.
+pub const LOOKAHEAD_STEPS: u64 = 3;
+/// A job fails after this many consecutive failed growths.
+pub const MAX_GROWTH_FAILURES: u32 = 3;
+/// A job fails after this many consecutive rollbacks to the same checkpoint without progress
+/// (a deterministic failure would otherwise roll it back forever).
+pub const MAX_STALLED_ROLLBACKS: u32 = 3;
+/// How many steps further than the previous rollback a job must get before a new rollback
+/// counts as progress rather than the same failure again.
+pub const STALL_SLACK_STEPS: u64 = 2 * LOOKAHEAD_STEPS;
+
+/// The one place a job's phase changes.
+pub fn transition(state: &mut JobState, to: Phase, message: impl Into<String>) {
+    state.phase = to;
+    state.message = message.into();
+}
+
+/// What a rollback leads to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Restart from the restore point in a new epoch.
+    Restart,
+    /// The failure repeats: the job fails with this message.
+    Fail(String),
+}
+
+/// Count a rollback and decide whether the job restarts or fails. Progress since the last
+/// rollback is a commit (which clears the count) or getting clearly further than the last
+/// rollback did: ranks run a few steps past a failing barrier before the failure reaches them,
+/// so "clearly" allows [`STALL_SLACK_STEPS`] of jitter; otherwise a deterministic failure seen
+/// at steps 11, 12, 11, 12… would never count.
+pub fn count_rollback(
+    state: &mut JobState,
+    why: &str,
+    skip: Option<(u64, u64)>,
+    failed_growth: bool,
+) -> Verdict {
+    state.rollbacks += 1;
+    if let Some(w) = skip {
+        state.skip.push(w);
+    }
+    if failed_growth {
+        state.growth_failures += 1;
+    }
+    let at = state.step;
+    let target = state.last_checkpoint.as_ref().map_or(Step(0), |c| c.step);
+    let stalled = match state.last_rollback {
+        Some((prev_at, prev_target))
+            if state.stalled_rollbacks > 0
+                && at.0 <= prev_at.0 + STALL_SLACK_STEPS
+                && target == prev_target =>
+        {
+            state.stalled_rollbacks + 1
+        }
+        _ => 1,
+    };
+    state.stalled_rollbacks = stalled;
+    // Within a stalled series the reference is the furthest step any of its rollbacks saw.
+    let reference = match state.last_rollback {
+        Some((prev_at, _)) if stalled > 1 => prev_at.max(at),
+        _ => at,
+    };
+    state.last_rollback = Some((reference, target));
+    let failures = state.growth_failures;
+    if failures >= MAX_GROWTH_FAILURES {
+        Verdict::Fail(format!(
+            "failed: {failures} growths in a row failed; last: {why}"
+        ))
+    } else if stalled >= MAX_STALLED_ROLLBACKS {
+        Verdict::Fail(format!(
+            "failed: rolled back {stalled} times in a row to checkpoint step {target} without progress \
+             (the failure is deterministic); last: {why}; fix the cause and resubmit, or restart \
+             from an earlier checkpoint"
+        ))
+    } else {
+        Verdict::Restart
+    }
+}
+
+/// Reset the job's progress to its last committed checkpoint (or the start): generation, step,
+/// tokens, data cursor, depth, layout and growth stage all come from the same record. Returns
+/// the restored generation.
+pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> Generation {
+    let lc = state.last_checkpoint.clone();
+    match &lc {
+        Some(c) => {
+            state.generation = c.generation;
+            state.step = c.step;
+            state.tokens = c.tokens;
+            state.data_cursor = c.data_cursor;
+            state.layers = c.layers;
+            state.next_growth_stage = c.next_growth_stage;
+            if let Some(l) = &c.layout {
+                state.layout = l.clone();
+            }
+            state.message = format!(
+                "{why}; restarting from checkpoint step {} (generation {})",
+                c.step, c.generation
+            );
+        }
+        None => {
+            state.generation = Generation(0);
+            state.step = Step(0);
+            state.tokens = 0;
+            state.data_cursor = 0;
+            state.layers = model0.num_hidden_layers;
+            state.next_growth_stage = 0;
+            state.message = format!("{why}; no committed checkpoint yet, restarting from step 0");
+        }
+    }
+    state.parameters = model0.with_layers(state.layers).num_parameters();
+    state.generation
+}
+
+/// A committed checkpoint becomes the restore point; a commit is progress.
+pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
+    state.last_checkpoint = Some(rec.clone());
+    state.stalled_rollbacks = 0;
+}
+
+/// A new epoch begins: ranks are assigned. During a growth's re-layout the phase stays.
+pub fn start_epoch(state: &mut JobState, relayout: bool) {
+    state.epoch.0 += 1;
+    if relayout {
+        let msg = format!(
+            "growing to generation {}: re-forming the groups at the new layout",
+            state.generation.0 + 1
+        );
+        let phase = state.phase;
+        transition(state, phase, msg);
+    } else if state.paused {
+        transition(
+            state,
+            Phase::Paused,
+            "paused by the operator; `coordctl resume` continues",
+        );
+    } else {
+        let msg = format!(
+            "training (epoch {}, generation {}, {} layers)",
+            state.epoch, state.generation, state.layers
+        );
+        transition(state, Phase::Training, msg);
+    }
+}
+
+/// Every rank resumed with the grown model: generation, depth, size and layout change together.
+pub fn grown(state: &mut JobState, rec: &GrowthRecordState, model0: &ModelConfig) {
+    state.generation = rec.generation;
+    state.layers = rec.to_layers;
+    state.parameters = model0.with_layers(rec.to_layers).num_parameters();
+    if let Some(l) = &rec.layout_after {
+        state.layout = l.clone();
+    }
+    state.growth_failures = 0;
+    if let Some(i) = rec.stage {
+        state.next_growth_stage = state.next_growth_stage.max(i + 1);
+    }
+    let msg = format!(
+        "training generation {} ({} layers); committing the post-growth checkpoint",
+        rec.generation, rec.to_layers
+    );
+    transition(state, Phase::Training, msg);
+}
+
+/// Scheduled work that is due now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Due {
+    /// `max_steps` reached: the final checkpoint, then done.
+    FinalCheckpoint { at: Step },
+    /// Growth stage `stage` of the spec, at the barrier `at`.
+    Growth { stage: usize, at: Step },
+    /// The next periodic checkpoint, at the barrier `at`.
+    Periodic { at: Step },
+}
+
+/// What scheduled work is due at the job's current step (only while training with no
+/// transaction in flight; the caller checks that). `plateau_seen`: the loss watcher saw a
+/// plateau since the last check.
+pub fn due(state: &JobState, spec: &JobSpec, plateau_seen: bool) -> Option<Due> {
+    let step = state.step.0;
+    let max = spec.train.max_steps;
+    if step >= max {
+        return Some(Due::FinalCheckpoint { at: Step(max) });
+    }
+    let i = state.next_growth_stage;
+    if i < spec.growth.len() {
+        let s = if spec.is_plateau_stage(i) {
+            plateau_seen.then_some(step)
+        } else {
+            Some(spec.growth_step(i))
+        };
+        if let Some(s) = s {
+            if step + LOOKAHEAD_STEPS >= s {
+                return Some(Due::Growth {
+                    stage: i,
+                    at: Step(s.max(step)),
+                });
+            }
+        }
+    }
+    let interval = spec.checkpoint.interval;
+    if interval > 0 {
+        let last = state.last_checkpoint.as_ref().map_or(0, |c| c.step.0);
+        let next = (last / interval + 1) * interval;
+        if next < max && step + LOOKAHEAD_STEPS >= next {
+            return Some(Due::Periodic {
+                at: Step(next.max(step)),
+            });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::LayoutInfo;
+
+    fn state() -> JobState {
+        JobState {
+            phase: Phase::Training,
+            epoch: Default::default(),
+            generation: Generation(0),
+            step: Step(12),
+            tokens: 0,
+            data_cursor: 0,
+            layers: 2,
+            parameters: 0,
+            layout: LayoutInfo::default(),
+            last_checkpoint: None,
+            skip: vec![],
+            next_growth_stage: 0,
+            rollbacks: 0,
+            anomalies: 0,
+            paused: false,
+            growth_failures: 0,
+            stalled_rollbacks: 0,
+            last_rollback: None,
+            failed_growths: vec![],
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn steps_jittering_around_one_barrier_fail_on_the_third_rollback() {
+        let mut s = state();
+        for (i, at) in [11, 12, 11].into_iter().enumerate() {
+            s.step = Step(at);
+            let v = count_rollback(&mut s, "boom", None, false);
+            assert_eq!(
+                v == Verdict::Restart,
+                i < 2,
+                "rollback {i} at step {at}: {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn clear_progress_resets_the_stall_count() {
+        let mut s = state();
+        s.step = Step(11);
+        count_rollback(&mut s, "boom", None, false);
+        s.step = Step(11 + STALL_SLACK_STEPS + 1);
+        count_rollback(&mut s, "boom", None, false);
+        assert_eq!(s.stalled_rollbacks, 1);
+    }
+}
