@@ -1,0 +1,417 @@
+//! Membership: worker sessions, heartbeats, fencing, epochs and rollback.
+use super::*;
+
+impl Domain {
+    /// A worker opened a session. Returns the session number the caller passes back with every
+    /// message of this session.
+    pub async fn hello(&mut self, hello: pb::Hello, tx: Outbox) -> Result<u64> {
+        if hello.worker_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "Hello.worker_id must not be empty".into(),
+            ));
+        }
+        let id = WorkerId(hello.worker_id.clone());
+        self.next_seq += 1;
+        let session = self.next_seq;
+        let had_rank = self.workers.get(&id).and_then(|e| e.rank).is_some();
+        if let Some(old) = self.workers.get(&id) {
+            if let Some(otx) = &old.tx {
+                let _ = otx.send(Ok(reject(
+                    "superseded by a newer session of the same worker id",
+                )));
+            }
+        }
+        info!(worker_id = %id, host = %hello.host, pid = hello.pid, ring = %hello.ring_address, "worker registered");
+        self.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                seq: session,
+                session,
+                host: hello.host,
+                pid: hello.pid,
+                device: hello.device,
+                ring_address: hello.ring_address,
+                tp_ring_address: hello.tp_ring_address,
+                tx: Some(tx),
+                last_seen: Instant::now(),
+                lost: false,
+                exited: false,
+                rank: None,
+                last_step: 0,
+            },
+        );
+        if had_rank {
+            self.rank_lost(&id, "a rank's worker reconnected with a new session")
+                .await?;
+        } else {
+            self.try_start_epoch().await?;
+        }
+        self.update_gauges();
+        self.bump();
+        Ok(session)
+    }
+
+    /// The session's stream ended.
+    pub async fn disconnected(&mut self, worker: &WorkerId, session: u64) -> Result<()> {
+        let Some(e) = self.workers.get_mut(worker) else {
+            return Ok(());
+        };
+        if e.session != session {
+            return Ok(());
+        }
+        e.tx = None;
+        let ended = self
+            .job
+            .as_ref()
+            .is_some_and(|j| matches!(j.state.phase, Phase::Done | Phase::Failed));
+        if ended {
+            // It exited on Stop (or after the job failed): not a lost worker.
+            e.exited = true;
+            e.rank = None;
+            info!(worker_id = %worker, "worker exited after the job ended");
+            self.update_gauges();
+            self.bump();
+            return Ok(());
+        }
+        e.lost = true;
+        let had = e.rank.take().is_some();
+        warn!(worker_id = %worker, "worker session ended");
+        if had {
+            self.rank_lost(worker, "a worker's session ended").await?;
+        }
+        self.update_gauges();
+        self.bump();
+        Ok(())
+    }
+
+    /// Periodic: heartbeat TTL, gauges.
+    pub async fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let ttl = self.opts.heartbeat_ttl;
+        let mut expired = Vec::new();
+        for (id, e) in self.workers.iter_mut() {
+            if !e.lost && !e.exited && now.duration_since(e.last_seen) > ttl {
+                e.lost = true;
+                if let Some(tx) = e.tx.take() {
+                    let _ = tx.send(Err(tonic::Status::unavailable(format!(
+                        "no heartbeat for {:.1} s (TTL {:.1} s); reconnect",
+                        now.duration_since(e.last_seen).as_secs_f64(),
+                        ttl.as_secs_f64()
+                    ))));
+                }
+                if e.rank.take().is_some() {
+                    expired.push(id.clone());
+                }
+            }
+        }
+        // Forget workers lost long ago.
+        self.workers
+            .retain(|_, e| !((e.lost || e.exited) && now.duration_since(e.last_seen) > ttl * 30));
+        for id in expired {
+            warn!(worker_id = %id, "worker heartbeat expired");
+            self.rank_lost(&id, "a worker's heartbeat expired").await?;
+        }
+        if let Some(job) = &self.job {
+            if let Some(t) = job.last_commit {
+                self.metrics
+                    .checkpoint_age_seconds
+                    .set(now.duration_since(t).as_secs_f64());
+            }
+            if job.state.phase.is_running()
+                && now.duration_since(job.persisted_at) > Duration::from_secs(2)
+            {
+                self.persist_state().await?;
+            }
+        }
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|j| j.state.phase == Phase::RollingBack)
+        {
+            self.try_start_epoch().await?;
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    pub(super) async fn rank_lost(&mut self, worker: &WorkerId, why: &str) -> Result<()> {
+        let Some(job) = self.job.as_ref() else {
+            return Ok(());
+        };
+        if !job.state.phase.is_running() || !job.ranks.contains(worker) {
+            return Ok(());
+        }
+        self.rollback(&format!("{why} ({worker})"), None).await
+    }
+
+    /// Roll the job back to its last committed checkpoint: the transaction in flight is
+    /// aborted, and a new epoch restores every rank (or the job fails, see
+    /// [`job::count_rollback`]).
+    pub async fn rollback(&mut self, why: &str, skip: Option<(u64, u64)>) -> Result<()> {
+        let job = self.job.as_mut().ok_or_else(no_job)?;
+        if matches!(job.state.phase, Phase::Done | Phase::Failed) {
+            return Ok(());
+        }
+        warn!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, reason = why, "rolling back");
+        self.metrics.rollbacks_total.inc();
+        let failed_growth = match job.active.take() {
+            Some(Active {
+                txn: Txn::Growth(g),
+                clock,
+            }) => {
+                // The growth's trace ends failed, with the reason as an event.
+                clock.span.record("otel.status_code", "error");
+                clock.span.record("otel.status_message", why);
+                warn!(parent: &clock.span, job_id = %job.id, generation = %g.generation, reason = why, "growth rolled back");
+                job.growth_record(g.generation).error = why.to_string();
+                Some(g.generation)
+            }
+            _ => None,
+        };
+        let verdict = job::count_rollback(&mut job.state, why, skip, failed_growth.is_some());
+        for w in job.ranks.drain(..) {
+            if let Some(e) = self.workers.get_mut(&w) {
+                e.rank = None;
+            }
+        }
+        self.restore_point(why).await?;
+        let job = self.job.as_mut().expect("a job");
+        job.loss.reset_smoothing();
+        job.plateau_seen = false;
+        job.rate = None;
+        match verdict {
+            Verdict::Fail(message) => {
+                job::transition(&mut job.state, Phase::Failed, message);
+                error!(job_id = %job.id, "{}", job.state.message);
+                self.persist_state().await?;
+                self.stop_all("the job failed");
+            }
+            Verdict::Restart => {
+                let msg = job.state.message.clone();
+                job::transition(&mut job.state, Phase::RollingBack, msg);
+                self.persist_state().await?;
+                // The group is re-formed at the next membership tick, not now: a rank's
+                // collective error usually means a peer died, and that peer's session end (or
+                // missed heartbeat) must be seen first, or the new epoch would include the dead
+                // worker.
+                self.update_gauges();
+                self.bump();
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn stop_all(&mut self, reason: &str) {
+        let Some(job) = self.job.as_mut() else { return };
+        let msg = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Command(pb::Command {
+                id: job.ids.next().0,
+                epoch: job.state.epoch.0,
+                at_step: 0,
+                kind: Some(pb::command::Kind::Stop(pb::Stop {
+                    reason: reason.into(),
+                })),
+                trace_context: Default::default(),
+            })),
+        };
+        for e in self.workers.values() {
+            if let Some(tx) = &e.tx {
+                let _ = tx.send(Ok(msg.clone()));
+            }
+        }
+    }
+
+    pub(super) fn fresh_token(&mut self) -> String {
+        self.token_nonce += 1;
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        // A u64 in decimal (the ring's group token); unique per epoch and coordinator process.
+        let mixed = (t as u64)
+            ^ ((std::process::id() as u64) << 32)
+            ^ self.token_nonce.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        mixed.to_string()
+    }
+
+    /// If the job needs ranks and enough workers are idle, start a new epoch. A growth
+    /// re-forming the groups at a new layout keeps its transaction and phase.
+    pub(super) async fn try_start_epoch(&mut self) -> Result<()> {
+        let Some(job) = self.job.as_ref() else {
+            return Ok(());
+        };
+        let relayout = job
+            .growing()
+            .and_then(|g| g.relayout_in_progress())
+            .cloned();
+        if relayout.is_none()
+            && !matches!(
+                job.state.phase,
+                Phase::Pending | Phase::WaitingForWorkers | Phase::RollingBack
+            )
+        {
+            return Ok(());
+        }
+        let world = job.world();
+        let mut idle: Vec<(u64, WorkerId)> = self
+            .workers
+            .iter()
+            .filter(|(_, e)| !e.lost && e.tx.is_some() && e.rank.is_none())
+            .map(|(id, e)| (e.seq, id.clone()))
+            .collect();
+        // By host, then registration order: ranks are TP-major, so adjacent ranks (one TP
+        // group) land on one host where the hosts allow.
+        idle.sort_by(|a, b| {
+            let host = |id: &WorkerId| self.workers[id].host.clone();
+            (host(&a.1), a.0).cmp(&(host(&b.1), b.0))
+        });
+        if idle.len() < world && relayout.is_some() {
+            return self
+                .rollback(
+                    &format!(
+                        "only {} of {world} workers are available to re-form the groups for the grown model",
+                        idle.len()
+                    ),
+                    None,
+                )
+                .await;
+        }
+        if idle.len() < world {
+            let job = self.job.as_mut().expect("a job");
+            let msg = format!(
+                "waiting for workers: {} of {world} registered{}",
+                idle.len(),
+                match &job.state.last_checkpoint {
+                    Some(c) => format!("; will restart from checkpoint step {}", c.step),
+                    None => String::new(),
+                }
+            );
+            if job.state.phase != Phase::WaitingForWorkers || job.state.message != msg {
+                job::transition(&mut job.state, Phase::WaitingForWorkers, msg);
+                self.persist_state().await?;
+            }
+            return Ok(());
+        }
+        let token = self.fresh_token();
+        let opts = self.opts.clone();
+        let job = self.job.as_mut().expect("a job");
+        job::start_epoch(&mut job.state, relayout.is_some());
+        job.ranks = idle.into_iter().take(world).map(|(_, id)| id).collect();
+        job.group_token = token;
+        job.ids.reset();
+        if relayout.is_none() {
+            job.active = None;
+        }
+        self.persist_state().await?;
+        let job = self.job.as_ref().unwrap();
+        let layout = relayout.as_ref().unwrap_or(&job.state.layout);
+        let restore = job
+            .state
+            .last_checkpoint
+            .as_ref()
+            .map(|c| c.dir.clone())
+            .unwrap_or_default();
+        info!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, world, restore = %restore, "starting epoch");
+        let base = pb::Assignment {
+            epoch: job.state.epoch.0,
+            generation: job.state.generation.0,
+            job_id: job.id.0.clone(),
+            spec_toml: job.record.spec_toml.clone(),
+            base_dir: job.record.base_dir.clone(),
+            rank: 0,
+            dp: layout.dp as u32,
+            tp: layout.tp as u32,
+            peers: job
+                .ranks
+                .iter()
+                .map(|w| self.workers[w].ring_address.clone())
+                .collect(),
+            tp_peers: job
+                .ranks
+                .iter()
+                .map(|w| self.workers[w].tp_ring_address.clone())
+                .collect(),
+            hold: relayout.is_some(),
+            group_token: job.group_token.clone(),
+            restore_from: restore,
+            job_root: job.job_root(&opts).display().to_string(),
+            skip: job
+                .state
+                .skip
+                .iter()
+                .map(|&(from, to)| pb::SkipWindow { from, to })
+                .collect(),
+            heartbeat_seconds: opts.heartbeat_interval.as_secs_f64(),
+            command_base: 0,
+        };
+        let ranks = job.ranks.clone();
+        let paused = job.state.paused;
+        for (rank, w) in ranks.iter().enumerate() {
+            let e = self.workers.get_mut(w).unwrap();
+            e.rank = Some(Rank(rank as u32));
+            let a = pb::Assignment {
+                rank: rank as u32,
+                ..base.clone()
+            };
+            if let Some(tx) = &e.tx {
+                let _ = tx.send(Ok(pb::CoordinatorMessage {
+                    kind: Some(pb::coordinator_message::Kind::Assignment(a)),
+                }));
+            }
+        }
+        if paused {
+            self.send_all(Step(0), pb::command::Kind::Pause(pb::Pause {}));
+        }
+        self.update_gauges();
+        self.bump();
+        Ok(())
+    }
+
+    /// Count a message rejected by fencing.
+    pub(super) fn count_fenced(&mut self, kind: &'static str) {
+        self.fenced += 1;
+        self.metrics
+            .fenced_messages_total
+            .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    /// Common fencing: the session must be the worker's current one and hold a rank of the
+    /// current epoch, and the message must carry that epoch and not an older generation.
+    /// Returns the rank.
+    pub(super) fn fence(
+        &mut self,
+        worker: &WorkerId,
+        session: u64,
+        epoch: Epoch,
+        generation: Generation,
+        kind: &'static str,
+    ) -> Option<Rank> {
+        let cur = self
+            .job
+            .as_ref()
+            .map(|j| (j.state.epoch, j.state.generation));
+        let rank = match self.workers.get_mut(worker) {
+            Some(e) if e.session == session => {
+                e.last_seen = Instant::now();
+                match cur {
+                    Some((ep, gen)) if ep == epoch && generation >= gen => e.rank,
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if rank.is_none() {
+            self.count_fenced(kind);
+        }
+        rank
+    }
+
+    pub fn heartbeat(&mut self, worker: &WorkerId, session: u64) {
+        if let Some(e) = self.workers.get_mut(worker) {
+            if e.session == session {
+                e.last_seen = Instant::now();
+            }
+        }
+    }
+}

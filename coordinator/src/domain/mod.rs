@@ -1,0 +1,693 @@
+//! The coordinator's driver: the one place that feeds events to the transactions of
+//! [`crate::txn`] and carries out their effects — persist, then send — over a [`StateStore`].
+//!
+//! Worker sessions are outboxes (channels); the gRPC layer ([`crate::service`]) converts wire
+//! messages at the edge ([`crate::wire`]) and forwards them here. Status views live in
+//! [`crate::views`], admission and layout planning in [`crate::plan`].
+use crate::error::{Error, Result};
+use crate::loss::{AnomalyKind, LossWatcher, WatcherConfig};
+use crate::metrics::Metrics;
+use crate::plan::{growth_layout, init_checkpoint, model_config, submitted_layout};
+use crate::state::*;
+use crate::txn::checkpoint::{self, CheckpointTxn, Committed, Reason, ShardAck};
+use crate::txn::growth::{self, GrowthTxn, WorkerPhase};
+use crate::txn::job::{self, Due, Verdict};
+use crate::txn::{CommandIds, Txn};
+use crate::views;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, info_span, warn, Span};
+use trellis_core::checkpoint::ShardReport;
+use trellis_core::config::ModelConfig;
+use trellis_core::growth::{GrowthSpec, Operator};
+use trellis_core::ids::{CommandId, Epoch, Generation, JobId, Rank, Step, WorkerId};
+use trellis_core::job::JobSpec;
+use trellis_proto::convert::operator_to_pb;
+use trellis_proto::v1 as pb;
+use trellis_store::{keys, StateStore};
+
+mod membership;
+mod transactions;
+
+/// Steps per stored chunk of loss history.
+const LOSS_CHUNK_STEPS: u64 = 1000;
+
+/// What a session sends to its worker.
+pub type Outbox = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+#[derive(Debug, Clone)]
+pub struct DomainOptions {
+    pub heartbeat_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub device_memory_bytes: Option<u64>,
+    pub peak_flops_per_rank: f64,
+    pub watcher: WatcherConfig,
+    pub checkpoint_root: Option<PathBuf>,
+}
+
+impl Default for DomainOptions {
+    fn default() -> Self {
+        DomainOptions {
+            heartbeat_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            device_memory_bytes: None,
+            peak_flops_per_rank: 1e12,
+            watcher: WatcherConfig::default(),
+            checkpoint_root: None,
+        }
+    }
+}
+
+/// A worker's Ack, decoded at the edge ([`crate::wire::ack`]).
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub epoch: Epoch,
+    pub generation: Generation,
+    pub cmd: CommandId,
+    /// The step at which the command was executed.
+    pub step: Step,
+    pub rank: Rank,
+    /// The acked phase, for messages.
+    pub phase: &'static str,
+    /// What the rank did, or why it failed.
+    pub result: std::result::Result<AckKind, String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AckKind {
+    /// The runner of a new assignment is ready.
+    Assigned,
+    /// This rank's checkpoint shards are written.
+    Written(ShardAck),
+    /// Rank 0 finalized a checkpoint into `dir`.
+    Finalized { dir: String },
+    /// A growth phase is done on this rank.
+    Phase(WorkerPhase),
+    /// Pause, unpause or evaluate done.
+    Done,
+}
+
+/// A growth request, validated at the edge for form; [`trellis_core::growth::plan`] judges it
+/// against the model when the growth begins.
+#[derive(Debug, Clone)]
+pub struct GrowRequest {
+    pub spec: GrowthSpec,
+    pub at_step: Option<Step>,
+    pub lr: Option<f64>,
+    pub min_lr: Option<f64>,
+    pub warmup_steps: Option<u64>,
+}
+
+pub(crate) struct WorkerEntry {
+    pub(crate) seq: u64,
+    session: u64,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    pub(crate) device: String,
+    pub(crate) ring_address: String,
+    tp_ring_address: String,
+    tx: Option<Outbox>,
+    pub(crate) last_seen: Instant,
+    pub(crate) lost: bool,
+    /// The session ended after the job was done or failed (the worker exited on Stop).
+    pub(crate) exited: bool,
+    pub(crate) rank: Option<Rank>,
+    pub(crate) last_step: u64,
+}
+
+/// Wall-clock and tracing context of the transaction in flight: the driver's, never the
+/// state machine's.
+struct Clock {
+    issued: Instant,
+    /// When the barrier step was reached (the checkpoint's writing began).
+    started: Option<Instant>,
+    phase_started: Instant,
+    /// The span its commands carry (`Command.trace_context`): `checkpoint` or `grow`.
+    span: Span,
+    /// The growth's checkpoint span, when the transaction is a growth.
+    ckpt_span: Option<Span>,
+    phase_span: Option<Span>,
+}
+
+struct Active {
+    txn: Txn,
+    clock: Clock,
+}
+
+pub(crate) struct Job {
+    pub(crate) id: JobId,
+    record: JobRecord,
+    pub(crate) spec: JobSpec,
+    model0: ModelConfig,
+    pub(crate) state: JobState,
+    pub(crate) checkpoints: Vec<CheckpointRecord>,
+    pub(crate) growths: BTreeMap<Generation, GrowthRecordState>,
+    ranks: Vec<WorkerId>,
+    group_token: String,
+    ids: CommandIds,
+    active: Option<Active>,
+    pub(crate) loss: LossWatcher,
+    rate: Option<(Instant, u64)>,
+    pub(crate) tokens_per_second: f64,
+    pub(crate) mfu: f64,
+    persisted_at: Instant,
+    /// The first loss-history chunk not yet written complete to the store.
+    loss_flushed: u64,
+    last_commit: Option<Instant>,
+    /// The loss watcher reported a plateau since the last trigger check.
+    plateau_seen: bool,
+}
+
+impl Job {
+    fn new(
+        id: JobId,
+        record: JobRecord,
+        spec: JobSpec,
+        model0: ModelConfig,
+        state: JobState,
+        loss: LossWatcher,
+    ) -> Job {
+        Job {
+            id,
+            record,
+            spec,
+            model0,
+            state,
+            checkpoints: Vec::new(),
+            growths: BTreeMap::new(),
+            ranks: Vec::new(),
+            group_token: String::new(),
+            ids: CommandIds::default(),
+            active: None,
+            loss,
+            rate: None,
+            tokens_per_second: 0.0,
+            mfu: 0.0,
+            persisted_at: Instant::now(),
+            loss_flushed: 0,
+            last_commit: None,
+            plateau_seen: false,
+        }
+    }
+    pub(crate) fn world(&self) -> usize {
+        self.spec.parallel.dp * self.spec.parallel.tp
+    }
+    fn model(&self) -> ModelConfig {
+        self.model0.with_layers(self.state.layers)
+    }
+    fn job_root(&self, opts: &DomainOptions) -> PathBuf {
+        let root = self
+            .spec
+            .checkpoint
+            .dir
+            .clone()
+            .or_else(|| opts.checkpoint_root.clone())
+            .unwrap_or_else(|| PathBuf::from(&self.record.base_dir).join("checkpoints"));
+        root.join(&self.id.0)
+    }
+    pub(crate) fn growing(&self) -> Option<&GrowthTxn> {
+        match &self.active {
+            Some(Active {
+                txn: Txn::Growth(g),
+                ..
+            }) => Some(g),
+            _ => None,
+        }
+    }
+    fn growth_record(&mut self, gen: Generation) -> &mut GrowthRecordState {
+        self.growths
+            .get_mut(&gen)
+            .expect("a growth in flight has a record")
+    }
+}
+
+pub struct Domain {
+    store: Arc<dyn StateStore>,
+    opts: DomainOptions,
+    metrics: Arc<Metrics>,
+    pub(crate) job: Option<Job>,
+    pub(crate) workers: BTreeMap<WorkerId, WorkerEntry>,
+    next_seq: u64,
+    pub(crate) fenced: u64,
+    changed: watch::Sender<u64>,
+    token_nonce: u64,
+}
+
+fn no_job() -> Error {
+    Error::NotFound(
+        "no job on this coordinator; submit one with `coordctl job submit JOB.toml`".into(),
+    )
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state types serialise")
+}
+
+impl Domain {
+    /// A domain over `store`, recovering a job it already holds (coordinator restart).
+    pub async fn open(
+        store: Arc<dyn StateStore>,
+        opts: DomainOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Domain> {
+        let (changed, _) = watch::channel(0);
+        let mut d = Domain {
+            store,
+            opts,
+            metrics,
+            job: None,
+            workers: BTreeMap::new(),
+            next_seq: 0,
+            fenced: 0,
+            changed,
+            token_nonce: 0,
+        };
+        d.recover().await?;
+        Ok(d)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The job's persisted state (for tests and tools).
+    pub fn job_state(&self) -> Option<&JobState> {
+        self.job.as_ref().map(|j| &j.state)
+    }
+
+    /// The checkpoint catalogue, oldest first.
+    pub fn checkpoint_records(&self) -> &[CheckpointRecord] {
+        self.job.as_ref().map_or(&[], |j| &j.checkpoints)
+    }
+
+    /// Every growth record, by generation.
+    pub fn growth_records(&self) -> Vec<GrowthRecordState> {
+        self.job
+            .as_ref()
+            .map_or(vec![], |j| j.growths.values().cloned().collect())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    async fn persist_state(&mut self) -> Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        self.store
+            .put(&keys::job_state(&job.id), json(&job.state))
+            .await?;
+        job.persisted_at = Instant::now();
+        self.persist_loss().await
+    }
+
+    /// Write the loss history to the store in chunks of `LOSS_CHUNK_STEPS` steps (a few tens of
+    /// KB each, well under etcd's value limit): the chunks changed since the last write, i.e.
+    /// from the first incomplete one to the newest.
+    async fn persist_loss(&mut self) -> Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let pts = job.loss.points();
+        let Some(newest) = pts.iter().map(|p| p.step / LOSS_CHUNK_STEPS).max() else {
+            return Ok(());
+        };
+        let from = job.loss_flushed.min(newest);
+        let mut chunks: BTreeMap<u64, Vec<&crate::loss::LossPoint>> = BTreeMap::new();
+        for p in pts {
+            let k = p.step / LOSS_CHUNK_STEPS;
+            if k >= from {
+                chunks.entry(k).or_default().push(p);
+            }
+        }
+        for (k, chunk) in chunks {
+            self.store
+                .put(
+                    &keys::loss(&job.id, Step(k * LOSS_CHUNK_STEPS)),
+                    json(&chunk),
+                )
+                .await?;
+        }
+        job.loss_flushed = newest;
+        Ok(())
+    }
+
+    async fn persist_growth(&self, gen: Generation) -> Result<()> {
+        let job = self.job.as_ref().ok_or_else(no_job)?;
+        if let Some(g) = job.growths.get(&gen) {
+            self.store.put(&keys::growth(&job.id, gen), json(g)).await?;
+        }
+        Ok(())
+    }
+
+    async fn recover(&mut self) -> Result<()> {
+        let specs = self.store.list(&keys::jobs_prefix()).await?;
+        let Some((key, v)) = specs
+            .into_iter()
+            .find(|(k, _)| keys::parse_job_spec(k).is_some())
+        else {
+            return Ok(());
+        };
+        let id = keys::parse_job_spec(&key).expect("filtered");
+        let record: JobRecord =
+            serde_json::from_slice(&v.value).map_err(|e| Error::json("job record", e))?;
+        let state: JobState = match self.store.get(&keys::job_state(&id)).await? {
+            Some(v) => serde_json::from_slice(&v.value).map_err(|e| Error::json("job state", e))?,
+            None => {
+                return Err(Error::Internal(format!(
+                    "job {id} has a spec but no state in the store"
+                )))
+            }
+        };
+        let mut checkpoints = Vec::new();
+        for (_, v) in self.store.list(&keys::checkpoints_prefix(&id)).await? {
+            checkpoints.push(
+                serde_json::from_slice::<CheckpointRecord>(&v.value)
+                    .map_err(|e| Error::json("checkpoint record", e))?,
+            );
+        }
+        checkpoints.sort_by_key(|c| c.step);
+        let mut growths = BTreeMap::new();
+        for (_, v) in self.store.list(&keys::growth_prefix(&id)).await? {
+            let g: GrowthRecordState =
+                serde_json::from_slice(&v.value).map_err(|e| Error::json("growth record", e))?;
+            growths.insert(g.generation, g);
+        }
+        let mut points = Vec::new();
+        let mut loss_flushed = 0;
+        for (k, v) in self.store.list(&keys::loss_prefix(&id)).await? {
+            let chunk: Vec<crate::loss::LossPoint> =
+                serde_json::from_slice(&v.value).map_err(|e| Error::json(&k, e))?;
+            loss_flushed = chunk
+                .iter()
+                .map(|p| p.step / LOSS_CHUNK_STEPS)
+                .max()
+                .unwrap_or(0);
+            points.extend(chunk);
+        }
+        let mut loss = LossWatcher::new(self.opts.watcher.clone());
+        loss.restore_points(points);
+        let spec = JobSpec::from_toml(
+            &record.spec_toml,
+            std::path::Path::new(&record.base_dir),
+            "stored job spec",
+        )?;
+        let model0 = model_config(&spec)?;
+        info!(job_id = %id, phase = ?state.phase, epoch = %state.epoch, generation = %state.generation, step = %state.step, "recovered job from the store");
+        let mut job = Job::new(id, record, spec, model0, state, loss);
+        job.checkpoints = checkpoints;
+        job.growths = growths;
+        job.loss_flushed = loss_flushed;
+        self.job = Some(job);
+        let phase = self.job.as_mut().expect("a job").state.phase;
+        if !matches!(phase, Phase::Done | Phase::Failed) {
+            self.restore_point("recovered after a coordinator restart")
+                .await?;
+            let job = self.job.as_mut().expect("a job");
+            let msg = job.state.message.clone();
+            job::transition(&mut job.state, Phase::WaitingForWorkers, msg);
+            self.persist_state().await?;
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    /// Reset the job's progress to its restore point and mark every growth beyond it rolled
+    /// back (persisted). Does not persist the job state.
+    async fn restore_point(&mut self, why: &str) -> Result<()> {
+        let job = self.job.as_mut().ok_or_else(no_job)?;
+        let gen = job::restore_point(&mut job.state, &job.model0, why);
+        let mut rolled = Vec::new();
+        for g in job.growths.values_mut() {
+            if g.generation > gen && !matches!(g.phase, GrowPhase::Done | GrowPhase::RolledBack) {
+                g.phase = GrowPhase::RolledBack;
+                if g.error.is_empty() {
+                    g.error = why.to_string();
+                }
+                rolled.push(g.generation);
+            }
+        }
+        for g in rolled {
+            self.metrics
+                .growths_total
+                .get_or_create(&[("outcome", "rolled_back")])
+                .inc();
+            self.persist_growth(g).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn submit(
+        &mut self,
+        spec_toml: &str,
+        base_dir: &str,
+    ) -> Result<pb::SubmitJobResponse> {
+        if let Some(job) = &self.job {
+            return Err(Error::AlreadyExists(format!(
+                "job '{}' already runs on this coordinator (phase {:?}); one coordinator runs one job: \
+                 start another coordinator with its own --store for a second job",
+                job.id, job.state.phase
+            )));
+        }
+        let base = if base_dir.is_empty() { "." } else { base_dir };
+        let spec = JobSpec::from_toml(spec_toml, std::path::Path::new(base), "submitted job spec")?;
+        let model0 = model_config(&spec)?;
+        let id = JobId(spec.job.name.clone());
+        keys::check_segment("job name", &id.0)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let world = spec.parallel.dp * spec.parallel.tp;
+        let init = match &spec.checkpoint.init_from {
+            Some(dir) => Some(init_checkpoint(dir, &spec, &model0).await?),
+            None => None,
+        };
+        let cfg = init.as_ref().map_or(model0.clone(), |(_, c)| c.clone());
+        let layout = submitted_layout(&spec, &cfg, world, self.opts.device_memory_bytes)?;
+        let record = JobRecord {
+            job_id: id.0.clone(),
+            spec_toml: spec_toml.to_string(),
+            base_dir: base.to_string(),
+            submitted_at: now_unix(),
+        };
+        let mut state = JobState {
+            phase: Phase::Pending,
+            epoch: Epoch(0),
+            generation: Generation(0),
+            step: Step(0),
+            tokens: 0,
+            data_cursor: 0,
+            layers: model0.num_hidden_layers,
+            parameters: model0.num_parameters(),
+            layout,
+            last_checkpoint: None,
+            skip: Vec::new(),
+            next_growth_stage: 0,
+            rollbacks: 0,
+            anomalies: 0,
+            paused: false,
+            growth_failures: 0,
+            stalled_rollbacks: 0,
+            failed_growths: Vec::new(),
+            last_rollback: None,
+            message: format!("submitted; waiting for {world} workers"),
+        };
+        if let Some((c, cfg)) = init {
+            info!(job_id = %id, dir = %c.dir, step = %c.step, layers = c.layers, "job starts from checkpoint.init_from");
+            state.step = c.step;
+            state.tokens = c.tokens;
+            state.data_cursor = c.data_cursor;
+            state.generation = c.generation;
+            state.layers = c.layers;
+            state.parameters = cfg.num_parameters();
+            state.last_checkpoint = Some(c);
+        }
+        self.store.put(&keys::job_spec(&id), json(&record)).await?;
+        self.store.put(&keys::job_state(&id), json(&state)).await?;
+        info!(job_id = %id, world, layers = state.layers, "job submitted");
+        let loss = LossWatcher::new(self.opts.watcher.clone());
+        self.job = Some(Job::new(id.clone(), record, spec, model0, state, loss));
+        self.try_start_epoch().await?;
+        self.update_gauges();
+        self.bump();
+        Ok(pb::SubmitJobResponse {
+            job_id: id.0,
+            status: Some(self.status(None)?),
+        })
+    }
+
+    pub(crate) fn job_for(&self, job_id: Option<&str>) -> Result<&Job> {
+        let job = self.job.as_ref().ok_or_else(no_job)?;
+        match job_id {
+            Some(id) if !id.is_empty() && id != job.id.0 => Err(Error::NotFound(format!(
+                "job '{id}' is not known to this coordinator; it runs job '{}'",
+                job.id
+            ))),
+            _ => Ok(job),
+        }
+    }
+
+    fn job_mut_for(&mut self, job_id: Option<&str>) -> Result<&mut Job> {
+        self.job_for(job_id)?;
+        Ok(self.job.as_mut().expect("a job"))
+    }
+
+    pub async fn pause(&mut self, job_id: Option<&str>) -> Result<u64> {
+        let job = self.job_mut_for(job_id)?;
+        match job.state.phase {
+            Phase::Training => {}
+            Phase::Paused => {
+                return Err(Error::FailedPrecondition(
+                    "the job is already paused; `coordctl resume` continues it".into(),
+                ))
+            }
+            Phase::Growing(p) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "a growth is in flight (phase {}); wait until it finishes (`coordctl watch`) and pause then",
+                    p.label()
+                )))
+            }
+            p => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the job is not training (phase {p:?}); nothing to pause"
+                )))
+            }
+        }
+        job.state.paused = true;
+        job::transition(
+            &mut job.state,
+            Phase::Paused,
+            "paused by the operator; `coordctl resume` continues",
+        );
+        self.persist_state().await?;
+        let id = self.send_all(Step(0), pb::command::Kind::Pause(pb::Pause {}));
+        self.update_gauges();
+        self.bump();
+        Ok(id.0)
+    }
+
+    pub async fn resume(&mut self, job_id: Option<&str>) -> Result<u64> {
+        let job = self.job_mut_for(job_id)?;
+        if job.state.phase != Phase::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "the job is not paused (phase {:?}); nothing to resume",
+                job.state.phase
+            )));
+        }
+        job.state.paused = false;
+        job::transition(&mut job.state, Phase::Training, "training");
+        self.persist_state().await?;
+        let id = self.send_all(Step(0), pb::command::Kind::Resume(pb::Resume {}));
+        self.update_gauges();
+        self.bump();
+        Ok(id.0)
+    }
+
+    pub async fn save_checkpoint(&mut self, job_id: Option<&str>) -> Result<u64> {
+        let job = self.job_mut_for(job_id)?;
+        if !matches!(job.state.phase, Phase::Training | Phase::Paused) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot checkpoint in phase {:?}; wait until the job is training",
+                job.state.phase
+            )));
+        }
+        if job.active.is_some() {
+            return Err(Error::FailedPrecondition(
+                "a checkpoint or growth is already in flight; wait for it (`coordctl checkpoint list`)".into(),
+            ));
+        }
+        Ok(self.start_checkpoint(Reason::Manual, Step(0), false).0)
+    }
+
+    /// Validate and start a growth transaction.
+    pub async fn grow(
+        &mut self,
+        job_id: Option<&str>,
+        req: GrowRequest,
+    ) -> Result<pb::GrowResponse> {
+        self.job_for(job_id)?;
+        self.begin_growth(req, None).await
+    }
+
+    pub fn plan(&self, params: f64, tokens: f64, factor: u32) -> Result<pb::PlanResponse> {
+        if !(params.is_finite() && params > 0.0 && tokens.is_finite() && tokens > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "params ({params}) and tokens ({tokens}) must be positive numbers, e.g. --params 7e9 --tokens 2e12"
+            )));
+        }
+        let factor = if factor == 0 {
+            trellis_core::growth::RECOMMENDED_FACTOR
+        } else {
+            factor as usize
+        };
+        trellis_core::growth::check_factor(factor)?;
+        let g = trellis_core::guideline::guideline(params, tokens, factor);
+        Ok(pb::PlanResponse {
+            params: g.params,
+            budget_tokens: g.budget_tokens,
+            flops: g.flops,
+            formula_tokens: g.formula_tokens,
+            in_range: g.in_range,
+            recommended_tokens: g.recommended_tokens,
+            rule: g.rule,
+            factor: g.factor as u32,
+        })
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let (mut active, mut idle, mut lost) = (0, 0, 0);
+        for e in self.workers.values().filter(|e| !e.exited) {
+            if e.lost {
+                lost += 1;
+            } else if e.rank.is_some() {
+                active += 1;
+            } else {
+                idle += 1;
+            }
+        }
+        m.workers.get_or_create(&[("state", "active")]).set(active);
+        m.workers.get_or_create(&[("state", "idle")]).set(idle);
+        m.workers.get_or_create(&[("state", "lost")]).set(lost);
+        if let Some(job) = &self.job {
+            m.model_layers.set(job.state.layers as i64);
+            m.model_parameters.set(job.state.parameters as i64);
+            m.generation.set(job.state.generation.0 as i64);
+            m.epoch.set(job.state.epoch.0 as i64);
+            let cur = views::phase_label(job.state.phase);
+            for p in [
+                "pending",
+                "waiting_for_workers",
+                "training",
+                "paused",
+                "growing",
+                "rolling_back",
+                "done",
+                "failed",
+            ] {
+                m.job_phase
+                    .get_or_create(&[("phase", p)])
+                    .set((p == cur) as i64);
+            }
+        }
+    }
+
+    /// The number of messages rejected by fencing so far.
+    pub fn fenced(&self) -> u64 {
+        self.fenced
+    }
+}
+
+fn reject(reason: &str) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Reject(pb::Reject {
+            reason: reason.into(),
+        })),
+    }
+}
