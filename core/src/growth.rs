@@ -224,7 +224,8 @@ pub fn check_factor(factor: usize) -> Result<()> {
     }
     if factor > MAX_LAYERS {
         return Err(Error::InvalidGrowth(format!(
-            "growth factor must be at most {MAX_LAYERS}, got {factor}; the paper recommends {RECOMMENDED_FACTOR}"
+            "growth factor {factor} would make more than the {MAX_LAYERS} layers allowed; \
+             choose a smaller factor (the paper recommends {RECOMMENDED_FACTOR})"
         )));
     }
     Ok(())
