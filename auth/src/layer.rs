@@ -2,7 +2,9 @@
 //! verified certificate and must have the role its method needs ([`crate::required_role`]),
 //! else the call ends with `UNAUTHENTICATED` (no usable identity) or `PERMISSION_DENIED`
 //! (naming the role needed) before any service sees it. Allowed requests carry the
-//! [`Identity`] in their extensions: read it in a handler with [`identity`].
+//! [`Identity`] in their extensions: read it in a handler with [`identity`]. Add it only to a
+//! server with TLS ([`crate::tls::server_tls`]): without a client certificate every call is
+//! `UNAUTHENTICATED`.
 //!
 //! ```text
 //! Server::builder()

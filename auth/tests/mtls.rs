@@ -212,3 +212,31 @@ async fn worker_identity_names_its_id() {
         assert_eq!(s.code(), tonic::Code::PermissionDenied, "{path}: {s:?}");
     }
 }
+
+#[tokio::test]
+async fn mismatched_files_are_refused_when_loaded() {
+    let t = tempfile::tempdir().unwrap();
+    certs::init(t.path(), &[]).unwrap();
+    let (crt, _) = certs::pair(t.path(), certs::COORDINATOR);
+    let (_, other_key) = certs::pair(t.path(), certs::OPERATOR);
+    let ca = t.path().join(certs::CA_CERT);
+    // A key that is not the certificate's: the server refuses to start with it.
+    let cfg = tls::server_tls(&crt, &other_key, &ca).unwrap();
+    let e = Server::builder().tls_config(cfg).err();
+    assert!(
+        e.is_some(),
+        "a server started with another certificate's key"
+    );
+    // Swapped files and missing files are named.
+    let e = tls::server_tls(&other_key, &crt, &ca)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--tls-cert") && e.contains("operator.key"),
+        "{e}"
+    );
+    let e = tls::client_tls(&t.path().join("nope.crt"), &crt, &other_key)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--ca") && e.contains("nope.crt"), "{e}");
+}
