@@ -610,18 +610,10 @@ fn form_group(
         members.len(),
         listener.try_clone()?,
         peers,
-        group_token(&format!("{token}/{kind}/{index}")),
+        // The ring key: secret as long as the coordinator's token is (sent over its session).
+        &trellis_comm::ring::derive_key(&format!("{token}/{kind}/{index}")),
         timeout,
     )?))
-}
-
-fn group_token(s: &str) -> u64 {
-    s.parse().unwrap_or_else(|_| {
-        // FNV-1a of a non-numeric token.
-        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
-    })
 }
 
 fn resolve(addr: &str) -> std::result::Result<SocketAddr, BoxError> {

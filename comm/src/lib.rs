@@ -17,6 +17,13 @@ pub enum Error {
     },
     #[error("collective: {0}")]
     Protocol(String),
+    /// A peer failed authentication: the ring key check at the handshake, or a message's MAC.
+    #[error("collective: peer {peer} ({addr}) {what}")]
+    Auth {
+        peer: usize,
+        addr: String,
+        what: String,
+    },
     #[error("collective timed out after {0:?} waiting for a peer; a rank has probably died")]
     Timeout(std::time::Duration),
     /// The backend cannot run on this machine (NCCL without CUDA or without libnccl).
@@ -72,4 +79,4 @@ impl Collective for Solo {
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
-pub use ring::TcpRing;
+pub use ring::{RingOptions, TcpRing};

@@ -1,9 +1,28 @@
 //! A TCP ring over CPU ranks (DESIGN §4).
 //!
 //! Rank `r` listens on `peers[r]`, connects to `peers[(r + 1) % world]` ("next") and accepts
-//! one connection from `(r - 1) % world` ("prev"). A handshake checks magic, version, rank,
-//! world and the group token (e.g. derived from the job and generation), so a stale peer of an
-//! old group is rejected (and the acceptor keeps waiting for the right one).
+//! one connection from `(r - 1) % world` ("prev"). Data flows one way on each connection: a
+//! rank only sends to next and only receives from prev.
+//!
+//! # Authentication
+//!
+//! Every group has a secret ring key (at least [`MIN_KEY_LEN`] bytes, e.g. [`derive_key`] of a
+//! random per-epoch token delivered over the coordinator's mTLS session). The handshake is a
+//! challenge–response over both sides' random nonces, ranks and world, HMAC-SHA256 with the
+//! key: neither side ever sends the key, a peer of another group (or without the key) is
+//! refused, and each side proves it holds the key to the other. Each connection then derives
+//! its own message key from the key and both nonces, and every message on it (each collective's
+//! header and each chunk of data) is followed by a keyed-BLAKE3 tag over the message counter,
+//! its length and its bytes: a message altered, replayed, reordered or injected in transit
+//! fails with [`Error::Auth`] naming the peer, before the collective returns. (Keyed BLAKE3 is
+//! a MAC; it replaced HMAC-SHA256 per message, which made the all-reduce benchmark 5x slower:
+//! docs/benchmarks.md.)
+//!
+//! The acceptor runs each incoming handshake on its own thread with a short timeout
+//! ([`RingOptions::handshake_timeout`]): a connection that sends nothing, or garbage, does not
+//! delay the group's formation.
+//!
+//! # Collectives
 //!
 //! Every collective starts with a small header exchange (op, sequence number, length) so that
 //! ranks calling different collectives get `Error::Protocol` instead of garbage.
@@ -16,21 +35,75 @@
 //! receives are reduced through a fixed 1 MiB scratch buffer, so memory stays bounded for any
 //! buffer size. Sends and receives are interleaved with `poll(2)` on non-blocking sockets, so
 //! large chunks never deadlock on full socket buffers, and a peer that makes no progress for
-//! `timeout` gives `Error::Timeout`; a closed or reset peer gives `Error::Peer`.
+//! `timeout` gives `Error::Timeout`; a closed or reset peer gives `Error::Peer`. After any
+//! error the buffer's contents are unspecified (a tampered chunk may already have been added).
 //!
 //! Data travels in native byte order: every rank of a group must share one architecture.
 use crate::{Collective, Error, Result};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+type HmacSha256 = Hmac<Sha256>;
+
 const MAGIC: u32 = 0x5452_4c53; // "TRLS"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const SCRATCH: usize = 1 << 20;
-const HELLO_LEN: usize = 24;
-const REPLY_LEN: usize = 28;
+const NONCE_LEN: usize = 32;
+/// An HMAC-SHA256 (handshake) or keyed BLAKE3 (message) tag.
+const TAG_LEN: usize = 32;
+/// magic, version, rank, world, flags, nonce.
+const HELLO_LEN: usize = 20 + NONCE_LEN;
+/// magic, status, version, rank, world, flags, nonce, tag.
+const REPLY_LEN: usize = 24 + NONCE_LEN + TAG_LEN;
+/// The connector's tag.
+const FINISH_LEN: usize = TAG_LEN;
 const HEADER_LEN: usize = 32;
+/// Handshakes the acceptor runs at once; more connections are closed unread.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// The shortest ring key [`TcpRing::new`] accepts.
+pub const MIN_KEY_LEN: usize = 16;
+/// The default bound on one incoming connection's handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A 32-byte ring key from a group's token material (e.g. `"{token}/{kind}/{index}"`):
+/// SHA-256 with a domain-separation prefix. Secret only if the token is.
+pub fn derive_key(material: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(b"trellis ring key v1\0")
+        .chain_update(material.as_bytes())
+        .finalize()
+        .into()
+}
+
+/// How a ring waits and what it authenticates.
+#[derive(Debug, Clone, Copy)]
+pub struct RingOptions {
+    /// Bounds the formation and every later wait on a peer.
+    pub timeout: Duration,
+    /// Bounds each incoming connection's handshake; an idle or slow connection is dropped
+    /// after it without delaying the others.
+    pub handshake_timeout: Duration,
+    /// Tag every message (keyed BLAKE3). On by default; off only to measure its cost or on a
+    /// fabric that is trusted end to end (the handshake is authenticated either way).
+    pub message_mac: bool,
+}
+
+impl RingOptions {
+    pub fn new(timeout: Duration) -> RingOptions {
+        RingOptions {
+            timeout,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.min(timeout),
+            message_mac: true,
+        }
+    }
+}
 
 const OP_SUM: u32 = 1;
 const OP_BROADCAST: u32 = 2;
@@ -53,6 +126,10 @@ struct Link {
     stream: TcpStream,
     peer: usize,
     addr: SocketAddr,
+    /// Keyed with this connection's message key; `None` when message MACs are off.
+    mac: Option<blake3::Hasher>,
+    /// Messages sent (to next) or received (from prev) on this connection so far.
+    count: u64,
 }
 
 impl Link {
@@ -63,6 +140,15 @@ impl Link {
             what,
             source,
         }
+    }
+
+    /// A MAC over the next message's counter and length, to be fed its bytes.
+    fn start_message(&self, len: usize) -> Option<blake3::Hasher> {
+        self.mac.clone().map(|mut m| {
+            m.update(&self.count.to_le_bytes());
+            m.update(&(len as u64).to_le_bytes());
+            m
+        })
     }
 }
 
@@ -182,16 +268,29 @@ fn timed_out(e: &std::io::Error) -> bool {
 
 impl TcpRing {
     /// Form the ring. `listener` is this rank's (already bound) listener, `peers[i]` rank i's
-    /// listen address (relayed by the coordinator), `group_token` identifies the group (same
-    /// on every rank, different for every new group), `timeout` bounds both the formation and
-    /// every later wait on a peer.
+    /// listen address (relayed by the coordinator), `key` the group's secret ring key (same on
+    /// every rank, different for every new group; at least [`MIN_KEY_LEN`] bytes), `timeout`
+    /// bounds both the formation and every later wait on a peer. Messages are authenticated;
+    /// see [`TcpRing::with_options`] for the other settings.
     pub fn new(
         rank: usize,
         world: usize,
         listener: TcpListener,
         peers: Vec<SocketAddr>,
-        group_token: u64,
+        key: &[u8],
         timeout: Duration,
+    ) -> Result<TcpRing> {
+        TcpRing::with_options(rank, world, listener, peers, key, RingOptions::new(timeout))
+    }
+
+    /// [`TcpRing::new`] with explicit [`RingOptions`].
+    pub fn with_options(
+        rank: usize,
+        world: usize,
+        listener: TcpListener,
+        peers: Vec<SocketAddr>,
+        key: &[u8],
+        opts: RingOptions,
     ) -> Result<TcpRing> {
         if world == 0 || rank >= world || peers.len() != world {
             return Err(Error::Protocol(format!(
@@ -200,8 +299,18 @@ impl TcpRing {
                 peers.len()
             )));
         }
-        if timeout.is_zero() {
-            return Err(Error::Protocol("the ring timeout must be positive".into()));
+        let timeout = opts.timeout;
+        if timeout.is_zero() || opts.handshake_timeout.is_zero() {
+            return Err(Error::Protocol(
+                "the ring timeout and handshake timeout must be positive".into(),
+            ));
+        }
+        if key.len() < MIN_KEY_LEN {
+            return Err(Error::Protocol(format!(
+                "the ring key has {} bytes; it needs at least {MIN_KEY_LEN} (derive it with \
+                 trellis_comm::ring::derive_key from a random token)",
+                key.len()
+            )));
         }
         let mut ring = TcpRing {
             rank,
@@ -217,27 +326,16 @@ impl TcpRing {
         let deadline = Instant::now() + timeout;
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
+        let shake = Shake {
+            rank,
+            world,
+            key: Arc::from(key),
+            deadline,
+            opts,
+        };
         let (next, prev) = std::thread::scope(|s| {
-            let acc = s.spawn(|| {
-                accept_prev(
-                    &listener,
-                    rank,
-                    world,
-                    prev_rank,
-                    group_token,
-                    deadline,
-                    timeout,
-                )
-            });
-            let next = connect_next(
-                peers[next_rank],
-                rank,
-                world,
-                next_rank,
-                group_token,
-                deadline,
-                timeout,
-            );
+            let acc = s.spawn(|| accept_prev(&listener, &shake, prev_rank));
+            let next = connect_next(peers[next_rank], &shake, next_rank);
             let prev = acc
                 .join()
                 .unwrap_or_else(|_| Err(Error::Protocol("ring accept thread panicked".into())));
@@ -255,21 +353,37 @@ impl TcpRing {
         Ok(ring)
     }
 
-    /// Send `send` to next while receiving `recv.len()` bytes from prev.
+    /// Send `send` to next while receiving `recv.len()` bytes from prev; each non-empty side
+    /// is one message, followed on the wire by its tag when message MACs are on.
     fn exchange(&mut self, send: &[u8], mut recv: Sink<'_>) -> Result<()> {
-        let Some((next, prev)) = &self.links else {
+        let rank = self.rank;
+        let Some((next, prev)) = &mut self.links else {
             return Ok(());
         };
         let recv_len = recv.len();
+        let mut tx_mac = if send.is_empty() {
+            None
+        } else {
+            next.start_message(send.len())
+        };
+        let mut rx_mac = if recv_len == 0 {
+            None
+        } else {
+            prev.start_message(recv_len)
+        };
+        let tagged = |m: &Option<blake3::Hasher>| if m.is_some() { TAG_LEN } else { 0 };
+        let (send_total, recv_total) = (send.len() + tagged(&tx_mac), recv_len + tagged(&rx_mac));
+        let mut tx_tag = [0u8; TAG_LEN];
+        let mut rx_tag = [0u8; TAG_LEN];
         let (mut sent, mut got) = (0usize, 0usize);
         let mut pending = 0usize; // bytes in scratch not yet reduced (Add)
         let mut reduced = 0usize; // f32s reduced so far (Add)
         let wait_ms = self.timeout.as_millis().min(i32::MAX as u128) as i32;
         let scratch = &mut self.scratch;
-        while sent < send.len() || got < recv_len {
+        while sent < send_total || got < recv_total {
             let mut fds = [
                 libc::pollfd {
-                    fd: if sent < send.len() {
+                    fd: if sent < send_total {
                         next.stream.as_raw_fd()
                     } else {
                         -1
@@ -278,7 +392,7 @@ impl TcpRing {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: if got < recv_len {
+                    fd: if got < recv_total {
                         prev.stream.as_raw_fd()
                     } else {
                         -1
@@ -300,8 +414,11 @@ impl TcpRing {
                 return Err(next.err("poll", e));
             }
             if fds[0].revents != 0 {
-                let end = send.len().min(sent + SCRATCH);
-                let chunk = &send[sent..end];
+                let chunk = if sent < send.len() {
+                    &send[sent..send.len().min(sent + SCRATCH)]
+                } else {
+                    &tx_tag[sent - send.len()..]
+                };
                 // SAFETY: `chunk` is valid for `chunk.len()` bytes; MSG_NOSIGNAL avoids SIGPIPE.
                 let n = unsafe {
                     libc::send(
@@ -320,15 +437,30 @@ impl TcpRing {
                         return Err(next.err("send", e));
                     }
                 } else {
-                    sent += n as usize;
+                    let n = n as usize;
+                    if sent < send.len() {
+                        if let Some(m) = tx_mac.as_mut() {
+                            m.update(&chunk[..n]);
+                        }
+                        if sent + n == send.len() {
+                            if let Some(m) = tx_mac.take() {
+                                tx_tag = *m.finalize().as_bytes();
+                            }
+                        }
+                    }
+                    sent += n;
                 }
             }
             if fds[1].revents != 0 {
-                let res = match &mut recv {
-                    Sink::Bytes(b) => (&prev.stream).read(&mut b[got..]),
-                    Sink::Add(_) => {
-                        let room = (SCRATCH - pending).min(recv_len - got);
-                        (&prev.stream).read(&mut scratch[pending..pending + room])
+                let res = if got >= recv_len {
+                    (&prev.stream).read(&mut rx_tag[got - recv_len..])
+                } else {
+                    match &mut recv {
+                        Sink::Bytes(b) => (&prev.stream).read(&mut b[got..]),
+                        Sink::Add(_) => {
+                            let room = (SCRATCH - pending).min(recv_len - got);
+                            (&prev.stream).read(&mut scratch[pending..pending + room])
+                        }
                     }
                 };
                 match res {
@@ -341,21 +473,32 @@ impl TcpRing {
                             ),
                         ))
                     }
+                    Ok(n) if got >= recv_len => got += n,
                     Ok(n) => {
-                        got += n;
-                        if let Sink::Add(dst) = &mut recv {
-                            pending += n;
-                            let whole = pending / 4;
-                            for (d, src) in dst[reduced..reduced + whole]
-                                .iter_mut()
-                                .zip(scratch[..whole * 4].chunks_exact(4))
-                            {
-                                *d += f32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+                        match &mut recv {
+                            Sink::Bytes(b) => {
+                                if let Some(m) = rx_mac.as_mut() {
+                                    m.update(&b[got..got + n]);
+                                }
                             }
-                            reduced += whole;
-                            scratch.copy_within(whole * 4..pending, 0);
-                            pending -= whole * 4;
+                            Sink::Add(dst) => {
+                                if let Some(m) = rx_mac.as_mut() {
+                                    m.update(&scratch[pending..pending + n]);
+                                }
+                                pending += n;
+                                let whole = pending / 4;
+                                for (d, src) in dst[reduced..reduced + whole]
+                                    .iter_mut()
+                                    .zip(scratch[..whole * 4].chunks_exact(4))
+                                {
+                                    *d += f32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+                                }
+                                reduced += whole;
+                                scratch.copy_within(whole * 4..pending, 0);
+                                pending -= whole * 4;
+                            }
                         }
+                        got += n;
                     }
                     Err(e)
                         if matches!(
@@ -365,6 +508,27 @@ impl TcpRing {
                     Err(e) => return Err(prev.err("receive", e)),
                 }
             }
+        }
+        if let Some(m) = rx_mac {
+            // blake3::Hash compares in constant time.
+            if m.finalize() != blake3::Hash::from_bytes(rx_tag) {
+                return Err(Error::Auth {
+                    peer: prev.peer,
+                    addr: prev.addr.to_string(),
+                    what: format!(
+                        "sent rank {rank} message #{} ({recv_len} bytes) that fails its MAC \
+                         check: it was altered, replayed or reordered in transit, or does not \
+                         come from a member of this group; the collective is abandoned",
+                        prev.count
+                    ),
+                });
+            }
+        }
+        if !send.is_empty() {
+            next.count += 1;
+        }
+        if recv_len > 0 {
+            prev.count += 1;
         }
         Ok(())
     }
@@ -417,15 +581,104 @@ impl TcpRing {
     }
 }
 
-fn connect_next(
-    addr: SocketAddr,
+/// What one side of a handshake needs.
+#[derive(Clone)]
+struct Shake {
     rank: usize,
     world: usize,
-    next_rank: usize,
-    token: u64,
+    key: Arc<[u8]>,
     deadline: Instant,
-    timeout: Duration,
-) -> Result<Link> {
+    opts: RingOptions,
+}
+
+const LABEL_ACCEPTOR: &[u8] = b"trellis ring v2 acceptor\0";
+const LABEL_CONNECTOR: &[u8] = b"trellis ring v2 connector\0";
+const LABEL_MESSAGES: &[u8] = b"trellis ring v2 messages\0";
+/// `flags` bit: every message carries a tag.
+const FLAG_MESSAGE_MAC: u32 = 1;
+
+/// Both nonces and the connection's parameters: what every handshake tag covers.
+struct Transcript {
+    nc: [u8; NONCE_LEN],
+    ns: [u8; NONCE_LEN],
+    /// The connector's rank (it sends), the acceptor's (it receives).
+    from: usize,
+    to: usize,
+    world: usize,
+    flags: u32,
+}
+
+impl Transcript {
+    fn mac(&self, key: &[u8], label: &[u8]) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
+        m.update(label);
+        m.update(&self.nc);
+        m.update(&self.ns);
+        for x in [
+            self.from as u32,
+            self.to as u32,
+            self.world as u32,
+            self.flags,
+        ] {
+            m.update(&x.to_le_bytes());
+        }
+        m
+    }
+
+    fn tag(&self, key: &[u8], label: &[u8]) -> [u8; TAG_LEN] {
+        self.mac(key, label).finalize().into_bytes().into()
+    }
+
+    /// The MAC keyed for this connection's messages (its key never leaves either side).
+    fn messages(&self, key: &[u8]) -> Option<blake3::Hasher> {
+        (self.flags & FLAG_MESSAGE_MAC != 0)
+            .then(|| blake3::Hasher::new_keyed(&self.tag(key, LABEL_MESSAGES)))
+    }
+}
+
+impl Shake {
+    fn flags(&self) -> u32 {
+        if self.opts.message_mac {
+            FLAG_MESSAGE_MAC
+        } else {
+            0
+        }
+    }
+}
+
+/// Fresh random bytes from the kernel.
+fn nonce() -> Result<[u8; NONCE_LEN]> {
+    let mut b = [0u8; NONCE_LEN];
+    let mut filled = 0;
+    while filled < NONCE_LEN {
+        // SAFETY: the pointer and length describe the unfilled tail of `b`.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), NONCE_LEN - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Protocol(format!(
+                "cannot draw a handshake nonce (getrandom): {e}"
+            )));
+        }
+        filled += n as usize;
+    }
+    Ok(b)
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+fn put_u32s(b: &mut [u8], xs: &[u32]) {
+    for (i, x) in xs.iter().enumerate() {
+        b[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn connect_next(addr: SocketAddr, sh: &Shake, next_rank: usize) -> Result<Link> {
+    let (rank, world, timeout) = (sh.rank, sh.world, sh.opts.timeout);
     let link_err = |what, source| Error::Peer {
         peer: next_rank,
         addr: addr.to_string(),
@@ -433,7 +686,7 @@ fn connect_next(
         source,
     };
     let stream = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = sh.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::Timeout(timeout));
         }
@@ -445,13 +698,21 @@ fn connect_next(
             Err(e) => return Err(link_err("connect", e)),
         }
     };
-    set_timeouts(&stream, timeout).map_err(|e| link_err("configure", e))?;
+    // The next rank may not be accepting yet (its listener is bound early): wait for its
+    // reply until the formation deadline, not just the handshake timeout.
+    let left = sh
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    set_timeouts(&stream, left).map_err(|e| link_err("configure", e))?;
+    let flags = sh.flags();
+    let nc = nonce()?;
     let mut hello = [0u8; HELLO_LEN];
-    hello[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    hello[4..8].copy_from_slice(&VERSION.to_le_bytes());
-    hello[8..12].copy_from_slice(&(rank as u32).to_le_bytes());
-    hello[12..16].copy_from_slice(&(world as u32).to_le_bytes());
-    hello[16..24].copy_from_slice(&token.to_le_bytes());
+    put_u32s(
+        &mut hello,
+        &[MAGIC, VERSION, rank as u32, world as u32, flags],
+    );
+    hello[20..].copy_from_slice(&nc);
     (&stream)
         .write_all(&hello)
         .map_err(|e| link_err("handshake send", e))?;
@@ -463,27 +724,38 @@ fn connect_next(
             link_err("handshake receive", e)
         }
     })?;
-    let u32_at =
-        |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
-    let mut tb = [0u8; 8];
-    tb.copy_from_slice(&reply[20..28]);
-    let (magic, status, their_rank, their_world, their_token) = (
-        u32_at(0),
-        u32_at(4),
-        u32_at(12) as usize,
-        u32_at(16) as usize,
-        u64::from_le_bytes(tb),
+    let (magic, status, version, their_rank, their_world, their_flags) = (
+        u32_at(&reply, 0),
+        u32_at(&reply, 4),
+        u32_at(&reply, 8),
+        u32_at(&reply, 12) as usize,
+        u32_at(&reply, 16) as usize,
+        u32_at(&reply, 20),
     );
     if magic != MAGIC {
         return Err(Error::Protocol(format!(
             "rank {rank}: {addr} (rank {next_rank}) is not a Trellis ring peer"
         )));
     }
-    if status != 0 || their_rank != next_rank || their_world != world || their_token != token {
+    if version != VERSION {
         return Err(Error::Protocol(format!(
-            "rank {rank}: the process at {addr} (expected rank {next_rank} of {world}, group \
-             {token:#x}) is rank {their_rank} of {their_world}, group {their_token:#x}{}; it is \
-             probably left over from an old group: restart it or relay fresh addresses",
+            "rank {rank}: the process at {addr} (rank {next_rank}) speaks ring protocol \
+             v{version}, this rank v{VERSION}; run the same Trellis version on every rank"
+        )));
+    }
+    if their_flags != flags {
+        return Err(Error::Protocol(format!(
+            "rank {rank}: message MACs are {} here but {} on rank {next_rank} ({addr}); every \
+             rank of a group must use the same ring options",
+            if flags != 0 { "on" } else { "off" },
+            if their_flags != 0 { "on" } else { "off" },
+        )));
+    }
+    if status != 0 || their_rank != next_rank || their_world != world {
+        return Err(Error::Protocol(format!(
+            "rank {rank}: the process at {addr} (expected rank {next_rank} of {world}) is rank \
+             {their_rank} of {their_world}{}; it is probably left over from an old group: \
+             restart it or relay fresh addresses",
             if status != 0 {
                 ", and it rejected us"
             } else {
@@ -491,22 +763,139 @@ fn connect_next(
             }
         )));
     }
+    let mut ns = [0u8; NONCE_LEN];
+    ns.copy_from_slice(&reply[24..24 + NONCE_LEN]);
+    let t = Transcript {
+        nc,
+        ns,
+        from: rank,
+        to: next_rank,
+        world,
+        flags,
+    };
+    if t.mac(&sh.key, LABEL_ACCEPTOR)
+        .verify_slice(&reply[24 + NONCE_LEN..])
+        .is_err()
+    {
+        return Err(Error::Auth {
+            peer: next_rank,
+            addr: addr.to_string(),
+            what: format!(
+                "failed rank {rank}'s ring key check: it holds a different ring key, so one of \
+                 the two is left over from an old group (restart it or relay fresh addresses) \
+                 or is not a rank of this job"
+            ),
+        });
+    }
+    (&stream)
+        .write_all(&t.tag(&sh.key, LABEL_CONNECTOR))
+        .map_err(|e| link_err("handshake send", e))?;
+    set_timeouts(&stream, timeout).map_err(|e| link_err("configure", e))?;
     Ok(Link {
         stream,
         peer: next_rank,
         addr,
+        mac: t.messages(&sh.key),
+        count: 0,
     })
 }
 
-fn accept_prev(
-    listener: &TcpListener,
-    rank: usize,
-    world: usize,
+/// The acceptor's side of one connection's handshake: `Some` if it is prev with the key.
+fn handshake_accepted(
+    stream: TcpStream,
+    addr: SocketAddr,
+    sh: &Shake,
     prev_rank: usize,
-    token: u64,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Link> {
+) -> std::io::Result<Option<Link>> {
+    let (rank, world) = (sh.rank, sh.world);
+    stream.set_nonblocking(false)?;
+    set_timeouts(&stream, sh.opts.handshake_timeout)?;
+    let mut hello = [0u8; HELLO_LEN];
+    (&stream).read_exact(&mut hello)?;
+    let (magic, version, their_rank, their_world, their_flags) = (
+        u32_at(&hello, 0),
+        u32_at(&hello, 4),
+        u32_at(&hello, 8) as usize,
+        u32_at(&hello, 12) as usize,
+        u32_at(&hello, 16),
+    );
+    if magic != MAGIC {
+        tracing::warn!(rank, from = %addr, "dropped a connection to the ring port that is not a Trellis ring peer");
+        return Ok(None);
+    }
+    let flags = sh.flags();
+    let ok = version == VERSION
+        && their_rank == prev_rank
+        && their_world == world
+        && their_flags == flags;
+    let mut nc = [0u8; NONCE_LEN];
+    nc.copy_from_slice(&hello[20..]);
+    let ns = nonce().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let t = Transcript {
+        nc,
+        ns,
+        from: prev_rank,
+        to: rank,
+        world,
+        flags,
+    };
+    let mut reply = [0u8; REPLY_LEN];
+    put_u32s(
+        &mut reply,
+        &[
+            MAGIC,
+            if ok { 0 } else { 1 },
+            VERSION,
+            rank as u32,
+            world as u32,
+            flags,
+        ],
+    );
+    reply[24..24 + NONCE_LEN].copy_from_slice(&ns);
+    if ok {
+        reply[24 + NONCE_LEN..].copy_from_slice(&t.tag(&sh.key, LABEL_ACCEPTOR));
+    }
+    (&stream).write_all(&reply)?;
+    if !ok {
+        tracing::warn!(
+            rank,
+            from = %addr,
+            their_rank,
+            their_world,
+            their_version = version,
+            their_flags,
+            "rejected a ring peer from another group"
+        );
+        return Ok(None);
+    }
+    let mut finish = [0u8; FINISH_LEN];
+    (&stream).read_exact(&mut finish)?;
+    if t.mac(&sh.key, LABEL_CONNECTOR)
+        .verify_slice(&finish)
+        .is_err()
+    {
+        tracing::warn!(
+            rank,
+            from = %addr,
+            claimed_rank = prev_rank,
+            "rejected a ring connection without this group's ring key"
+        );
+        return Ok(None);
+    }
+    set_timeouts(&stream, sh.opts.timeout)?;
+    Ok(Some(Link {
+        mac: t.messages(&sh.key),
+        stream,
+        peer: prev_rank,
+        addr,
+        count: 0,
+    }))
+}
+
+/// Accept connections until one completes the handshake as prev; every handshake runs on its
+/// own thread, so idle or slow connections cannot hold up the right one.
+fn accept_prev(listener: &TcpListener, sh: &Shake, prev_rank: usize) -> Result<Link> {
+    let rank = sh.rank;
     let local = listener
         .local_addr()
         .map_err(|e| Error::Protocol(format!("rank {rank}: listener has no address: {e}")))?;
@@ -519,10 +908,15 @@ fn accept_prev(
     listener
         .set_nonblocking(true)
         .map_err(|e| lerr("listen", e))?;
+    let (tx, rx) = mpsc::channel::<Link>();
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(link) = rx.try_recv() {
+            return Ok(link);
+        }
+        let left = sh.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Timeout(timeout));
+            return Err(Error::Timeout(sh.opts.timeout));
         }
         let (stream, addr) = match listener.accept() {
             Ok(x) => x,
@@ -532,59 +926,36 @@ fn accept_prev(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 ) =>
             {
-                std::thread::sleep(Duration::from_millis(5));
+                if let Ok(link) = rx.recv_timeout(left.min(Duration::from_millis(5))) {
+                    return Ok(link);
+                }
                 continue;
             }
             Err(e) => return Err(lerr("accept", e)),
         };
-        // A broken or stale connection must not stop us waiting for the right peer.
-        let checked = (|| -> std::io::Result<Option<TcpStream>> {
-            stream.set_nonblocking(false)?;
-            set_timeouts(&stream, left.min(timeout))?;
-            let mut hello = [0u8; HELLO_LEN];
-            (&stream).read_exact(&mut hello)?;
-            let u32_at =
-                |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
-            let mut tb = [0u8; 8];
-            tb.copy_from_slice(&hello[16..24]);
-            let their_token = u64::from_le_bytes(tb);
-            let ok = u32_at(0) == MAGIC
-                && u32_at(4) == VERSION
-                && u32_at(8) as usize == prev_rank
-                && u32_at(12) as usize == world
-                && their_token == token;
-            let mut reply = [0u8; REPLY_LEN];
-            reply[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            reply[4..8].copy_from_slice(&(if ok { 0u32 } else { 1 }).to_le_bytes());
-            reply[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            reply[12..16].copy_from_slice(&(rank as u32).to_le_bytes());
-            reply[16..20].copy_from_slice(&(world as u32).to_le_bytes());
-            reply[20..28].copy_from_slice(&token.to_le_bytes());
-            (&stream).write_all(&reply)?;
-            if !ok {
-                tracing::warn!(
-                    rank,
-                    from = %addr,
-                    their_rank = u32_at(8),
-                    their_world = u32_at(12),
-                    their_token = format!("{their_token:#x}"),
-                    "rejected a ring peer from another group"
-                );
-                return Ok(None);
-            }
-            set_timeouts(&stream, timeout)?;
-            Ok(Some(stream))
-        })();
-        match checked {
-            Ok(Some(stream)) => {
-                return Ok(Link {
-                    stream,
-                    peer: prev_rank,
-                    addr,
-                })
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(rank, from = %addr, error = %e, "bad ring handshake"),
+        if pending.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
+            tracing::warn!(rank, from = %addr, "too many ring handshakes at once; dropped a connection");
+            continue;
+        }
+        pending.fetch_add(1, Ordering::AcqRel);
+        let (sh, tx, count) = (sh.clone(), tx.clone(), pending.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ring-handshake".into())
+            .spawn(move || {
+                match handshake_accepted(stream, addr, &sh, prev_rank) {
+                    Ok(Some(link)) => {
+                        let _ = tx.send(link);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(rank = sh.rank, from = %addr, error = %e, "bad ring handshake")
+                    }
+                }
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(rank, from = %addr, error = %e, "cannot start a ring handshake thread");
         }
     }
 }
@@ -638,17 +1009,25 @@ impl Collective for TcpRing {
         self.header(OP_BROADCAST, buf.len() as u64, root as u64)?;
         let dist = (self.rank + w - root) % w;
         let bytes = f32_bytes_mut(buf);
+        let len = bytes.len();
+        // Segments of SCRATCH bytes; each is one message on every link, so sender and
+        // receiver agree on the message boundaries their MACs cover.
+        let segs = len.div_ceil(SCRATCH);
+        let seg = |k: usize| (k * SCRATCH).min(len)..((k + 1) * SCRATCH).min(len);
         if dist == 0 {
-            self.exchange(bytes, Sink::Bytes(&mut []))?;
+            for k in 0..segs {
+                self.exchange(&bytes[seg(k)], Sink::Bytes(&mut []))?;
+            }
         } else if dist == w - 1 {
-            self.exchange(&[], Sink::Bytes(bytes))?;
+            for k in 0..segs {
+                self.exchange(&[], Sink::Bytes(&mut bytes[seg(k)]))?;
+            }
         } else {
             // Pipelined: forward segment k-1 while receiving segment k.
-            let segs = bytes.len().div_ceil(SCRATCH);
             for k in 0..=segs {
-                let rx_start = (k * SCRATCH).min(bytes.len());
-                let rx_end = ((k + 1) * SCRATCH).min(bytes.len());
-                let tx_start = (k.saturating_sub(1) * SCRATCH).min(bytes.len());
+                let rx_start = (k * SCRATCH).min(len);
+                let rx_end = ((k + 1) * SCRATCH).min(len);
+                let tx_start = (k.saturating_sub(1) * SCRATCH).min(len);
                 let tx_end = if k == 0 { 0 } else { rx_start };
                 let (head, tail) = bytes.split_at_mut(rx_start);
                 let tx = &head[tx_start.min(tx_end)..tx_end];

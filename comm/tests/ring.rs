@@ -1,9 +1,15 @@
 //! TcpRing on 127.0.0.1, one thread per rank.
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-use trellis_comm::{Collective, Error, TcpRing};
+use trellis_comm::ring::derive_key;
+use trellis_comm::{Collective, Error, RingOptions, TcpRing};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn key(token: &str) -> [u8; 32] {
+    derive_key(token)
+}
 
 fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     let ls: Vec<TcpListener> = (0..world)
@@ -26,7 +32,7 @@ fn with_ring<T: Send + 'static>(
         .map(|(r, l)| {
             let (addrs, f) = (addrs.clone(), f.clone());
             std::thread::spawn(move || {
-                let ring = TcpRing::new(r, world, l, addrs, 0xfeed, timeout).unwrap();
+                let ring = TcpRing::new(r, world, l, addrs, &key("feed"), timeout).unwrap();
                 assert_eq!((ring.rank(), ring.world()), (r, world));
                 f(r, ring)
             })
@@ -214,18 +220,25 @@ fn stale_peer_of_an_old_group_is_rejected() {
     let l0 = ls.pop().unwrap();
     let a0 = addrs.clone();
     let rank0 = std::thread::spawn(move || {
-        let mut ring = TcpRing::new(0, 2, l0, a0, 2, TIMEOUT)?;
+        let mut ring = TcpRing::new(0, 2, l0, a0, &key("group-2"), TIMEOUT)?;
         ring.all_reduce_max_u64(5)
     });
-    // A rank 1 of the old group (token 1) reaches rank 0 first and is turned away...
+    // A rank 1 of the old group (another key) reaches rank 0 first and is turned away...
     let stale_l = TcpListener::bind("127.0.0.1:0").unwrap();
     let stale_peers = vec![addrs[0], stale_l.local_addr().unwrap()];
-    let stale = TcpRing::new(1, 2, stale_l, stale_peers, 1, Duration::from_secs(2));
+    let stale = TcpRing::new(
+        1,
+        2,
+        stale_l,
+        stale_peers,
+        &key("group-1"),
+        Duration::from_secs(2),
+    );
     let e = stale.unwrap_err();
-    assert!(matches!(e, Error::Protocol(_)), "{e}");
+    assert!(matches!(e, Error::Auth { peer: 0, .. }), "{e}");
     assert!(e.to_string().contains("old group"), "{e}");
     // ...and the ring still forms with the right one.
-    let mut ring1 = TcpRing::new(1, 2, l1, addrs, 2, TIMEOUT).unwrap();
+    let mut ring1 = TcpRing::new(1, 2, l1, addrs, &key("group-2"), TIMEOUT).unwrap();
     assert_eq!(ring1.all_reduce_max_u64(3).unwrap(), 5);
     assert_eq!(rank0.join().unwrap().unwrap(), 5);
 }
@@ -234,8 +247,11 @@ fn stale_peer_of_an_old_group_is_rejected() {
 fn bad_parameters() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let a = l.local_addr().unwrap();
-    let e = TcpRing::new(2, 2, l, vec![a, a], 0, TIMEOUT).unwrap_err();
+    let e = TcpRing::new(2, 2, l, vec![a, a], &key("k"), TIMEOUT).unwrap_err();
     assert!(matches!(e, Error::Protocol(_)), "{e}");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = TcpRing::new(0, 2, l, vec![a, a], b"too short", TIMEOUT).unwrap_err();
+    assert!(e.to_string().contains("at least 16"), "{e}");
 }
 
 #[test]
@@ -283,7 +299,267 @@ fn formation_times_out_without_peers() {
     let l0 = ls.remove(0);
     drop(ls); // rank 1 never comes
     let t0 = Instant::now();
-    let e = TcpRing::new(0, 2, l0, addrs, 0, Duration::from_secs(1)).unwrap_err();
+    let e = TcpRing::new(0, 2, l0, addrs, &key("k"), Duration::from_secs(1)).unwrap_err();
     assert!(matches!(e, Error::Timeout(_)), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+// ------------------------------------------------------------------------------------------
+// Authentication: ring key, message MACs, concurrent handshakes
+// ------------------------------------------------------------------------------------------
+
+/// Bytes the connector sends before its first message: hello (magic, version, rank, world,
+/// flags, 32-byte nonce) and its 32-byte handshake tag.
+const HANDSHAKE_OUT: usize = 20 + 32 + 32;
+/// A header message (32 bytes) and its tag.
+const HEADER_MSG: usize = 32 + 32;
+
+/// A one-connection TCP proxy in front of `upstream`: bytes going upstream pass through
+/// `edit(offset, chunk)` first. Returns the proxy's address.
+fn proxy(
+    upstream: SocketAddr,
+    mut edit: impl FnMut(usize, &mut [u8]) + Send + 'static,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut down, _) = l.accept().unwrap();
+        let mut up = TcpStream::connect(upstream).unwrap();
+        let (mut down2, mut up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up2, &mut down2);
+            let _ = down2.shutdown(std::net::Shutdown::Write);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut off = 0;
+        loop {
+            let n = match down.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            edit(off, &mut buf[..n]);
+            if up.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            off += n;
+        }
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    addr
+}
+
+/// Ranks 0 and 1 where everything rank 0 sends to rank 1 goes through `edit`; each runs `f`.
+fn two_ranks_via_proxy<T: Send + 'static>(
+    edit: impl FnMut(usize, &mut [u8]) + Send + 'static,
+    f: impl Fn(usize, &mut TcpRing) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let (ls, addrs) = listeners(2);
+    let via = proxy(addrs[1], edit);
+    let peers = [vec![addrs[0], via], addrs.clone()];
+    let hs: Vec<_> = ls
+        .into_iter()
+        .zip(peers)
+        .enumerate()
+        .map(|(r, (l, p))| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut ring =
+                    TcpRing::new(r, 2, l, p, &key("proxied"), Duration::from_secs(5)).unwrap();
+                f(r, &mut ring)
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn untouched_proxy_changes_nothing() {
+    let res = two_ranks_via_proxy(
+        |_, _| {},
+        |r, ring| {
+            let mut buf = data(r, 300_007, 3);
+            ring.all_reduce_sum(&mut buf).unwrap();
+            ring.broadcast(&mut buf, 1).unwrap();
+            buf.iter().map(|x| x.to_bits() as u64).sum::<u64>()
+        },
+    );
+    assert_eq!(res[0], res[1]);
+}
+
+#[test]
+fn tampered_gradient_message_is_rejected_and_names_the_peer() {
+    // Flip one bit inside the first chunk of gradient data rank 0 sends.
+    let at = HANDSHAKE_OUT + HEADER_MSG + 5000;
+    let res = two_ranks_via_proxy(
+        move |off, chunk| {
+            if (off..off + chunk.len()).contains(&at) {
+                chunk[at - off] ^= 0x04;
+            }
+        },
+        |r, ring| {
+            let mut buf = data(r, 1 << 18, 1);
+            ring.all_reduce_sum(&mut buf)
+        },
+    );
+    let e = res[1].as_ref().unwrap_err();
+    match e {
+        Error::Auth { peer, .. } => assert_eq!(*peer, 0, "{e}"),
+        _ => panic!("rank 1 did not reject the tampered message: {e}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("peer 0") && msg.contains("MAC"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    // Rank 0 does not get a result either: rank 1 abandoned the collective.
+    assert!(
+        res[0].is_err(),
+        "rank 0 finished an all-reduce its peer rejected"
+    );
+}
+
+#[test]
+fn replayed_message_is_rejected() {
+    // Rank 0's second header message is replaced by a copy of its first (validly tagged).
+    let mut seen = Vec::new();
+    let (first, second) = (HANDSHAKE_OUT, HANDSHAKE_OUT + HEADER_MSG);
+    let res = two_ranks_via_proxy(
+        move |off, chunk| {
+            for (i, b) in chunk.iter_mut().enumerate() {
+                let p = off + i;
+                if p < second {
+                    seen.push(*b);
+                } else if p < second + HEADER_MSG {
+                    *b = seen[first + (p - second)];
+                }
+            }
+        },
+        |_, ring| {
+            ring.barrier()?;
+            ring.barrier()
+        },
+    );
+    let e = res[1].as_ref().unwrap_err();
+    assert!(matches!(e, Error::Auth { peer: 0, .. }), "{e}");
+    assert!(e.to_string().contains("message #1"), "{e}");
+}
+
+#[test]
+fn wrong_key_is_refused_both_ways() {
+    // A process with another key listens where rank 0 expects rank 1: rank 0 refuses it.
+    let (mut ls, addrs) = listeners(2);
+    let impostor_l = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let a = addrs.clone();
+    let impostor = std::thread::spawn(move || {
+        TcpRing::new(
+            1,
+            2,
+            impostor_l,
+            a,
+            &key("not the key"),
+            Duration::from_secs(3),
+        )
+    });
+    let t0 = Instant::now();
+    let e = TcpRing::new(0, 2, l0, addrs, &key("the key"), Duration::from_secs(3)).unwrap_err();
+    assert!(matches!(e, Error::Auth { peer: 1, .. }), "{e}");
+    assert!(e.to_string().contains("ring key"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // And the impostor, connecting to rank 0, is refused by rank 0's key check too.
+    let e = impostor.join().unwrap().unwrap_err();
+    assert!(
+        matches!(e, Error::Auth { peer: 0, .. } | Error::Timeout(_)),
+        "{e}"
+    );
+}
+
+#[test]
+fn message_mac_options_must_agree() {
+    let (ls, addrs) = listeners(2);
+    let hs: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let opts = RingOptions {
+                    message_mac: r == 0,
+                    ..RingOptions::new(Duration::from_secs(3))
+                };
+                TcpRing::with_options(r, 2, l, addrs, &key("k"), opts)
+            })
+        })
+        .collect();
+    for h in hs {
+        let e = h.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("same ring options"), "{e}");
+    }
+}
+
+#[test]
+fn macs_off_still_sums() {
+    // The unauthenticated wire format (kept to measure the MAC's cost) still works.
+    let (ls, addrs) = listeners(3);
+    let hs: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let opts = RingOptions {
+                    message_mac: false,
+                    ..RingOptions::new(TIMEOUT)
+                };
+                let mut ring = TcpRing::with_options(r, 3, l, addrs, &key("k"), opts).unwrap();
+                let mut buf = vec![r as f32 + 1.0; 100_003];
+                ring.all_reduce_sum(&mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for h in hs {
+        assert!(h.join().unwrap().iter().all(|&x| x == 6.0));
+    }
+}
+
+#[test]
+fn idle_connections_do_not_delay_formation() {
+    let (ls, addrs) = listeners(3);
+    // Before any rank starts, every ring port has two connections that never send a byte
+    // and one that sends garbage; they are first in the accept queue.
+    let mut squatters = Vec::new();
+    for a in &addrs {
+        squatters.push(TcpStream::connect(a).unwrap());
+        squatters.push(TcpStream::connect(a).unwrap());
+        let mut g = TcpStream::connect(a).unwrap();
+        g.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        squatters.push(g);
+    }
+    // A handshake timeout far above the formation time we accept: only running the
+    // handshakes concurrently can form the ring in time.
+    let opts = RingOptions {
+        handshake_timeout: Duration::from_secs(20),
+        ..RingOptions::new(TIMEOUT)
+    };
+    let t0 = Instant::now();
+    let hs: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let mut ring = TcpRing::with_options(r, 3, l, addrs, &key("k"), opts).unwrap();
+                let formed = t0.elapsed();
+                (formed, ring.all_reduce_max_u64(r as u64).unwrap())
+            })
+        })
+        .collect();
+    for h in hs {
+        let (formed, max) = h.join().unwrap();
+        assert_eq!(max, 2);
+        assert!(
+            formed < Duration::from_secs(3),
+            "formation took {formed:?} behind idle connections"
+        );
+    }
+    drop(squatters);
 }

@@ -3,6 +3,7 @@
 //!
 //! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused, 2 usage or
 //! invalid local input (checked before any connection), 3 unreachable / retryable.
+mod certs;
 mod client;
 mod output;
 mod units;
@@ -139,6 +140,9 @@ enum Command {
     Checkpoint(CheckpointCmd),
     /// The growth-timing guideline (how many tokens to train the small model), with its range.
     Plan(PlanArgs),
+    /// Certificates for mTLS, offline: `certs init DIR`, `certs worker ID DIR`.
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -427,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoint(CheckpointCmd::Export { hf, in_dir }) => {
             return export(format, hf, in_dir)
         }
+        Command::Certs(c) => return certs::run(format, c),
         _ => {}
     }
     // Everything below talks to the coordinator: check local input first, then connect.
@@ -485,6 +490,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::Loss(..) => "loss",
         Command::Checkpoint(_) => "checkpoint",
         Command::Plan(_) => "plan",
+        Command::Certs(_) => "certs",
     }
 }
 

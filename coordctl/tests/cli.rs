@@ -629,3 +629,90 @@ fn export_hf_writes_config_weights_and_tokenizer() {
     assert_eq!(v["parameters"], tiny_config().num_parameters());
     assert_eq!(v["files"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn certs_init_and_worker_write_pem_files_naming_identities() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pki");
+    let d = dir.to_str().unwrap();
+    let r = coordctl(&[
+        "--output",
+        "json",
+        "certs",
+        "init",
+        d,
+        "--host",
+        "coord.internal",
+        "--host",
+        "10.0.0.5",
+    ]);
+    let v = json(&r);
+    let files: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for want in [
+        "ca.crt",
+        "ca.key",
+        "coordinator.crt",
+        "coordinator.key",
+        "operator.crt",
+        "operator.key",
+        "viewer.crt",
+        "viewer.key",
+    ] {
+        assert!(files.contains(&want), "{want} not in {files:?}");
+        assert!(dir.join(want).is_file(), "{want} not written");
+    }
+    let id = |f: &str| trellis_auth::Identity::from_cert_pem(&std::fs::read(dir.join(f)).unwrap());
+    assert_eq!(
+        id("operator.crt").unwrap(),
+        trellis_auth::Identity::operator("operator")
+    );
+    assert_eq!(
+        id("viewer.crt").unwrap(),
+        trellis_auth::Identity::viewer("viewer")
+    );
+
+    let r = coordctl(&["certs", "worker", "gpu-node-3-4711", d]);
+    assert_eq!(r.code, 0, "stderr: {}", r.stderr);
+    assert!(r.stdout.contains("wrote 2 files"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("worker-gpu-node-3-4711.key"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        id("worker-gpu-node-3-4711.crt").unwrap(),
+        trellis_auth::Identity::worker("gpu-node-3-4711")
+    );
+
+    // Refusals: one line, exit 2, nothing overwritten.
+    let before = std::fs::read(dir.join("ca.key")).unwrap();
+    let e = assert_error(&coordctl(&["certs", "init", d]), 2, "init twice");
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(dir.join("ca.key")).unwrap(), before);
+    let e = assert_error(
+        &coordctl(&["certs", "worker", "gpu-node-3-4711", d]),
+        2,
+        "worker twice",
+    );
+    assert!(e.contains("already exists"), "{e}");
+    let e = assert_error(&coordctl(&["certs", "worker", "a/b", d]), 2, "bad id");
+    assert!(e.contains("not a valid name"), "{e}");
+    let empty = t.path().join("empty");
+    let e = assert_error(
+        &coordctl(&["certs", "worker", "w1", empty.to_str().unwrap()]),
+        2,
+        "no CA",
+    );
+    assert!(e.contains("coordctl certs init"), "{e}");
+    let e = assert_error(
+        &coordctl(&["certs", "init", empty.to_str().unwrap(), "--host", "a b"]),
+        2,
+        "bad host",
+    );
+    assert!(e.contains("--host"), "{e}");
+}

@@ -22,6 +22,13 @@ pub enum Error {
     Layout(String),
     #[error("plot: {0}")]
     Plot(String),
+    /// A path outside the allowed roots (see `paths::confine`).
+    #[error("path {path} {reason}; allowed roots: {roots}; use a path inside one of them")]
+    PathNotAllowed {
+        path: String,
+        reason: String,
+        roots: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod job;
 pub mod layout;
 pub mod offline;
+pub mod paths;
 pub mod plot;
 
 pub use error::{Error, Result};
