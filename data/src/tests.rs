@@ -8,6 +8,8 @@ use crate::text::{Chunker, Piece};
 use crate::tokens::tokenize_file_chunked;
 use crate::*;
 
+mod datasets;
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
