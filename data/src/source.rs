@@ -372,10 +372,7 @@ fn full_hash(path: &Path, dtype: Option<Dtype>) -> Result<(String, Option<u32>)>
         }
     }
     note_bytes_read(total);
-    let max = match dtype {
-        Some(_) => Some(max.unwrap_or(0)),
-        None => None,
-    };
+    let max = dtype.map(|_| max.unwrap_or(0));
     Ok((hex::encode(h.finalize()), max))
 }
 
@@ -491,10 +488,15 @@ fn read_parquet(
     use std::sync::atomic::Ordering;
 
     let perr = |e: parquet::errors::ParquetError| {
-        Error::Invalid(format!(
-            "{}: not a readable parquet file: {e}",
-            path.display()
-        ))
+        let e = e.to_string();
+        match e.split("Disabled feature at compile time: ").nth(1) {
+            Some(codec) => Error::Invalid(format!(
+                "{}: compressed with {}, which Trellis does not read; rewrite it uncompressed or with snappy (pyarrow's default)",
+                path.display(),
+                if codec == "flate2" { "gzip" } else { codec }
+            )),
+            None => Error::Invalid(format!("{}: not a readable parquet file: {e}", path.display())),
+        }
     };
     let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
     let reader = SerializedFileReader::new(file).map_err(perr)?;
@@ -537,8 +539,9 @@ fn read_parquet(
                 break;
             }
             let mut vi = vals.iter();
+            // A required column (max_def 0) has no definition levels: no nulls.
             for r in 0..records {
-                if max_def > 0 && defs[r] < max_def {
+                if max_def > 0 && defs.get(r).is_some_and(|&d| d < max_def) {
                     continue; // null
                 }
                 let Some(v) = vi.next() else { break };

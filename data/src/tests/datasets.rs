@@ -563,3 +563,66 @@ fn data_section_in_job_specs() {
         assert!(e.contains(want), "{data:?}: {e}");
     }
 }
+
+#[test]
+fn parquet_required_columns_and_unsupported_codecs() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+out = sys.argv[1]
+docs = [f"document number {i}, some words.\n" * 3 for i in range(200)]
+schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
+pq.write_table(pa.table({"text": docs}, schema=schema), f"{out}/required.parquet", row_group_size=50)
+pq.write_table(pa.table({"text": docs}), f"{out}/plain.parquet", compression="none")
+pq.write_table(pa.table({"text": docs}), f"{out}/brotli.parquet", compression="brotli")
+pq.write_table(pa.table({"other": docs}), f"{out}/other.parquet")
+"#;
+    run_python(script, &[dir.path()]);
+    let mut s = DataSection::new(
+        dir.path().join("required.parquet"),
+        dir.path().join("plain.parquet"),
+        8,
+    );
+    s.vocab_size = 300;
+    let cache = dir.path().join("cache");
+    let p = prepare(&s, &cache).unwrap();
+    let eos = p.tokenizer.eos_id();
+    for d in [&p.train, &p.valid] {
+        let n = d
+            .files()
+            .flat_map(|f| f.all())
+            .filter(|&&t| t == eos)
+            .count();
+        assert_eq!(n, 200, "one EOS per row");
+    }
+    let first: Vec<u32> = p.train.files().next().unwrap().all()[..]
+        .iter()
+        .copied()
+        .take_while(|&t| t != eos)
+        .collect();
+    assert_eq!(
+        p.tokenizer.decode(&first).unwrap(),
+        "document number 0, some words.\n".repeat(3)
+    );
+    let err = |s: &DataSection| match prepare(s, &cache) {
+        Ok(_) => panic!("accepted {s:?}"),
+        Err(e) => e.to_string(),
+    };
+    s.valid = dir.path().join("brotli.parquet");
+    let m = err(&s);
+    assert!(
+        m.contains("brotli.parquet")
+            && m.contains("compressed with brotli")
+            && m.contains("snappy"),
+        "{m}"
+    );
+    s.valid = dir.path().join("other.parquet");
+    let m = err(&s);
+    assert!(
+        m.contains("other.parquet")
+            && m.contains("'text'")
+            && m.contains("other")
+            && m.contains("data.text_field"),
+        "{m}"
+    );
+}
