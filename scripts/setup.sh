@@ -26,11 +26,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+PY_EXTRAS="pyarrow zstandard tensorboard"
 if ! [ -f "$VENV/.complete" ]; then
   echo "setup: creating $VENV with torch==$TORCH_VERSION (about 2 min, 4.6 GB, once)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" safetensors numpy
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" safetensors numpy $PY_EXTRAS
   "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
   touch "$VENV/.complete"
+fi
+# Test-only Python packages (parquet / zstd corpora made by the real libraries, TensorBoard's
+# reader); installed into venvs made before they were added too.
+if ! "$VENV/bin/python" -c "import pyarrow, zstandard, tensorboard" 2>/dev/null; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check $PY_EXTRAS
 fi

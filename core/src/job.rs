@@ -48,12 +48,16 @@ pub struct ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Training text (UTF-8; `<|endoftext|>` lines separate documents).
+    /// Training data: a file, a directory or a glob (`shards/*.jsonl.zst`) of `.txt`,
+    /// `.txt.zst`, `.jsonl` (`.gz` / `.zst`), `.parquet` or pre-tokenized `.bin` files. In text
+    /// files `<|endoftext|>` lines separate documents; a jsonl line or parquet row is one
+    /// document. Leave it out when `[[data.sources]]` gives a weighted mixture instead.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub train: PathBuf,
-    /// Held-out text for validation loss.
+    /// Held-out data for validation loss (same forms as `train`).
     pub valid: PathBuf,
     /// A `tokenizer.json` to load. Without it a byte-level BPE of `vocab_size` is trained on
-    /// `train` (and cached).
+    /// `train` (and cached). Required with pre-tokenized data.
     pub tokenizer: Option<PathBuf>,
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
@@ -61,6 +65,133 @@ pub struct DataSection {
     pub seq_len: usize,
     /// Where tokenized corpora and trained tokenizers are cached. Default: `<out>/data`.
     pub cache_dir: Option<PathBuf>,
+    /// The string field holding a document's text in jsonl / parquet files (default `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_field: Option<String>,
+    /// Force the input format instead of inferring it from file names: `text`, `jsonl`,
+    /// `parquet` or `tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Element type of pre-tokenized `.bin` files (raw little-endian ids, nanoGPT style):
+    /// `uint16` or `uint32`. Required when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_dtype: Option<String>,
+    /// A weighted mixture of training sources (instead of `train`). One deterministic global
+    /// cursor still orders every sample.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataSource>,
+}
+
+/// One `[[data.sources]]` entry of a training mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    /// A file, a directory or a glob, as `data.train`.
+    pub path: PathBuf,
+    /// Relative share of training samples drawn from this source (weights need not sum to 1).
+    pub weight: f64,
+    /// Overrides `data.text_field` for this source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_field: Option<String>,
+    /// Overrides `data.format` for this source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// The input formats `data.format` / `data.sources[].format` accept.
+pub const DATA_FORMATS: &[&str] = &["text", "jsonl", "parquet", "tokens"];
+
+impl DataSection {
+    /// A plain single-corpus section (no mixture, formats inferred from file names).
+    pub fn new(train: PathBuf, valid: PathBuf, seq_len: usize) -> DataSection {
+        DataSection {
+            train,
+            valid,
+            tokenizer: None,
+            vocab_size: d_vocab(),
+            seq_len,
+            cache_dir: None,
+            text_field: None,
+            format: None,
+            token_dtype: None,
+            sources: Vec::new(),
+        }
+    }
+
+    /// The training sources: `[[data.sources]]`, or `data.train` as one source of weight 1.
+    pub fn train_sources(&self) -> Vec<DataSource> {
+        if !self.sources.is_empty() {
+            return self.sources.clone();
+        }
+        vec![DataSource {
+            path: self.train.clone(),
+            weight: 1.0,
+            text_field: None,
+            format: None,
+        }]
+    }
+
+    /// Checks of the `[data]` section alone.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.seq_len < 2 {
+            return bad("data.seq_len must be at least 2".into());
+        }
+        match (path_is_empty(&self.train), self.sources.is_empty()) {
+            (true, true) => {
+                return bad("set data.train (a file, directory or glob) or [[data.sources]]".into())
+            }
+            (false, false) => {
+                return bad(
+                    "set either data.train or [[data.sources]], not both (a mixture lists every training source)"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if path_is_empty(&self.valid) {
+            return bad("data.valid must name a file, directory or glob".into());
+        }
+        let formats = std::iter::once(&self.format).chain(self.sources.iter().map(|s| &s.format));
+        for f in formats.flatten() {
+            if !DATA_FORMATS.contains(&f.as_str()) {
+                return bad(format!(
+                    "data format '{f}' is unknown; use one of {}",
+                    DATA_FORMATS.join(", ")
+                ));
+            }
+        }
+        if let Some(d) = &self.token_dtype {
+            if d != "uint16" && d != "uint32" {
+                return bad(format!(
+                    "data.token_dtype '{d}' is unknown; use \"uint16\" or \"uint32\""
+                ));
+            }
+        }
+        let fields =
+            std::iter::once(&self.text_field).chain(self.sources.iter().map(|s| &s.text_field));
+        if fields.flatten().any(|f| f.is_empty()) {
+            return bad("data.text_field must not be empty".into());
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            if path_is_empty(&s.path) {
+                return bad(format!(
+                    "data.sources[{i}].path must name a file, directory or glob"
+                ));
+            }
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                return bad(format!(
+                    "data.sources[{i}].weight {} must be a positive number",
+                    s.weight
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,8 +421,13 @@ impl JobSpec {
                 *p = base.join(&*p);
             }
         };
-        resolve(&mut spec.data.train);
+        if !path_is_empty(&spec.data.train) {
+            resolve(&mut spec.data.train);
+        }
         resolve(&mut spec.data.valid);
+        for src in &mut spec.data.sources {
+            resolve(&mut src.path);
+        }
         if let Some(t) = spec.data.tokenizer.as_mut() {
             resolve(t);
         }
@@ -323,9 +459,7 @@ impl JobSpec {
                 self.job.name
             ));
         }
-        if self.data.seq_len < 2 {
-            return bad("data.seq_len must be at least 2".into());
-        }
+        self.data.validate()?;
         let dp = self.parallel.dp;
         if dp == 0 || self.parallel.tp == 0 {
             return bad("parallel.dp and parallel.tp must be at least 1".into());

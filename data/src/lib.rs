@@ -1,5 +1,6 @@
-//! Data for Trellis (DESIGN §6): a byte-level BPE tokenizer (trained or loaded), corpora
-//! tokenized once into memory-mapped token files, and the deterministic global-cursor sampler.
+//! Data for Trellis: a byte-level BPE tokenizer (trained or loaded), corpora (text, jsonl,
+//! parquet, or pre-tokenized ids; files, directories or globs; weighted mixtures) tokenized once
+//! into memory-mapped token files, and the deterministic global-cursor sampler.
 //!
 //! The sampler maps a *global sample index* (the cursor in the job state) to a training window,
 //! so any DP degree reads exactly the single-rank stream: at step s with global batch B the
@@ -8,8 +9,10 @@
 use std::ops::Range;
 use std::path::PathBuf;
 
+mod dataset;
 mod prepare;
 mod sampler;
+mod source;
 #[cfg(test)]
 mod tests;
 mod text;
@@ -17,12 +20,14 @@ mod tokenizer;
 mod tokens;
 mod util;
 
+pub use dataset::{Dataset, Source};
 pub use prepare::{prepare, PreparedData, MAX_TRAIN_BYTES};
-pub use sampler::{validation_windows, Permutation, Sampler};
+pub use sampler::{validation_windows, Permutation, Sampler, MIX_BLOCK};
+pub use source::{Dtype, Format, InputFile, FINGERPRINT_BYTES};
 pub use text::{open_text, EOS_TOKEN};
 pub use tokenizer::Tokenizer;
 pub use tokens::{index_path, tokenize_file, TokenFile, TokenIndex, TOKEN_FORMAT};
-pub use util::{sha256_file, work_counters};
+pub use util::{read_counters, sha256_file, work_counters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

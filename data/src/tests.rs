@@ -8,6 +8,8 @@ use crate::text::{Chunker, Piece};
 use crate::tokens::tokenize_file_chunked;
 use crate::*;
 
+mod datasets;
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -47,14 +49,16 @@ fn small_corpus(dir: &Path) -> PathBuf {
 }
 
 fn section(train: &Path, valid: &Path, vocab: usize, seq_len: usize) -> DataSection {
-    DataSection {
-        train: train.to_path_buf(),
-        valid: valid.to_path_buf(),
-        tokenizer: None,
-        vocab_size: vocab,
-        seq_len,
-        cache_dir: None,
-    }
+    let mut s = DataSection::new(train.to_path_buf(), valid.to_path_buf(), seq_len);
+    s.vocab_size = vocab;
+    s
+}
+
+/// The tokens of a single-file split.
+fn all(d: &Dataset) -> &[u32] {
+    let files: Vec<&TokenFile> = d.files().collect();
+    assert_eq!(files.len(), 1);
+    files[0].all()
 }
 
 #[test]
@@ -334,8 +338,7 @@ fn prepare_caches_and_reuses() {
     assert_eq!(a.tokenizer.vocab_size(), 512);
     assert_eq!(a.train.eos_id(), a.tokenizer.eos_id());
     assert_eq!(
-        a.train
-            .all()
+        all(&a.train)
             .iter()
             .filter(|&&t| t == a.tokenizer.eos_id())
             .count(),
@@ -343,16 +346,27 @@ fn prepare_caches_and_reuses() {
     );
     assert!(a.train.num_windows(64) > 100);
     let files = list(&cache);
-    assert_eq!(files.len(), 5, "{files:?}"); // tokenizer + 2 × (tokens + index)
+    // tokenizer + 2 × (tokens + index) + the inputs' fingerprint records
+    assert_eq!(files.len(), 6, "{files:?}");
+    assert_eq!(list(&cache.join("inputs")).len(), 2);
     let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
-    let m = (mtime(&a.tokenizer_path), mtime(a.train.path()));
+    let m = (
+        mtime(&a.tokenizer_path),
+        mtime(a.train.files().next().unwrap().path()),
+    );
     // Second call: nothing retrained or re-tokenized.
     let b = prepare(&s, &cache).unwrap();
     assert_eq!(work_counters(), (tr0 + 1, tk0 + 2));
-    assert_eq!((mtime(&b.tokenizer_path), mtime(b.train.path())), m);
+    assert_eq!(
+        (
+            mtime(&b.tokenizer_path),
+            mtime(b.train.files().next().unwrap().path())
+        ),
+        m
+    );
     assert_eq!(b.tokenizer_path, a.tokenizer_path);
-    assert_eq!(b.train.all(), a.train.all());
-    assert_eq!(b.valid.all(), a.valid.all());
+    assert_eq!(all(&b.train), all(&a.train));
+    assert_eq!(all(&b.valid), all(&a.valid));
     assert_eq!(list(&cache), files);
     // A given tokenizer: loaded, copied into the cache, never trained.
     let mut s2 = s.clone();
@@ -367,12 +381,12 @@ fn prepare_caches_and_reuses() {
         fs::read(&c.tokenizer_path).unwrap(),
         fs::read(&given).unwrap()
     );
-    assert_eq!(c.train.all(), a.train.all());
+    assert_eq!(all(&c.train), all(&a.train));
     // A changed input is re-tokenized.
     fs::write(&valid, "changed validation text, long enough? ".repeat(100)).unwrap();
     let d = prepare(&s, &cache).unwrap();
     assert_eq!(work_counters(), (tr0 + 1, tk0 + 3));
-    assert_ne!(d.valid.all(), a.valid.all());
+    assert_ne!(all(&d.valid), all(&a.valid));
 }
 
 #[test]
@@ -390,11 +404,13 @@ fn prepare_concurrently() {
     });
     for r in &results[1..] {
         assert_eq!(r.tokenizer_path, results[0].tokenizer_path);
-        assert_eq!(r.train.all(), results[0].train.all());
-        assert_eq!(r.valid.all(), results[0].valid.all());
+        assert_eq!(all(&r.train), all(&results[0].train));
+        assert_eq!(all(&r.valid), all(&results[0].valid));
     }
     let files = list(&cache);
-    assert_eq!(files.len(), 5, "leftover temp or lock files: {files:?}");
+    assert_eq!(files.len(), 6, "leftover temp or lock files: {files:?}");
+    let inputs = list(&cache.join("inputs"));
+    assert_eq!(inputs.len(), 2, "leftover temp files: {inputs:?}");
 }
 
 #[test]
@@ -540,12 +556,13 @@ fn rank_samples_cover_the_single_rank_range() {
 fn validation_windows_are_spaced() {
     let dir = tempfile::tempdir().unwrap();
     let toks: Vec<u32> = (0..1001).collect();
-    let tf = TokenFile::create(
+    let tf: Dataset = TokenFile::create(
         &dir.path().join("v.u32"),
         &toks,
         TokenIndex::new(1001, "", "", 0),
     )
-    .unwrap();
+    .unwrap()
+    .into();
     let v = validation_windows(&tf, 10, 7); // 100 windows
     assert_eq!(v, vec![0, 14, 28, 42, 57, 71, 85]);
     assert_eq!(validation_windows(&tf, 10, 7), v);
@@ -656,16 +673,14 @@ fn gutenberg_prepare_speed() {
         p.valid.len()
     );
     assert_eq!(
-        p.train
-            .all()
+        all(&p.train)
             .iter()
             .filter(|&&t| t == p.tokenizer.eos_id())
             .count(),
         298
     );
     assert_eq!(
-        p.valid
-            .all()
+        all(&p.valid)
             .iter()
             .filter(|&&t| t == p.tokenizer.eos_id())
             .count(),
@@ -679,9 +694,7 @@ fn gutenberg_prepare_speed() {
     );
     assert_eq!(again.train.len(), p.train.len());
     // Spot-check the round trip of the first document.
-    let first: Vec<u32> = p
-        .train
-        .all()
+    let first: Vec<u32> = all(&p.train)
         .iter()
         .copied()
         .take_while(|&t| t != p.tokenizer.eos_id())

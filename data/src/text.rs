@@ -1,10 +1,12 @@
-//! Reading corpus text: optional zstd decompression, document separators and chunking at
-//! points where the byte-level pre-tokenizer is guaranteed to split anyway (so encoding the
-//! chunks separately gives exactly the tokens of encoding the whole document).
+//! Reading corpus text: optional zstd / gzip decompression, document separators and chunking at
+//! points where the pre-tokenizer is guaranteed to split anyway (so encoding the chunks
+//! separately gives exactly the tokens of encoding the whole document).
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
 use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
@@ -24,7 +26,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Er
 
 /// A `.zst` file (one or more frames, skippable frames allowed) as a plain reader.
 struct ZstdReader {
-    source: BufReader<File>,
+    source: BufReader<Counting<File>>,
     decoder: FrameDecoder,
     done: bool,
 }
@@ -87,11 +89,37 @@ impl Read for ZstdReader {
     }
 }
 
+/// Counts the bytes read through it into a shared counter (on-disk bytes, for the progress bar
+/// and the read counters).
+pub(crate) struct Counting<R> {
+    pub(crate) inner: R,
+    pub(crate) count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// Open a text file for reading; a name ending in `.zst` is decompressed on the fly.
 pub fn open_text(path: &Path) -> Result<Box<dyn BufRead + Send>> {
+    open_counted(path, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`open_text`] (`.zst` and `.gz` decompressed on the fly), counting the on-disk bytes read
+/// into `count`.
+pub(crate) fn open_counted(path: &Path, count: Arc<AtomicU64>) -> Result<Box<dyn BufRead + Send>> {
     let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
-    let is_zst = path.extension().is_some_and(|e| e == "zst");
-    if !is_zst {
+    let file = Counting { inner: file, count };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext == "gz" {
+        let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+        return Ok(Box::new(BufReader::with_capacity(1 << 20, gz)));
+    }
+    if ext != "zst" {
         return Ok(Box::new(BufReader::with_capacity(1 << 20, file)));
     }
     let mut reader = ZstdReader {
@@ -112,22 +140,68 @@ pub fn open_text(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
 }
 
-/// A piece of a corpus: text to encode, or a document separator.
+/// A piece of a corpus: text to encode (part of the current document), or the end of a
+/// document (a separator line in a text file; every jsonl line or parquet row ends one).
 #[derive(Debug, PartialEq)]
 pub(crate) enum Piece {
     Text(String),
-    Eos,
+    End,
 }
 
-/// Splits a corpus into [`Piece`]s: a line that reads exactly `<|endoftext|>` becomes
-/// [`Piece::Eos`]; document text is cut into chunks of about `target` bytes, only right before
-/// a `\n` that follows a non-whitespace character. The GPT-2 pre-tokenizer regex always has a
-/// split there (no alternative matches across it, and it has no look-behind), so the chunks
-/// encode to exactly the tokens of the whole document.
+/// Whether text may be cut right after a `\n` that follows `prev` and precedes `next`: both
+/// must be non-whitespace. Neither GPT-2's nor Llama 3's pre-tokenizer regex matches across
+/// such a point (no alternative spans a newline followed by a non-space, the newline never
+/// prefixes a word, and there is no look-behind), so the pieces encode to exactly the tokens of
+/// the whole document. [`crate::Tokenizer`] checks the rule against each tokenizer on a probe
+/// text and encodes documents whole where it does not hold.
+pub(crate) fn may_cut(prev: Option<char>, next: Option<char>) -> bool {
+    prev.is_some_and(|c| !c.is_whitespace()) && next.is_some_and(|c| !c.is_whitespace())
+}
+
+/// `doc` cut into pieces of about `target` bytes (at least), only where [`may_cut`] allows.
+pub(crate) fn split_document(doc: &str, target: usize) -> Vec<&str> {
+    let b = doc.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut from = target.max(1);
+    while from < b.len() {
+        let Some(j) = b[from - 1..]
+            .iter()
+            .position(|&c| c == b'\n')
+            .map(|k| k + from - 1)
+        else {
+            break;
+        };
+        if j > start
+            && may_cut(
+                doc[start..j].chars().next_back(),
+                doc[j + 1..].chars().next(),
+            )
+        {
+            out.push(&doc[start..j + 1]);
+            start = j + 1;
+            from = start + target.max(1);
+        } else {
+            from = j + 2;
+        }
+    }
+    if start < b.len() {
+        out.push(&doc[start..]);
+    }
+    out
+}
+
+/// Splits a text corpus into [`Piece`]s: a line that reads exactly `<|endoftext|>` ends a
+/// document ([`Piece::End`]); with `cut`, document text is cut into chunks of about `target`
+/// bytes where [`may_cut`] allows; without, each document is one piece.
 pub(crate) struct Chunker<R> {
     reader: R,
     path: PathBuf,
     target: usize,
+    cut: bool,
+    /// The text so far ends at a point where it may be cut if the next line starts with a
+    /// non-space.
+    cut_pending: bool,
     cur: String,
     line: Vec<u8>,
     line_no: u64,
@@ -146,6 +220,8 @@ impl<R: BufRead> Chunker<R> {
             reader,
             path: path.to_path_buf(),
             target: target.max(1),
+            cut: true,
+            cut_pending: false,
             cur: String::new(),
             line: Vec::new(),
             line_no: 0,
@@ -162,7 +238,14 @@ impl<R: BufRead> Chunker<R> {
         self
     }
 
+    /// Whether documents may be cut at all (see [`may_cut`]).
+    pub(crate) fn with_cuts(mut self, cut: bool) -> Self {
+        self.cut = cut;
+        self
+    }
+
     fn flush(&mut self) {
+        self.cut_pending = false;
         if !self.cur.is_empty() {
             self.pending
                 .push_back(Piece::Text(std::mem::take(&mut self.cur)));
@@ -191,7 +274,7 @@ impl<R: BufRead> Chunker<R> {
         let content = content.strip_suffix(b"\r").unwrap_or(content);
         if content == EOS_TOKEN.as_bytes() {
             self.flush();
-            self.pending.push_back(Piece::Eos);
+            self.pending.push_back(Piece::End);
             return Ok(());
         }
         let s = std::str::from_utf8(&self.line).map_err(|e| {
@@ -201,14 +284,21 @@ impl<R: BufRead> Chunker<R> {
                 self.line_no
             ))
         })?;
-        self.cur.push_str(s);
-        if self.cur.len() >= self.target && self.cur.ends_with('\n') {
-            let before = self.cur[..self.cur.len() - 1].chars().next_back();
-            if before.is_some_and(|c| !c.is_whitespace()) {
-                self.cur.pop();
+        if self.cut_pending {
+            if may_cut(Some('x'), s.chars().next()) {
+                let s = s.to_string();
                 self.flush();
-                self.cur.push('\n');
+                self.cur = s;
+            } else {
+                self.cur.push_str(s);
             }
+            self.cut_pending = false;
+        } else {
+            self.cur.push_str(s);
+        }
+        if self.cut && self.cur.len() >= self.target && self.cur.ends_with('\n') {
+            let before = self.cur[..self.cur.len() - 1].chars().next_back();
+            self.cut_pending = before.is_some_and(|c| !c.is_whitespace());
         }
         Ok(())
     }

@@ -15,6 +15,24 @@ use crate::{Error, Result};
 thread_local! {
     static TRAININGS: Cell<u64> = const { Cell::new(0) };
     static TOKENIZATIONS: Cell<u64> = const { Cell::new(0) };
+    static BYTES_READ: Cell<u64> = const { Cell::new(0) };
+    static BYTES_SAMPLED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Count `n` corpus bytes read in full (hashing, tokenizing, training) on this thread.
+pub(crate) fn note_bytes_read(n: u64) {
+    BYTES_READ.with(|c| c.set(c.get() + n));
+}
+/// Count `n` bytes read to fingerprint a file (sampled, not the whole content).
+pub(crate) fn note_bytes_sampled(n: u64) {
+    BYTES_SAMPLED.with(|c| c.set(c.get() + n));
+}
+
+/// Corpus bytes this thread has read: `(in full, sampled for fingerprints)`. Reading a corpus
+/// in full (to hash, tokenize or train on it) counts in the first; an unchanged corpus on a
+/// second start only adds fingerprint samples to the second.
+pub fn read_counters() -> (u64, u64) {
+    (BYTES_READ.with(Cell::get), BYTES_SAMPLED.with(Cell::get))
 }
 
 pub(crate) fn note_training() {

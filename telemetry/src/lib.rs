@@ -1,4 +1,5 @@
-//! Logs and traces for every Trellis process (coordinator, worker, agent, tools).
+//! Logs and traces for every Trellis process (coordinator, worker, agent, tools), and the
+//! experiment [`Tracker`] (`metrics.jsonl` + TensorBoard event files).
 //!
 //! [`init`] installs one global `tracing` subscriber:
 //!
@@ -35,6 +36,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub use opentelemetry::Context;
+pub use tracker::Tracker;
+
+pub mod tracker;
 
 /// The fixed field names of spans and log events (DESIGN.md §8).
 pub mod fields {
@@ -64,6 +68,12 @@ pub enum Error {
     Exporter { endpoint: String, detail: String },
     #[error("a global tracing subscriber is already installed: {0}")]
     AlreadyInstalled(String),
+    #[error("tracking: cannot write {}: {source}", path.display())]
+    Tracking {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

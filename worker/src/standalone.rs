@@ -4,15 +4,19 @@
 //! `checkpoint.interval` steps, right before each growth (the rollback point), right after the
 //! first step of the grown model, and at the end. A run resumes automatically from
 //! `<checkpoint root>/<job>/latest`. Outputs under `out`: `metrics.jsonl` (one JSON line per step,
-//! plus `val` and `growth` lines), `summary.json` and `loss.png`.
+//! plus `val` and `growth` lines) and TensorBoard event files (`events.out.tfevents.*`: the same
+//! numbers as scalars `train/loss`, `train/lr`, `train/tokens_per_second`, `train/mfu`,
+//! `train/layers`, `train/generation`, `val/loss`, `growth/to_layers`, …), both written by
+//! [`trellis_telemetry::Tracker`]; `summary.json` and `loss.png`. MFU is against
+//! `TRELLIS_PEAK_FLOPS` (FLOP/s of the device; default 1e12, as the coordinator's default).
 use crate::grow::GrowthTimings;
 use crate::trainer::{StepReport, Trainer};
 use crate::{Error, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trellis_core::checkpoint;
 use trellis_core::job::JobSpec;
+use trellis_telemetry::Tracker;
 
 /// What the run loop tells its observer (the CLI's progress bar).
 #[derive(Debug)]
@@ -63,6 +67,12 @@ pub enum MetricLine {
         data_seconds: f64,
         tokens_per_second: f64,
         layers: usize,
+        /// Model FLOP utilisation against `TRELLIS_PEAK_FLOPS`.
+        #[serde(default)]
+        mfu: f64,
+        /// Growth generation of the model (0 before the first growth).
+        #[serde(default)]
+        generation: u64,
     },
     Val {
         step: u64,
@@ -75,6 +85,8 @@ pub enum MetricLine {
         from_layers: usize,
         to_layers: usize,
         operator: String,
+        #[serde(default)]
+        generation: u64,
         timings: GrowthTimings,
     },
 }
@@ -127,41 +139,42 @@ pub fn job_root(spec: &JobSpec, out: &Path) -> PathBuf {
         .join(&spec.job.name)
 }
 
-fn read_metrics(path: &Path) -> Vec<MetricLine> {
-    std::fs::read_to_string(path)
-        .map(|s| {
-            s.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn write_metrics(path: &Path, lines: &[MetricLine]) -> Result<()> {
-    let mut s = String::new();
-    for l in lines {
-        s.push_str(&serde_json::to_string(l).expect("metric line serialises"));
-        s.push('\n');
-    }
-    std::fs::write(path, s).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
-}
-
+/// The run's metrics: `metrics.jsonl` and TensorBoard event files (through the tracker), and
+/// the lines in memory for the summary and the plot.
 struct Metrics {
-    path: PathBuf,
-    file: std::fs::File,
+    tracker: Tracker,
     lines: Vec<MetricLine>,
 }
 
 impl Metrics {
     fn push(&mut self, l: MetricLine) -> Result<()> {
-        let mut s = serde_json::to_string(&l).expect("metric line serialises");
-        s.push('\n');
-        self.file
-            .write_all(s.as_bytes())
-            .map_err(|e| Error::io(format!("cannot append to {}", self.path.display()), e))?;
+        let v = serde_json::to_value(&l).expect("metric line serialises");
+        let kind = v["kind"].as_str().unwrap_or("event").to_string();
+        self.tracker
+            .event(&kind, l.step(), v)
+            .map_err(tracking_err)?;
         self.lines.push(l);
         Ok(())
     }
+}
+
+/// A tracker's failure to write is an I/O error of the run.
+fn tracking_err(e: trellis_telemetry::Error) -> Error {
+    match e {
+        trellis_telemetry::Error::Tracking { path, source } => {
+            Error::io(format!("cannot write {}", path.display()), source)
+        }
+        other => Error::Invalid(other.to_string()),
+    }
+}
+
+/// Peak FLOP/s for MFU: `TRELLIS_PEAK_FLOPS`, else 1e12.
+fn peak_flops() -> f64 {
+    std::env::var("TRELLIS_PEAK_FLOPS")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(1e12)
 }
 
 /// Run (or resume) the job `spec` with outputs under `out`.
@@ -201,27 +214,31 @@ pub fn run_job(
             dir: &dir,
         });
     }
-    // metrics.jsonl: keep what the resumed state has already seen, drop the rest.
-    let mpath = out.join("metrics.jsonl");
-    let kept: Vec<MetricLine> = read_metrics(&mpath)
-        .into_iter()
-        .filter(|l| l.step() <= t.step_count() && resumed_from.is_some())
-        .filter(|l| {
-            !(matches!(l, MetricLine::Growth { .. })
-                && l.step() == t.step_count()
-                && t.pending_growth_stage().is_some())
-        })
-        .collect();
-    write_metrics(&mpath, &kept)?;
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&mpath)
-        .map_err(|e| Error::io(format!("cannot open {}", mpath.display()), e))?;
-    let mut metrics = Metrics {
-        path: mpath,
-        file,
-        lines: kept,
+    // metrics.jsonl: keep what the resumed state has already seen, drop the rest; TensorBoard
+    // drops its points from the first step logged again.
+    let (step0, pending) = (t.step_count(), t.pending_growth_stage().is_some());
+    let keep = |v: &serde_json::Value| -> bool {
+        let Ok(l) = serde_json::from_value::<MetricLine>(v.clone()) else {
+            return false;
+        };
+        resumed_from.is_some()
+            && l.step() <= step0
+            && !(matches!(l, MetricLine::Growth { .. }) && l.step() == step0 && pending)
     };
+    let first_step = match (resumed_from, pending) {
+        (None, _) => 0,
+        (Some(_), true) => step0,
+        (Some(_), false) => step0 + 1,
+    };
+    let (tracker, kept) = Tracker::open(out, first_step, keep).map_err(tracking_err)?;
+    let mut metrics = Metrics {
+        tracker,
+        lines: kept
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect(),
+    };
+    let peak = peak_flops();
 
     let max_steps = spec.train.max_steps.min(opts.stop_at.unwrap_or(u64::MAX));
     let keep = spec.checkpoint.keep;
@@ -259,6 +276,7 @@ pub fn run_job(
                 from_layers: from,
                 to_layers: to,
                 operator: rec.operator.clone(),
+                generation: t.generation(),
                 timings: timings.clone(),
             })?;
             observer(Event::Growth {
@@ -275,6 +293,7 @@ pub fn run_job(
             break;
         }
         let r = t.step()?;
+        let flops = t.config().train_flops_per_token(spec.data.seq_len);
         metrics.push(MetricLine::Train {
             step: r.step,
             tokens: r.tokens,
@@ -287,6 +306,8 @@ pub fn run_job(
             data_seconds: r.data_seconds,
             tokens_per_second: r.tokens_per_second,
             layers: t.config().num_hidden_layers,
+            mfu: flops * r.tokens_per_second / peak,
+            generation: t.generation(),
         })?;
         observer(Event::Step(&r));
         let s = t.step_count();

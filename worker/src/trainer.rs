@@ -394,7 +394,7 @@ impl Trainer {
                 spec.data.valid.display()
             )));
         }
-        let sampler = Sampler::new(nwin, spec.job.seed);
+        let sampler = data.sampler(seq, spec.job.seed)?;
         let shard = Shard { rank: tp_rank, tp };
         let model = if init {
             Llama::init_shard(&cfg, device, spec.job.seed, shard)
@@ -568,7 +568,7 @@ impl Trainer {
     }
 
     /// Build the `[n, seq]` inputs and targets of windows `ids` of `file`.
-    fn batch(&self, file: &trellis_data::TokenFile, ids: &[u64]) -> (Tensor, Tensor) {
+    fn batch(&self, file: &trellis_data::Dataset, ids: &[u64]) -> (Tensor, Tensor) {
         let seq = self.spec.data.seq_len;
         let mut flat = Vec::with_capacity(ids.len() * (seq + 1));
         for &w in ids {
