@@ -40,6 +40,7 @@ impl From<Error> for tonic::Status {
             Error::Unavailable(_) | Error::Busy(_) | Error::Store(_) => Code::Unavailable,
             Error::Core(c) => match c {
                 trellis_core::Error::InvalidGrowth(_)
+                | trellis_core::Error::PathNotAllowed { .. }
                 | trellis_core::Error::InvalidConfig(_)
                 | trellis_core::Error::InvalidJobSpec { .. } => Code::InvalidArgument,
                 trellis_core::Error::Layout(_) => Code::FailedPrecondition,

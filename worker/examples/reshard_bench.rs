@@ -107,7 +107,15 @@ fn main() {
         .map(|(r, (l, addrs))| {
             let (spec, out, ck, old) = (spec.clone(), out.clone(), ck.clone(), old.clone());
             std::thread::spawn(move || {
-                let mut ring = TcpRing::new(r, 2, l, addrs, 7, Duration::from_secs(600)).unwrap();
+                let mut ring = TcpRing::new(
+                    r,
+                    2,
+                    l,
+                    addrs,
+                    &trellis_comm::ring::derive_key("reshard_bench"),
+                    Duration::from_secs(600),
+                )
+                .unwrap();
                 ring.barrier().unwrap();
                 let groups = Groups {
                     dp: Box::new(Solo),

@@ -12,6 +12,7 @@ use common::*;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 use tch::{Device, Tensor};
+use trellis_comm::ring::derive_key;
 use trellis_comm::{Collective, Solo, TcpRing};
 use trellis_core::checkpoint::shard_dim;
 use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
@@ -68,12 +69,18 @@ fn run_world<T: Send + 'static>(
                 let tpc: Box<dyn Collective> = if tp == 1 {
                     Box::new(Solo)
                 } else {
-                    Box::new(TcpRing::new(t, tp, tl, ta, 100 + d as u64, timeout).unwrap())
+                    Box::new(
+                        TcpRing::new(t, tp, tl, ta, &derive_key(&format!("tp/{d}")), timeout)
+                            .unwrap(),
+                    )
                 };
                 let dpc: Box<dyn Collective> = if dp == 1 {
                     Box::new(Solo)
                 } else {
-                    Box::new(TcpRing::new(d, dp, dl, da, 200 + t as u64, timeout).unwrap())
+                    Box::new(
+                        TcpRing::new(d, dp, dl, da, &derive_key(&format!("dp/{t}")), timeout)
+                            .unwrap(),
+                    )
                 };
                 f(d, Groups { dp: dpc, tp: tpc })
             }));

@@ -221,17 +221,23 @@ impl Domain {
         }
     }
 
+    /// A fresh group token per epoch: 256 random bits in hex, from which every rank derives
+    /// its ring key (the token travels only inside the worker's session).
     pub(super) fn fresh_token(&mut self) -> String {
         self.token_nonce += 1;
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        // A u64 in decimal (the ring's group token); unique per epoch and coordinator process.
-        let mixed = (t as u64)
-            ^ ((std::process::id() as u64) << 32)
-            ^ self.token_nonce.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        mixed.to_string()
+        let mut bytes = [0u8; 32];
+        let random = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+        if random.is_err() {
+            // No /dev/urandom: time, process and a counter, hashed (unique, not secret).
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let seed = format!("{t}/{}/{}", std::process::id(), self.token_nonce);
+            bytes = sha256_of(seed.as_bytes());
+        }
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// If the job needs ranks and enough workers are idle, start a new epoch. A growth
@@ -414,4 +420,10 @@ impl Domain {
             }
         }
     }
+}
+
+/// SHA-256 of `data` (the fallback token when the OS has no random source).
+fn sha256_of(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
 }
