@@ -28,13 +28,15 @@ bench-growth: build
 	@$(ENV) && bench/growth_latency.sh
 
 # The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
-# make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md)
-CORPUS ?= ../shared/data/corpus
+# make paper-mini CORPUS=DIR SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md);
+# DIR holds train.txt.zst and valid.txt (a corpus of a few tens of millions of tokens)
+CORPUS ?=
 SCALE ?= cpu
 SEEDS ?= 2
 ONLY ?= main
 ABL_SEEDS ?= 1
 paper-mini: build
+	@test -n "$(CORPUS)" || { echo "make paper-mini needs CORPUS=DIR (a directory with train.txt.zst and valid.txt)" >&2; exit 2; }
 	@bench/paper_mini.sh $(CORPUS) --scale $(SCALE) --seeds $(SEEDS) --only $(ONLY) --ablation-seeds $(ABL_SEEDS)
 
 fmt:

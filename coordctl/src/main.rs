@@ -1,4 +1,4 @@
-//! `coordctl`, the Trellis operator CLI (DESIGN §9). It never links libtorch: offline commands
+//! `coordctl`, the Trellis operator CLI (see the README's Commands). It never links libtorch: offline commands
 //! use `trellis-core` only, online ones speak gRPC to the coordinator's `ControlService`.
 //!
 //! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused, 2 usage or

@@ -1,4 +1,4 @@
-//! The checkpoint format (DESIGN §5).
+//! The checkpoint format (docs/design.md §5).
 //!
 //! ```text
 //! <root>/<job>/step-<N>/
@@ -216,7 +216,7 @@ pub struct TrainerState {
     pub generation: u64,
     pub model: ModelConfig,
     pub layout: Layout,
-    /// Global sample index of the next training sample (DESIGN §6).
+    /// Global sample index of the next training sample (docs/design.md §6).
     pub data_cursor: u64,
     pub seed: u64,
     pub schedule: ScheduleState,
