@@ -20,6 +20,7 @@ pub mod plan;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tracking;
 pub mod txn;
 pub mod views;
 pub mod wire;

@@ -43,6 +43,9 @@ struct Cli {
     /// leader dies.
     #[arg(long)]
     leader_ttl_secs: Option<u64>,
+    /// Where metrics.jsonl and TensorBoard event files go (default: the job's checkpoint dir).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -91,6 +94,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.leader_ttl_secs {
         cfg.leader_ttl_secs = v;
+    }
+    if let Some(v) = cli.run_dir {
+        cfg.run_dir = Some(v);
     }
     // Logs (text/JSON) + OTLP span export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
     // flushes the exporter when `run` returns.

@@ -85,6 +85,7 @@ pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
             ..WatcherConfig::default()
         },
         checkpoint_root: cfg.checkpoint_root.clone(),
+        run_dir: cfg.run_dir.clone(),
     }
 }
 
