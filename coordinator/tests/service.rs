@@ -398,3 +398,61 @@ async fn a_plateau_stage_grows_when_the_loss_flattens() {
     a1.abort();
     running.stop().await;
 }
+
+/// gRPC reflection answers in both versions: `grpc.reflection.v1` and the `v1alpha` that older
+/// clients (grpcurl before 1.8, many IDE plugins) ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let ep = format!("http://{}", co.grpc_addr);
+
+    let channel = tonic::transport::Endpoint::from_shared(ep)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        resp.message_response
+    else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"trellis.v1.ControlService".to_string()),
+        "{names:?}"
+    );
+
+    let mut v1c = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = v1c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert!(
+        format!("{resp:?}").contains("trellis.v1.WorkerService"),
+        "{resp:?}"
+    );
+    co.stop().await;
+}
