@@ -1,7 +1,9 @@
 """PyTorch eager peer of `trellis-worker bench`: the same LLaMA (transformers LlamaForCausalLM,
 sdpa attention), the same batch, sequence length and threads, the same training step
 (forward, mean cross-entropy, backward, clip_grad_norm_(1.0), AdamW(0.9, 0.95, wd 0.1)).
-Prints one JSON line like `trellis-worker bench`."""
+`--precision bf16`: forward and loss under `torch.autocast(device, torch.bfloat16)` (fp32
+weights and optimizer, as a PyTorch user writes mixed precision). `--adamw foreach|fused|loop`
+picks PyTorch's AdamW implementation. Prints one JSON line like `trellis-worker bench`."""
 import argparse, json, time, tomllib, os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,8 +19,12 @@ ap.add_argument("--job", required=True)
 ap.add_argument("--vocab", type=int, required=True, help="the tokenizer's vocabulary size")
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--warmup", type=int, default=3)
-ap.add_argument("--foreach", choices=["on", "off"], default="off")
+ap.add_argument("--foreach", choices=["on", "off"], default=None, help="old spelling of --adamw")
+ap.add_argument("--adamw", choices=["loop", "foreach", "fused"], default="loop")
+ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
 a = ap.parse_args()
+if a.foreach is not None:
+    a.adamw = "foreach" if a.foreach == "on" else "loop"
 spec = tomllib.load(open(a.job, "rb"))
 m, t = spec["model"], spec["train"]
 h, f, layers, heads, kv, maxpos = PRESETS[m.get("preset", "tiny")]
@@ -39,13 +45,16 @@ nodecay = [p for p in model.parameters() if p.dim() < 2]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.get("weight_decay", 0.1)},
                          {"params": nodecay, "weight_decay": 0.0}],
                         lr=t.get("lr", 1e-3), betas=(0.9, 0.95), eps=1e-8,
-                        foreach=(a.foreach == "on"), fused=False)
+                        foreach=(a.adamw == "foreach"), fused=(a.adamw == "fused"))
+autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.precision == "bf16"
+            else torch.autocast("cpu", enabled=False))
 data = torch.randint(a.vocab, (a.warmup + a.steps, batch, seq + 1))
 
 def step(i):
     ids = data[i]
-    logits = model(input_ids=ids[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    with autocast:
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -63,7 +72,7 @@ for i in range(a.steps):
 secs = time.perf_counter() - t0
 median = sorted(step_secs)[len(step_secs) // 2]
 tokens = a.steps * batch * seq
-print(json.dumps({"impl": f"pytorch-eager-hf-sdpa-foreach-{a.foreach}", "steps": a.steps,
+print(json.dumps({"impl": f"pytorch-eager-hf-sdpa-{a.precision}-adamw-{a.adamw}", "steps": a.steps,
                   "tokens": tokens, "seconds": secs, "tokens_per_second": tokens / secs,
                   "median_step_seconds": median, "median_step_tokens_per_second": batch * seq / median,
                   "final_loss": last, "threads": torch.get_num_threads(),

@@ -3,7 +3,8 @@
 //! ```text
 //! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
 //! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
-//! trellis-worker bench --job JOB.toml [--steps N] [--warmup N]
+//! trellis-worker bench --job JOB.toml [--steps N] [--warmup N] [--precision fp32|bf16|auto]
+//!                      [--activation-checkpointing true|false]
 //! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
 //! ```
 //! Errors are one line on stderr; exit 2 for bad input (spec, checkpoint, refused growth),
@@ -77,6 +78,12 @@ enum Cmd {
         warmup: u64,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override `[train] precision` (fp32, bf16, auto).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Override `[train] activation_checkpointing` (true, false).
+        #[arg(long)]
+        activation_checkpointing: Option<bool>,
     },
 }
 
@@ -225,8 +232,24 @@ fn eval(
     Ok(())
 }
 
-fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<()> {
-    let spec = load_spec(&job)?;
+fn bench(
+    job: PathBuf,
+    steps: u64,
+    warmup: u64,
+    out: Option<PathBuf>,
+    precision: Option<String>,
+    activation_checkpointing: Option<bool>,
+) -> Result<()> {
+    let mut spec = load_spec(&job)?;
+    if let Some(p) = precision {
+        spec.train.precision = serde_json::from_value(serde_json::Value::String(p.clone()))
+            .map_err(|_| {
+                trellis_worker::Error::Invalid(format!("--precision {p}: use fp32, bf16 or auto"))
+            })?;
+    }
+    if let Some(a) = activation_checkpointing {
+        spec.train.activation_checkpointing = a;
+    }
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-bench", spec.job.name)));
     let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(trellis_comm::Solo))?;
     for _ in 0..warmup {
@@ -261,11 +284,36 @@ fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<
             "median_step_tokens_per_second": (spec.train.global_batch * spec.data.seq_len) as f64 / median,
             "final_loss": last,
             "threads": tch::get_num_threads(),
+            "precision": t.precision().name(),
+            "activation_checkpointing": spec.train.activation_checkpointing,
+            "peak_rss_mib": peak_rss_mib(),
+            "flops_per_token": flops_per_token(t.config(), spec.data.seq_len),
             "params": t.model().num_parameters(),
             "vocab": t.config().vocab_size,
         })
     );
     Ok(())
+}
+
+/// Training FLOPs per token (forward + backward) of `cfg` at sequence length `seq`: `6·N` for the
+/// matmul parameters N (all but the embedding lookup) plus `12·L·s·h` for attention scores and
+/// values (the PaLM paper's count, not halved for the causal mask).
+fn flops_per_token(cfg: &trellis_core::config::ModelConfig, seq: usize) -> f64 {
+    let n = cfg.num_parameters() - (cfg.vocab_size * cfg.hidden_size) as u64;
+    6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * seq * cfg.hidden_size) as f64
+}
+
+/// This process's peak resident set size (`VmHWM` of /proc/self/status) in MiB; 0 where
+/// unreadable.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Exit code of an error chain: 2 for bad input, 1 otherwise.
@@ -318,7 +366,24 @@ fn main() -> ExitCode {
         (Some(Cmd::Eval { checkpoint, text, job, seq_len, device, output }), _) => {
             eval(checkpoint, text, job, seq_len, device, output)
         }
-        (Some(Cmd::Bench { job, steps, warmup, out }), _) => bench(job, steps, warmup, out),
+        (
+            Some(Cmd::Bench {
+                job,
+                steps,
+                warmup,
+                out,
+                precision,
+                activation_checkpointing,
+            }),
+            _,
+        ) => bench(
+            job,
+            steps,
+            warmup,
+            out,
+            precision,
+            activation_checkpointing,
+        ),
         (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
