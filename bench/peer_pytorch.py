@@ -73,16 +73,18 @@ def step(i):
 for i in range(a.warmup):
     step(i)
 t0 = time.perf_counter()
-step_secs = []
+step_secs, cpu_secs = [], []
 for i in range(a.steps):
-    s0 = time.perf_counter()
+    s0, c0 = time.perf_counter(), time.process_time()
     last = step(a.warmup + i)
     step_secs.append(time.perf_counter() - s0)
+    cpu_secs.append(time.process_time() - c0)
 secs = time.perf_counter() - t0
 median = sorted(step_secs)[len(step_secs) // 2]
 tokens = a.steps * batch * seq
 print(json.dumps({"impl": f"pytorch-eager-hf-sdpa-{a.precision}-adamw-{a.adamw}", "steps": a.steps,
                   "tokens": tokens, "seconds": secs, "tokens_per_second": tokens / secs,
                   "median_step_seconds": median, "median_step_tokens_per_second": batch * seq / median,
+                  "median_step_cpu_seconds": sorted(cpu_secs)[len(cpu_secs) // 2],
                   "final_loss": last, "threads": torch.get_num_threads(),
                   "params": sum(p.numel() for p in model.parameters())}))

@@ -259,15 +259,18 @@ fn bench(
     let mut tokens = 0u64;
     let mut last = 0.0;
     let mut step_secs = Vec::new();
+    let mut cpu_secs = Vec::new();
     for _ in 0..steps {
-        let s0 = std::time::Instant::now();
+        let (s0, c0) = (std::time::Instant::now(), cpu_seconds());
         let r = t.step()?;
         step_secs.push(s0.elapsed().as_secs_f64());
+        cpu_secs.push(cpu_seconds() - c0);
         tokens += (spec.train.global_batch * spec.data.seq_len) as u64;
         last = r.loss;
     }
     let secs = start.elapsed().as_secs_f64();
     step_secs.sort_by(f64::total_cmp);
+    cpu_secs.sort_by(f64::total_cmp);
     let median = step_secs
         .get(step_secs.len() / 2)
         .copied()
@@ -282,6 +285,7 @@ fn bench(
             "tokens_per_second": tokens as f64 / secs,
             "median_step_seconds": median,
             "median_step_tokens_per_second": (spec.train.global_batch * spec.data.seq_len) as f64 / median,
+            "median_step_cpu_seconds": cpu_secs.get(cpu_secs.len() / 2).copied().unwrap_or(f64::NAN),
             "final_loss": last,
             "threads": tch::get_num_threads(),
             "precision": t.precision().name(),
@@ -301,6 +305,24 @@ fn bench(
 fn flops_per_token(cfg: &trellis_core::config::ModelConfig, seq: usize) -> f64 {
     let n = cfg.num_parameters() - (cfg.vocab_size * cfg.hidden_size) as u64;
     6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * seq * cfg.hidden_size) as f64
+}
+
+/// CPU time (user + system, all threads) this process has used, in seconds (/proc/self/stat;
+/// 0 where unreadable): on a shared machine less sensitive to other processes than wall time.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime, in clock ticks of USER_HZ = 100 on Linux.
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => 0.0,
+    }
 }
 
 /// This process's peak resident set size (`VmHWM` of /proc/self/status) in MiB; 0 where

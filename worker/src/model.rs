@@ -308,17 +308,25 @@ impl Attention {
         let q = rope.apply(&shape(&parts[0], self.heads));
         let k = rope.apply(&shape(&parts[1], self.kv_heads));
         let v = shape(&parts[2], self.kv_heads);
-        // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v copies.
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            true,
-            None,
-            self.heads != self.kv_heads,
-        );
+        let y = if q.kind() == Kind::BFloat16
+            && q.device() == Device::Cpu
+            && s <= CPU_BF16_MATH_ATTENTION_MAX_SEQ
+        {
+            self.grouped_attention(&q, &k, &v)
+        } else {
+            // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v
+            // copies.
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<&Tensor>,
+                0.0,
+                true,
+                None,
+                self.heads != self.kv_heads,
+            )
+        };
         let y = y.transpose(1, 2).reshape([b, s, h]);
         match mats {
             Mats::Params(prec) => self.o_proj.forward(&y, prec),
@@ -326,6 +334,34 @@ impl Attention {
         }
     }
 }
+
+impl Attention {
+    /// Causal GQA attention as explicit GEMMs (bf16 on CPU, short sequences): the `rep` query
+    /// heads of each KV head are stacked into one `[rep·s, d]` matrix, so every KV head is one
+    /// batched GEMM against its keys and values (no repeated k/v); softmax statistics in fp32.
+    /// On a 2-core CPU at s = 256 this takes ~15% less CPU time per training step than
+    /// libtorch's flash-attention CPU kernel in bf16 (docs/benchmarks.md); it keeps the
+    /// `[b, heads, s, s]` probabilities for backward, hence the sequence-length cap.
+    fn grouped_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, _, s, d) = q.size4().unwrap();
+        let (kv, rep) = (self.kv_heads, self.heads / self.kv_heads);
+        let scores = q
+            .reshape([b, kv, rep * s, d])
+            .matmul(&k.transpose(-1, -2))
+            .view([b, kv, rep, s, s]);
+        let future = Tensor::ones([s, s], (Kind::Bool, q.device())).triu(1);
+        let p = (scores * (d as f64).powf(-0.5))
+            .masked_fill(&future, f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float)
+            .to_kind(q.kind())
+            .view([b, kv, rep * s, s]);
+        p.matmul(v).view([b, self.heads, s, d])
+    }
+}
+
+/// Longest sequence for which bf16 attention on CPU runs as explicit GEMMs
+/// ([`Attention::grouped_attention`]) rather than SDPA's flash kernel.
+pub const CPU_BF16_MATH_ATTENTION_MAX_SEQ: i64 = 1024;
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
