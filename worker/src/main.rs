@@ -158,7 +158,7 @@ fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()>
     let summary = standalone::run_job(&spec, &out, &RunOptions { stop_at }, &mut observer)?;
     bar.finish_and_clear();
     eprintln!(
-        "done: {} steps, {} tokens, train loss {}, val loss {}, {} -> {} layers, {:.1}s; see {}",
+        "done: {} steps, {} tokens, train loss {}, val loss {}, {} -> {} layers, {}, {:.1}s; see {}",
         summary.steps,
         summary.tokens,
         summary
@@ -171,6 +171,13 @@ fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()>
             .unwrap_or("-".into()),
         summary.layers_before,
         summary.layers_after,
+        parse_device(&spec.train.device).map_or_else(
+            |_| "precision ?".to_string(),
+            |d| {
+                let (p, why) = trellis_worker::model::Precision::resolve(spec.train.precision, d);
+                format!("{} ({why})", p.name())
+            }
+        ),
         summary.wall_seconds,
         out.join("summary.json").display()
     );
