@@ -164,3 +164,28 @@ fn activation_checkpointing_gives_the_same_losses() {
         );
     }
 }
+
+/// `precision` takes fp32, bf16 or auto (the default), and a typo is refused naming the choices.
+#[test]
+fn precision_values_parse_and_a_typo_is_refused() {
+    use trellis_core::config::PrecisionChoice;
+    let spec = |train: &str| {
+        trellis_core::job::JobSpec::from_toml(
+            &test_job_toml_with("p", 10, train, ""),
+            Path::new("."),
+            "test",
+        )
+    };
+    assert_eq!(spec("").unwrap().train.precision, PrecisionChoice::Auto);
+    assert_eq!(spec(BF16).unwrap().train.precision, PrecisionChoice::Bf16);
+    assert!(!spec("").unwrap().train.activation_checkpointing);
+    let e = spec("precision = \"fp16\"").unwrap_err().to_string();
+    assert!(
+        e.contains("fp16") && e.contains("bf16") && e.contains("auto"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let (p, why) = Precision::resolve(PrecisionChoice::Auto, tch::Device::Cpu);
+    let native = trellis_worker::model::cpu_has_native_bf16();
+    assert_eq!(p == Precision::Bf16, native, "{why}");
+}
