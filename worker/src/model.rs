@@ -122,10 +122,11 @@ fn dims(shape: &[usize]) -> Vec<i64> {
     shape.iter().map(|&d| d as i64).collect()
 }
 
-/// Give leaf `w` a zero gradient buffer if it has none (a backward of `0 · Σw`).
+/// Give leaf `w` a zero gradient buffer if it has none (a backward of `0 · Σw`, with gradients
+/// enabled even inside a caller's `no_grad`).
 fn prime_grad(w: &Tensor) {
     if !w.grad().defined() {
-        (w.sum(Kind::Float) * 0.0).backward();
+        tch::with_grad(|| (w.sum(Kind::Float) * 0.0).backward());
     }
 }
 
