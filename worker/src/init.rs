@@ -1,4 +1,5 @@
-//! Deterministic parameter initialisation (docs/design.md §Conventions), independent of libtorch's global RNG.
+//! Deterministic parameter initialisation (docs/design.md §Conventions), independent of
+//! libtorch's global RNG.
 //!
 //! Stds come from `trellis_core::growth::init_std`, values from
 //! `trellis_core::offline::normal_tensor` (splitmix64 + Box–Muller, one stream per tensor name),

@@ -1,4 +1,5 @@
-//! LLaMA in tch, single-device and parallel-agnostic (docs/design.md §Architecture, §Conventions).
+//! LLaMA in tch, single-device and parallel-agnostic (docs/design.md §Architecture,
+//! §Conventions).
 //!
 //! Parameter names are Hugging Face `LlamaForCausalLM`'s: modules are built on
 //! `p / "model" / "layers" / i / "self_attn" / "q_proj"` and own a `weight` (no biases), so the
@@ -562,7 +563,8 @@ impl Llama {
         }
     }
 
-    /// A freshly initialised model (docs/design.md §Conventions), identical for a given seed on every rank.
+    /// A freshly initialised model (docs/design.md §Conventions), identical for a given seed on
+    /// every rank.
     pub fn init(cfg: &ModelConfig, device: Device, seed: u64) -> Llama {
         let c = cfg.clone();
         Llama::new(cfg, device, &mut |name, shape| {

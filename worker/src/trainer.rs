@@ -6,8 +6,8 @@
 //! training thread that owns all tensors) but not `Sync`.
 //!
 //! Determinism: weights come from seeded per-tensor streams ([`crate::init`]), the data order
-//! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same seed and data
-//! give the same losses and a resume from a checkpoint continues bit for bit.
+//! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
+//! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
 use crate::host::{from_host, to_host};
 use crate::model::{Llama, Precision, Shard};

@@ -1,7 +1,7 @@
-//! Tensor parallelism (docs/design.md §Parallel layout): TP = 2 and DP = 2 × TP = 2 (ranks are threads of this
-//! process, groups are `TcpRing`s on 127.0.0.1) match a single rank on the same global batch,
-//! for GQA and for a grown model; TP resharding after growth (checkpoint and peers paths);
-//! resuming with another DP degree reads the same sample stream.
+//! Tensor parallelism (docs/design.md §Parallel layout): TP = 2 and DP = 2 × TP = 2 (ranks are
+//! threads of this process, groups are `TcpRing`s on 127.0.0.1) match a single rank on the same
+//! global batch, for GQA and for a grown model, in fp32 and in bf16; TP resharding after growth
+//! (checkpoint and peers paths); resuming with another DP degree reads the same sample stream.
 //!
 //! Tolerances (fp32 on CPU; a TP all-reduce sums partial products in another order than one
 //! GEMM, so results agree to rounding, not bit for bit): losses within `LOSS_TOL` absolute,
