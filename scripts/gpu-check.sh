@@ -14,6 +14,9 @@
 #  4. MFU of the `1b` preset in bf16: trellis-worker bench next to PyTorch eager autocast (same
 #     model, batch, sequence; AdamW fused), and the measured bf16 matmul peak of the GPU
 # Without a CUDA GPU it stops at once with one line (exit 2). Under 8 minutes on one H100.
+# TRELLIS_GPU_CHECK_DEVICE=cpu: a dry run of the script itself on a CPU (checks 1 and 2 skipped,
+# 3 on the CPU, 4 with the `small` preset on the CPU); its results say DRY RUN and mean nothing
+# about a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,7 +37,12 @@ fail() { echo "gpu-check: $*" >&2; exit 2; }
 [ -n "$PY" ] || fail "no python3 on PATH; set TRELLIS_PYTHON to a python with torch 2.11"
 GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null) \
   || fail "$PY cannot import torch; set TRELLIS_PYTHON to a python with torch 2.11"
-[ -n "$GPU" ] || fail "no CUDA GPU visible (torch.cuda.is_available() is False); run this on a GPU machine"
+DEV=${TRELLIS_GPU_CHECK_DEVICE:-cuda}
+case $DEV in
+  cuda) [ -n "$GPU" ] || fail "no CUDA GPU visible (torch.cuda.is_available() is False); run this on a GPU machine" ;;
+  cpu) GPU="DRY RUN on the CPU (TRELLIS_GPU_CHECK_DEVICE=cpu): no GPU figures" ;;
+  *) fail "TRELLIS_GPU_CHECK_DEVICE=$DEV: use cuda (default) or cpu (a dry run of this script)" ;;
+esac
 TORCH_LIB=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 BIN=${TRELLIS_BIN_DIR:-}
 for d in "$BIN" runs/gpu-check/bin "${CARGO_TARGET_DIR:-/nonexistent}/release"; do
@@ -56,10 +64,12 @@ STATUS=0
 say "gpu-check $(date -u +%FT%TZ) on $GPU, torch $("$PY" -c 'import torch; print(torch.__version__)'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 
 say "== 1. CUDA forward/backward vs CPU fp32 (tiny LLaMA)"
-if r=$(timeout 120 "$CHECK" parity 2>>"$WORK/stderr"); then say "ok   $r"; else say "FAIL ${r:-see $WORK/stderr}"; STATUS=1; fi
+if [ "$DEV" = cpu ]; then say "skipped (dry run)"
+elif r=$(timeout 120 "$CHECK" parity 2>>"$WORK/stderr"); then say "ok   $r"; else say "FAIL ${r:-see $WORK/stderr}"; STATUS=1; fi
 
 say "== 2. NCCL on device tensors (world 1)"
-if r=$(timeout 60 "$CHECK" nccl 2>>"$WORK/stderr"); then say "ok   $r"; else say "FAIL ${r:-$(tail -n1 "$WORK/stderr")}"; STATUS=1; fi
+if [ "$DEV" = cpu ]; then say "skipped (dry run)"
+elif r=$(timeout 60 "$CHECK" nccl 2>>"$WORK/stderr"); then say "ok   $r"; else say "FAIL ${r:-$(tail -n1 "$WORK/stderr")}"; STATUS=1; fi
 
 say "== 3. bf16 training on CUDA with one growth (stack 2 -> 4 layers at step 30 of 60)"
 cat >"$WORK/grow.toml" <<EOF
@@ -84,7 +94,7 @@ min_lr = 2e-4
 warmup_steps = 5
 eval_interval = 30
 eval_sequences = 32
-device = "cuda"
+device = "$DEV"
 precision = "bf16"
 [checkpoint]
 interval = 0
@@ -110,13 +120,14 @@ else
   say "FAIL trellis-worker train: $(tail -n1 "$WORK/grow.log")"; STATUS=1
 fi
 
-say "== 4. MFU of the 1b preset, bf16: trellis-worker vs PyTorch eager autocast (batch 8 x seq 2048, micro-batch 4)"
+PRESET=1b; [ "$DEV" = cpu ] && PRESET=small
+say "== 4. MFU of the $PRESET preset, bf16: trellis-worker vs PyTorch eager autocast (batch 8 x seq 2048, micro-batch 4)"
 cat >"$WORK/1b.toml" <<EOF
 [job]
 name = "gpu-check-1b"
 seed = 1
 [model]
-preset = "1b"
+preset = "$PRESET"
 [data]
 train = "$ROOT/corpus/tiny/train.txt"
 valid = "$ROOT/corpus/tiny/valid.txt"
@@ -127,14 +138,14 @@ cache_dir = "$WORK/data"
 global_batch = 8
 micro_batch = 4
 max_steps = 1000
-device = "cuda"
+device = "$DEV"
 precision = "bf16"
 EOF
-PEAK=$("$PY" bench/matmul_peak.py --dtype bf16 --device cuda 2>>"$WORK/stderr" || echo '{}')
+PEAK=$("$PY" bench/matmul_peak.py --dtype bf16 --device "$DEV" 2>>"$WORK/stderr" || echo '{}')
 say "     matmul peak: $PEAK"
 if T=$(timeout 200 "$BIN/trellis-worker" bench --job "$WORK/1b.toml" --steps 10 --warmup 3 --out "$WORK/1b" 2>>"$WORK/stderr"); then
   VOCAB=$(echo "$T" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['vocab'])")
-  if P=$(timeout 200 "$PY" bench/peer_pytorch.py --job "$WORK/1b.toml" --vocab "$VOCAB" --steps 10 --precision bf16 --adamw fused --device cuda 2>>"$WORK/stderr"); then
+  if P=$(timeout 200 "$PY" bench/peer_pytorch.py --job "$WORK/1b.toml" --vocab "$VOCAB" --steps 10 --precision bf16 --adamw fused --device "$DEV" 2>>"$WORK/stderr"); then
     r=$("$PY" - "$T" "$P" "$PEAK" <<'PY'
 import json, sys
 t, p, peak = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3] or "{}")
