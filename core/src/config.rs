@@ -270,6 +270,20 @@ impl ModelConfig {
     }
 }
 
+/// `[train] precision`: the arithmetic of training (docs/precision.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 compute; fp32 master weights, Adam moments, loss and norm statistics.
+    Bf16,
+    /// bf16 on CUDA and on CPUs with native bf16 arithmetic, fp32 otherwise (the worker decides
+    /// and logs its choice).
+    #[default]
+    Auto,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

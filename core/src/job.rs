@@ -231,6 +231,12 @@ pub struct TrainSection {
     /// `cpu` or `cuda[:N]`.
     #[serde(default = "d_device")]
     pub device: String,
+    /// `fp32`, `bf16` or `auto` (default; docs/precision.md).
+    #[serde(default)]
+    pub precision: crate::config::PrecisionChoice,
+    /// Recompute each block's activations in backward instead of keeping them.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
