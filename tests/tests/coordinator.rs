@@ -57,6 +57,8 @@ seq_len = 32
 cache_dir = "{cache}"
 
 [train]
+# fp32: these tests compare losses across layouts and paths to 1e-4 and exactly.
+precision = "fp32"
 global_batch = {GB}
 max_steps = {max_steps}
 lr = 2e-3
