@@ -456,3 +456,50 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     );
     co.stop().await;
 }
+
+/// Oversized specs are refused at submit with one line naming the field and the limit, and
+/// the coordinator goes on serving (issue 10: no abort, no lock held for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_specs_are_refused_at_submit_and_the_coordinator_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    for (field, text) in [
+        (
+            "model.intermediate_size",
+            spec("big", 1, 10, 0, "").replace(
+                "num_hidden_layers = 2",
+                "num_hidden_layers = 2\nintermediate_size = 10000000000000",
+            ),
+        ),
+        (
+            "parallel.dp",
+            spec("wide", 1, 10, 0, "").replace("dp = 1", "dp = 30000000000"),
+        ),
+    ] {
+        let t0 = std::time::Instant::now();
+        let e = c
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: "/tmp".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains("limit"),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains('\n'), "{}", e.message());
+        assert!(t0.elapsed() < Duration::from_secs(5), "refused at once");
+    }
+    // Still serving, still without a job.
+    let e = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    submit(&mut c, &spec("fine", 1, 10, 0, "")).await;
+    co.stop().await;
+}
