@@ -503,3 +503,26 @@ async fn oversized_specs_are_refused_at_submit_and_the_coordinator_serves_on() {
     submit(&mut c, &spec("fine", 1, 10, 0, "")).await;
     co.stop().await;
 }
+
+/// A panic on a worker's training thread ends the worker with an error, not a clean exit
+/// (issue 10: it exited with status 0 and looked like a finished worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_training_thread_ends_the_agent_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("panic", 1, 50, 0, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let cfg = FakeConfig {
+        panic_at_step: Some(3),
+        ..fake(5)
+    };
+    let a = spawn_agent(ep, cfg);
+    let r = tokio::time::timeout(Duration::from_secs(30), a)
+        .await
+        .expect("the agent ends")
+        .expect("the task itself did not panic");
+    let e = r.expect_err("a panicked trainer is an error");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    co.stop().await;
+}
