@@ -78,6 +78,9 @@ pub struct CheckpointView {
     pub reason: String,
     pub committed_at: f64,
     pub dir: String,
+    /// Why it cannot be restored; absent for a usable checkpoint.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unusable: String,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -316,6 +319,7 @@ impl From<&pb::CheckpointInfo> for CheckpointView {
             reason: c.reason.clone(),
             committed_at: c.committed_at,
             dir: c.dir.clone(),
+            unusable: c.unusable.clone(),
         }
     }
 }
@@ -766,7 +770,11 @@ pub fn checkpoints_table(cs: &[CheckpointView]) -> String {
                 fmt_count(c.tokens as f64),
                 c.generation.to_string(),
                 c.layers.to_string(),
-                c.reason.clone(),
+                if c.unusable.is_empty() {
+                    c.reason.clone()
+                } else {
+                    format!("{} — UNUSABLE: {}", c.reason, c.unusable)
+                },
                 age(c.committed_at),
                 c.dir.clone(),
             ]

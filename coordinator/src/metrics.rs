@@ -39,6 +39,7 @@ pub struct Metrics {
     pub checkpoint_seconds: Histogram,
     pub checkpoint_age_seconds: GaugeF,
     pub checkpoints_total: Counter,
+    pub checkpoints_unusable_total: Counter,
     pub loss_anomalies_total: Family<Label, Counter>,
     pub rollbacks_total: Counter,
     pub fenced_messages_total: Family<Label, Counter>,
@@ -76,6 +77,7 @@ impl Metrics {
             checkpoint_seconds: phase_histogram(),
             checkpoint_age_seconds: GaugeF::default(),
             checkpoints_total: Counter::default(),
+            checkpoints_unusable_total: Counter::default(),
             loss_anomalies_total: Family::default(),
             rollbacks_total: Counter::default(),
             fenced_messages_total: Family::default(),
@@ -176,6 +178,11 @@ impl Metrics {
             "trellis_checkpoints",
             "Checkpoints committed",
             m.checkpoints_total.clone(),
+        );
+        r.register(
+            "trellis_checkpoints_unusable",
+            "Committed checkpoints found unusable at a restart (missing files, hash mismatch) and set aside",
+            m.checkpoints_unusable_total.clone(),
         );
         r.register(
             "trellis_loss_anomalies",

@@ -208,6 +208,7 @@ pub async fn init_checkpoint(
             committed_at: now_unix(),
             next_growth_stage: 0,
             layout: None,
+            unusable: None,
         },
         st.model,
     ))

@@ -133,6 +133,10 @@ pub struct CheckpointRecord {
     /// of older coordinators, which keep the current layout).
     #[serde(default)]
     pub layout: Option<LayoutInfo>,
+    /// Why it cannot be restored (files missing, a hash mismatch), when a restart found it so;
+    /// its directory was set aside as `step-N.unusable` for inspection.
+    #[serde(default)]
+    pub unusable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

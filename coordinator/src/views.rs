@@ -246,5 +246,6 @@ fn ckpt_info(c: &CheckpointRecord) -> pb::CheckpointInfo {
         committed_at: c.committed_at,
         reason: c.reason.label().into(),
         layers: c.layers as u32,
+        unusable: c.unusable.clone().unwrap_or_default(),
     }
 }

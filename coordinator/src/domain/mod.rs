@@ -425,6 +425,14 @@ impl Domain {
         self.job = Some(job);
         let phase = self.job.as_mut().expect("a job").state.phase;
         if !matches!(phase, Phase::Done | Phase::Failed) {
+            if let Some(why) = self.verify_restore_point().await? {
+                let job = self.job.as_mut().expect("a job");
+                job::transition(&mut job.state, Phase::Failed, why);
+                error!(job_id = %job.id, "{}", job.state.message);
+                self.persist_state().await?;
+                self.update_gauges();
+                return Ok(());
+            }
             self.restore_point("recovered after a coordinator restart")
                 .await?;
             let job = self.job.as_mut().expect("a job");
@@ -435,6 +443,80 @@ impl Domain {
         }
         self.update_gauges();
         Ok(())
+    }
+
+    /// After a restart the restore point must still be restorable (its files present, every
+    /// hash matching). One that is not is marked unusable — in the catalogue, and on disk by
+    /// renaming `step-N` to `step-N.unusable`, which garbage collection never removes — and the
+    /// next older usable committed checkpoint becomes the restore point. Returns the job's
+    /// failure message when no committed checkpoint is usable, naming each and why.
+    async fn verify_restore_point(&mut self) -> Result<Option<String>> {
+        let mut refused: Vec<String> = Vec::new();
+        loop {
+            let job = self.job.as_mut().expect("a job");
+            let Some(c) = job.state.last_checkpoint.clone() else {
+                return Ok(None);
+            };
+            let dir = PathBuf::from(&c.dir);
+            let probe = dir.clone();
+            let verdict = tokio::task::spawn_blocking(move || {
+                trellis_core::checkpoint::Checkpoint::open(&probe).map(|_| ())
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("checkpoint verification panicked: {e}")))?;
+            let Err(e) = verdict else {
+                if !refused.is_empty() {
+                    info!(job_id = %job.id, step = %c.step, "restoring from the newest usable checkpoint, step {}", c.step);
+                }
+                return Ok(None);
+            };
+            let why = e.to_string();
+            warn!(job_id = %job.id, step = %c.step, dir = %c.dir, "checkpoint is unusable: {why}; falling back to the next older one");
+            self.metrics.checkpoints_unusable_total.inc();
+            refused.push(format!("step {} ({}): {why}", c.step, c.dir));
+            let aside = dir.with_extension("unusable");
+            let kept = if dir.is_dir() {
+                match std::fs::rename(&dir, &aside) {
+                    Ok(()) => aside.display().to_string(),
+                    Err(e) => {
+                        warn!(dir = %c.dir, "cannot set the unusable checkpoint aside: {e}");
+                        c.dir.clone()
+                    }
+                }
+            } else {
+                c.dir.clone()
+            };
+            let job = self.job.as_mut().expect("a job");
+            let marked = CheckpointRecord {
+                dir: kept,
+                unusable: Some(why),
+                ..c.clone()
+            };
+            if c.reason != Reason::InitFrom {
+                self.store
+                    .put(&keys::checkpoint(&job.id, c.step), json(&marked))
+                    .await?;
+            }
+            let job = self.job.as_mut().expect("a job");
+            for x in job.checkpoints.iter_mut().filter(|x| x.step == c.step) {
+                *x = marked.clone();
+            }
+            let older = job
+                .checkpoints
+                .iter()
+                .rev()
+                .find(|x| x.step < c.step && x.unusable.is_none())
+                .cloned();
+            match older {
+                Some(o) => job.state.last_checkpoint = Some(o),
+                None => {
+                    return Ok(Some(format!(
+                        "failed: no committed checkpoint can be restored: {}; restore one from a backup                          (`coordctl checkpoint list` shows them) or resubmit",
+                        refused.join("; ")
+                    )))
+                }
+            }
+        }
     }
 
     /// Reset the job's progress to its restore point and mark every growth beyond it rolled

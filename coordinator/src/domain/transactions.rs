@@ -781,6 +781,7 @@ impl Domain {
             committed_at: now_unix(),
             next_growth_stage: job.state.next_growth_stage,
             layout: Some(job.state.layout.clone()),
+            unusable: None,
         };
         self.store
             .put(&keys::checkpoint(&job.id, rec.step), json(&rec))
@@ -792,9 +793,23 @@ impl Domain {
         job::committed(&mut job.state, &rec);
         // Mirror the workers' garbage collection (`checkpoint.keep`, newest first): the
         // catalogue lists only checkpoints that still exist.
+        // Unusable checkpoints (set aside after a restart) are not counted and stay listed.
         let keep = job.spec.checkpoint.keep.max(1);
-        let cut = job.checkpoints.len().saturating_sub(keep);
-        let pruned: Vec<CheckpointRecord> = job.checkpoints.drain(..cut).collect();
+        let mut usable = job
+            .checkpoints
+            .iter()
+            .filter(|c| c.unusable.is_none())
+            .count();
+        let mut pruned: Vec<CheckpointRecord> = Vec::new();
+        job.checkpoints.retain(|c| {
+            if usable > keep && c.unusable.is_none() {
+                usable -= 1;
+                pruned.push(c.clone());
+                false
+            } else {
+                true
+            }
+        });
         let id = job.id.clone();
         for p in &pruned {
             self.store.delete(&keys::checkpoint(&id, p.step)).await?;
