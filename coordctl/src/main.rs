@@ -444,9 +444,10 @@ fn client_tls(cli: &Cli) -> Result<Option<tonic::transport::ClientTlsConfig>, Fa
         (Some(ca), None, None) => {
             let pem = std::fs::read(ca)
                 .map_err(|e| Failure::invalid(format!("cannot read --ca {}: {e}", ca.display())))?;
-            Ok(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(
-                tonic::transport::Certificate::from_pem(pem),
-            )))
+            Ok(Some(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            ))
         }
         _ => Err(Failure::invalid(
             "mTLS needs --ca, --cert and --key together (or TRELLIS_CA, TRELLIS_CERT, TRELLIS_KEY)",

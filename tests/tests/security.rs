@@ -109,10 +109,13 @@ fn grpcio(target: &str, ca: &Path, pair: Option<(&Path, &Path)>, method: &str) -
         (c.display().to_string(), k.display().to_string())
     });
     let out = run(
-        Command::new(python())
-            .arg("-c")
-            .arg(GRPCIO)
-            .args([target, &ca.display().to_string(), &cert, &key, method]),
+        Command::new(python()).arg("-c").arg(GRPCIO).args([
+            target,
+            &ca.display().to_string(),
+            &cert,
+            &key,
+            method,
+        ]),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "python grpcio: {}", stderr_line(&out));
@@ -156,12 +159,24 @@ fn mtls_roles_worker_identities_and_confined_paths() {
     }
     let f = |d: &Path, name: &str| d.join(name);
     let ca = f(&certs, "ca.crt");
-    let operator = [ca.as_path(), &f(&certs, "operator.crt"), &f(&certs, "operator.key")]
-        .map(Path::to_path_buf);
-    let viewer = [ca.as_path(), &f(&certs, "viewer.crt"), &f(&certs, "viewer.key")]
-        .map(Path::to_path_buf);
-    let foreign = [ca.as_path(), &f(&other, "operator.crt"), &f(&other, "operator.key")]
-        .map(Path::to_path_buf);
+    let operator = [
+        ca.as_path(),
+        &f(&certs, "operator.crt"),
+        &f(&certs, "operator.key"),
+    ]
+    .map(Path::to_path_buf);
+    let viewer = [
+        ca.as_path(),
+        &f(&certs, "viewer.crt"),
+        &f(&certs, "viewer.key"),
+    ]
+    .map(Path::to_path_buf);
+    let foreign = [
+        ca.as_path(),
+        &f(&other, "operator.crt"),
+        &f(&other, "operator.key"),
+    ]
+    .map(Path::to_path_buf);
     let p = |a: &[PathBuf; 3]| -> [&Path; 3] { [a[0].as_path(), a[1].as_path(), a[2].as_path()] };
 
     std::fs::create_dir_all(cache_dir()).unwrap();
@@ -208,19 +223,34 @@ fn mtls_roles_worker_identities_and_confined_paths() {
     // (d) A spec path outside the allowed roots: refused at submit, one line naming it.
     let bad = dir.join("outside.toml");
     std::fs::write(&bad, spec(Path::new("/etc/passwd"), &ckpt)).unwrap();
-    let out = coordctl(&ep, &p(&operator), &["job", "submit", bad.to_str().unwrap()]);
+    let out = coordctl(
+        &ep,
+        &p(&operator),
+        &["job", "submit", bad.to_str().unwrap()],
+    );
     let e = refused(&out, 1);
     assert!(
         e.contains("/etc/passwd") && e.contains("allowed roots") && e.contains("data.train"),
         "{e}"
     );
-    assert!(e.contains(&ckpt.display().to_string()), "names the roots: {e}");
+    assert!(
+        e.contains(&ckpt.display().to_string()),
+        "names the roots: {e}"
+    );
 
     // The operator submits the real job; two workers with their own certificates train it.
     let good = dir.join("job.toml");
     std::fs::write(&good, spec(&repo().join("corpus/tiny/train.txt"), &ckpt)).unwrap();
-    let out = coordctl(&ep, &p(&operator), &["job", "submit", good.to_str().unwrap()]);
-    assert!(out.status.success(), "operator submit: {}", stderr_line(&out));
+    let out = coordctl(
+        &ep,
+        &p(&operator),
+        &["job", "submit", good.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "operator submit: {}",
+        stderr_line(&out)
+    );
     for id in ["w0", "w1"] {
         let mut cmd = Command::new(bin("trellis-worker"));
         cmd.args(["--coordinator", &ep, "--device", "cpu"])
@@ -244,7 +274,10 @@ fn mtls_roles_worker_identities_and_confined_paths() {
                 if pred(&s) {
                     return s;
                 }
-                assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}: {s}"
+                );
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(200));

@@ -378,7 +378,10 @@ fn managed(url: &str, device: &str, give_up_after: u64, tls: &TlsArgs) -> Result
             let id = id.worker_id().map(str::to_string).with_context(|| {
                 format!("--tls-cert {} is not a worker certificate ({id}); issue one with `coordctl certs worker ID DIR`", cert.display())
             })?;
-            (Some(trellis_auth::tls::client_tls(ca, cert, key)?), Some(id))
+            (
+                Some(trellis_auth::tls::client_tls(ca, cert, key)?),
+                Some(id),
+            )
         }
         _ => (None, None),
     };
