@@ -59,16 +59,24 @@ pub fn normalize_endpoint(url: &str, tls: bool) -> Result<String, Failure> {
 }
 
 /// A TLS handshake the coordinator (or this client) refused: no, or an untrusted, certificate.
-/// Exit 1 (refused), not 3: retrying with the same certificate cannot succeed.
+/// Exit 1 (refused), not 3: retrying with the same certificate cannot succeed. With TLS 1.3
+/// the client finishes its side of the handshake first, so a server refusing the client's
+/// certificate shows up as the first call being cancelled (hyper's "operation was canceled").
 fn tls_refusal(url: &str, cause: &str) -> Option<Failure> {
     let tls = url.starts_with("https://")
-        && ["alert", "certificate", "handshake", "tls"]
-            .iter()
-            .any(|w| cause.contains(w));
+        && [
+            "alert",
+            "certificate",
+            "handshake",
+            "tls",
+            "operation was canceled",
+        ]
+        .iter()
+        .any(|w| cause.contains(w));
     tls.then(|| {
         Failure::refused(format!(
-            "the TLS handshake with the coordinator at {url} failed ({cause}); use --ca, --cert \
-             and --key issued by this job's CA (`coordctl certs`)"
+            "the TLS handshake with the coordinator at {url} failed or was refused ({cause}); \
+             use --ca, --cert and --key issued by this job's CA (`coordctl certs`)"
         ))
     })
 }
@@ -154,10 +162,12 @@ impl Client {
                 self.url,
                 self.timeout.as_secs_f64()
             )),
-            Code::Cancelled => Failure::unreachable(format!(
-                "{what}: the call to {} was cancelled ({msg}); retry",
-                self.url
-            )),
+            Code::Cancelled => tls_refusal(&self.url, &msg.to_lowercase()).unwrap_or_else(|| {
+                Failure::unreachable(format!(
+                    "{what}: the call to {} was cancelled ({msg}); retry",
+                    self.url
+                ))
+            }),
             Code::Unknown if std::error::Error::source(&s).is_some() => {
                 let cause = root_cause(&s);
                 tls_refusal(&self.url, &cause)
