@@ -59,9 +59,8 @@ pub fn normalize_endpoint(url: &str, tls: bool) -> Result<String, Failure> {
 }
 
 /// A TLS handshake the coordinator (or this client) refused: no, or an untrusted, certificate.
-/// Exit 1 (refused), not 3: retrying with the same certificate cannot succeed. With TLS 1.3
-/// the client finishes its side of the handshake first, so a server refusing the client's
-/// certificate shows up as the first call being cancelled (hyper's "operation was canceled").
+/// Exit 1 (refused), not 3: retrying with the same certificate cannot succeed (see also
+/// [`Client::check_tls`]).
 fn tls_refusal(url: &str, cause: &str) -> Option<Failure> {
     let tls = url.starts_with("https://")
         && [
@@ -121,11 +120,35 @@ impl Client {
             tls_refusal(&url, &cause)
                 .unwrap_or_else(|| Failure::unreachable(unreachable_message(&url, &cause)))
         })?;
-        Ok(Client {
+        let mut client = Client {
             inner: ControlServiceClient::new(channel),
             url,
             timeout,
-        })
+        };
+        if client.url.starts_with("https://") {
+            client.check_tls().await?;
+        }
+        Ok(client)
+    }
+
+    /// With TLS 1.3 the client finishes its side of the handshake before the server checks
+    /// the client's certificate, so a refused certificate surfaces only as the first call
+    /// failing in transport (broken pipe, cancelled, reset), not as a gRPC status. Make that
+    /// first call here (a status read): a transport failure right after connecting is the
+    /// refused handshake (exit 1); any answer from the coordinator, even a refusal, is fine.
+    async fn check_tls(&mut self) -> Result<(), Failure> {
+        let req = self.request(pb::GetStatusRequest::default());
+        match self.inner.get_status(req).await {
+            Err(s) if std::error::Error::source(&s).is_some() => {
+                let cause = root_cause(&s);
+                Err(Failure::refused(format!(
+                    "the TLS handshake with the coordinator at {} failed or was refused ({cause}); \
+                     use --ca, --cert and --key issued by this job's CA (`coordctl certs`)",
+                    self.url
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A request with the timeout and, when this coordctl exports traces, the W3C
@@ -162,12 +185,10 @@ impl Client {
                 self.url,
                 self.timeout.as_secs_f64()
             )),
-            Code::Cancelled => tls_refusal(&self.url, &msg.to_lowercase()).unwrap_or_else(|| {
-                Failure::unreachable(format!(
-                    "{what}: the call to {} was cancelled ({msg}); retry",
-                    self.url
-                ))
-            }),
+            Code::Cancelled => Failure::unreachable(format!(
+                "{what}: the call to {} was cancelled ({msg}); retry",
+                self.url
+            )),
             Code::Unknown if std::error::Error::source(&s).is_some() => {
                 let cause = root_cause(&s);
                 tls_refusal(&self.url, &cause)

@@ -122,6 +122,11 @@ fn grpcio(target: &str, ca: &Path, pair: Option<(&Path, &Path)>, method: &str) -
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The three paths of a certificate set, as `coordctl` takes them.
+fn p(a: &[PathBuf; 3]) -> [&Path; 3] {
+    [a[0].as_path(), a[1].as_path(), a[2].as_path()]
+}
+
 struct Procs(Vec<Proc>);
 
 impl Drop for Procs {
@@ -177,7 +182,6 @@ fn mtls_roles_worker_identities_and_confined_paths() {
         &f(&other, "operator.key"),
     ]
     .map(Path::to_path_buf);
-    let p = |a: &[PathBuf; 3]| -> [&Path; 3] { [a[0].as_path(), a[1].as_path(), a[2].as_path()] };
 
     std::fs::create_dir_all(cache_dir()).unwrap();
     let ckpt = dir.join("ckpt");
@@ -384,10 +388,21 @@ fn mtls_roles_worker_identities_and_confined_paths() {
         );
     }
 
-    // The operator's certificate works; the job was never disturbed (no rollback, no new
-    // epoch, no growth, both workers still active) and keeps training.
-    let out = coordctl(&ep, &p(&operator), &["checkpoint", "save"]);
-    assert!(out.status.success(), "operator: {}", stderr_line(&out));
+    // The operator's certificate works (pause, resume); the job was never disturbed by the
+    // refusals (no rollback, no new epoch, no growth, both workers still active) and trains on.
+    let out = coordctl(&ep, &p(&operator), &["pause"]);
+    assert!(
+        out.status.success(),
+        "operator pause: {}",
+        stderr_line(&out)
+    );
+    wait("paused by the operator", &|s| s["phase"] == "paused");
+    let out = coordctl(&ep, &p(&operator), &["resume"]);
+    assert!(
+        out.status.success(),
+        "operator resume: {}",
+        stderr_line(&out)
+    );
     let s1 = wait("training on after the refusals", &|s| {
         s["step"].as_u64().unwrap() >= s0["step"].as_u64().unwrap() + 20
     });
