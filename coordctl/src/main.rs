@@ -1,8 +1,9 @@
 //! `coordctl`, the Trellis operator CLI (DESIGN §9). It never links libtorch: offline commands
 //! use `trellis-core` only, online ones speak gRPC to the coordinator's `ControlService`.
 //!
-//! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused, 2 usage or
-//! invalid local input (checked before any connection), 3 unreachable / retryable.
+//! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused (including
+//! PERMISSION_DENIED and a refused TLS handshake), 2 usage or invalid local input (checked
+//! before any connection), 3 unreachable / retryable.
 mod certs;
 mod client;
 mod output;
