@@ -126,6 +126,13 @@ impl Confinement {
                 .map(|p| ("checkpoint.init_from", p)),
         );
         for (field, p) in paths {
+            // A relative spec path often climbs out of the spec's directory (`../../corpus`):
+            // when the path exists, resolve it as the workers' open will (symlinks and `..`
+            // physically); `confine` refuses a `..` it cannot resolve.
+            let p = match p.components().any(|c| c == std::path::Component::ParentDir) {
+                true => p.canonicalize().unwrap_or(p),
+                false => p,
+            };
             self.roots.confine(&p).map_err(|e| {
                 Error::InvalidArgument(format!("job spec {field}: {e}").replace('\n', " "))
             })?;
@@ -178,6 +185,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("'..'"), "{e}");
+        // An existing path climbing out and back in is resolved; climbing out is refused.
+        std::fs::write(data.join("t2.txt"), "x").unwrap();
+        std::fs::write(out.join("t3.txt"), "x").unwrap();
+        c.check_spec(&spec("../data/t2.txt", None), &base).unwrap();
+        let e = c
+            .check_spec(&spec("../out/t3.txt", None), &base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the allowed roots"), "{e}");
         let e = c
             .check_spec(&spec("t.txt", Some("/etc/trellis")), &base)
             .unwrap_err()
