@@ -388,6 +388,34 @@ fn mtls_roles_worker_identities_and_confined_paths() {
         );
     }
 
+    // A real worker process whose certificate is "intruder" but which claims w0: refused at
+    // once, and it exits instead of retrying.
+    let out = run(
+        Command::new(bin("trellis-worker"))
+            .args([
+                "--coordinator",
+                &ep,
+                "--device",
+                "cpu",
+                "--give-up-after",
+                "30",
+            ])
+            .arg("--tls-cert")
+            .arg(f(&certs, "worker-intruder.crt"))
+            .arg("--tls-key")
+            .arg(f(&certs, "worker-intruder.key"))
+            .arg("--ca")
+            .arg(&ca)
+            .env("TRELLIS_WORKER_ID", "w0"),
+        LONG,
+    );
+    assert!(!out.status.success(), "the impostor worker ran");
+    let e = stderr_line(&out);
+    assert!(
+        e.contains("rejected") && e.contains("\"w0\"") && e.contains("\"intruder\""),
+        "{e}"
+    );
+
     // The operator's certificate works (pause, resume); the job was never disturbed by the
     // refusals (no rollback, no new epoch, no growth, both workers still active) and trains on.
     let out = coordctl(&ep, &p(&operator), &["pause"]);
