@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build test demo bench bench-growth paper-mini fmt clean-runs
+.PHONY: setup build test demo bench bench-growth paper-mini fmt clean-runs gpu-check gpu-check-stage
 
 setup:
 	@scripts/setup.sh
@@ -28,14 +28,25 @@ bench-growth: build
 	@$(ENV) && bench/growth_latency.sh
 
 # The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
-# make paper-mini CORPUS=../shared/data/corpus SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md)
-CORPUS ?= ../shared/data/corpus
+# make paper-mini CORPUS=DIR SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md);
+# DIR holds train.txt.zst and valid.txt (a corpus of a few tens of millions of tokens)
+CORPUS ?=
 SCALE ?= cpu
 SEEDS ?= 2
 ONLY ?= main
 ABL_SEEDS ?= 1
 paper-mini: build
+	@test -n "$(CORPUS)" || { echo "make paper-mini needs CORPUS=DIR (a directory with train.txt.zst and valid.txt)" >&2; exit 2; }
 	@bench/paper_mini.sh $(CORPUS) --scale $(SCALE) --seeds $(SEEDS) --only $(ONLY) --ablation-seeds $(ABL_SEEDS)
+
+# The GPU check (issue 12, docs/precision.md §GPU): run on a machine with one CUDA GPU; results in
+# runs/gpu-check/results.txt. Without a GPU it fails with one line. `make gpu-check-stage` builds
+# the binaries it needs into runs/gpu-check/bin (on the build machine).
+gpu-check:
+	@scripts/gpu-check.sh
+
+gpu-check-stage: setup
+	@scripts/gpu-check.sh --stage
 
 fmt:
 	@$(ENV) && cargo fmt --all

@@ -9,7 +9,7 @@
 FLOPs per token are those of `ModelConfig::train_flops_per_token` (core/src/config.rs):
 6 * (L * layer_params + V * h) + 6 * (2 * L * seq * h), with the depth L of the model that
 trained that step (metrics.jsonl `layers`), so G_stack's small-model steps count at small size.
-Speedup (DESIGN.md §1) = baseline tokens (FLOPs) to the target loss / run's tokens (FLOPs) - 1.
+Speedup (docs/design.md §1) = baseline tokens (FLOPs) to the target loss / run's tokens (FLOPs) - 1.
 Usage: paper_mini_analyze.py OUT
 """
 import json

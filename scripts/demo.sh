@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: the coordinator (embedded store) and 2 CPU worker processes (DP=2) train a tiny
 # LLaMA on the bundled tinyshakespeare and grow it ×4 with G_stack mid-run (deploy/jobs/demo.toml).
-# Leaves runs/demo/: checkpoints/, loss.png, summary.json, status.json and the process logs.
+# Leaves runs/demo/: checkpoints/, loss.png, summary.json, status.json, metrics.jsonl and
+# TensorBoard event files (`tensorboard --logdir runs/demo`), and the process logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/demo
@@ -22,7 +23,7 @@ mkdir -p "$OUT/data" "$OUT/checkpoints"
 
 echo "demo: starting trellis-coordinator (store file:$OUT/store, mTLS with certificates in $CERTS)"
 "$BIN/trellis-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --store "file:$OUT/store" --job deploy/jobs/demo.toml \
+  --store "file:$OUT/store" --run-dir "$OUT" --job deploy/jobs/demo.toml \
   --tls-cert "$CERTS/coordinator.crt" --tls-key "$CERTS/coordinator.key" --client-ca "$CERTS/ca.crt" \
   --allowed-root corpus --allowed-root "$OUT" >"$OUT/coordinator.log" 2>&1 &
 pids+=($!)

@@ -9,5 +9,5 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TRELLIS_CACHE/target-$(rustc --vers
 _torch_lib=$(ls -d "$TRELLIS_VENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n 1)
 export LD_LIBRARY_PATH=${_torch_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export TRELLIS_PYTHON=${TRELLIS_PYTHON:-$TRELLIS_VENV/bin/python}
-# Benchmark hygiene on these VMs (TOOLCHAIN.md): slow first-touch page faults otherwise.
+# Benchmark hygiene on these VMs (docs/design.md §10): slow first-touch page faults otherwise.
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296

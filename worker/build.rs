@@ -1,5 +1,5 @@
 //! Link libtorch so the binary starts without LD_LIBRARY_PATH and keeps `libtorch_cuda.so` on
-//! GPU machines (TOOLCHAIN.md: `--as-needed` would otherwise drop it).
+//! GPU machines (the linker's `--as-needed` would otherwise drop it; docs/precision.md §GPU).
 fn main() {
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -29,6 +29,8 @@ pub struct FakeConfig {
     pub fail_grow: bool,
     /// Fail every checkpoint commit (a deterministic failure).
     pub fail_commit: bool,
+    /// Panic on the training thread at this step (a bug in the trainer).
+    pub panic_at_step: Option<u64>,
     /// Every runner appends what it did here.
     pub events: Arc<Mutex<Vec<Event>>>,
 }
@@ -99,6 +101,9 @@ impl FakeRunner {
 
 impl Runner for FakeRunner {
     fn step(&mut self) -> Result<StepOutcome, BoxError> {
+        if self.cfg.panic_at_step == Some(self.st.step + 1) {
+            panic!("fake: a bug at step {}", self.st.step + 1);
+        }
         let t0 = Instant::now();
         let batch = self.a.spec.train.global_batch as u64;
         let mut start = self.st.cursor;

@@ -392,7 +392,7 @@ pub async fn run<F: RunnerFactory>(
             &progress,
         );
         tokio::select! {
-            r = &mut done_rx => return r.unwrap_or(Ok(())),
+            r = &mut done_rx => return r.unwrap_or_else(|_| Err(trainer_panicked())),
             r = session => match r {
                 Ok(connected) => {
                     if connected {
@@ -420,11 +420,30 @@ pub async fn run<F: RunnerFactory>(
             continue;
         }
         tokio::select! {
-            r = &mut done_rx => return r.unwrap_or(Ok(())),
-            _ = tokio::time::sleep(backoff) => {}
+            r = &mut done_rx => return r.unwrap_or_else(|_| Err(trainer_panicked())),
+            _ = tokio::time::sleep(jittered(backoff)) => {}
         }
         backoff = (backoff * 2).min(options.reconnect_max);
     }
+}
+
+/// The training thread ended without a result: it panicked (its message is on stderr above).
+/// The process must not exit 0 then.
+fn trainer_panicked() -> Error {
+    Error::Runner("the training thread panicked (see the panic message above); exiting".into())
+}
+
+/// A reconnect delay spread over `[d/2, d)`, so that workers that lost the same coordinator do
+/// not all reconnect at the same moment.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos() as u64)
+        .unwrap_or(0);
+    // A cheap per-process, per-call spread: the clock's nanoseconds mixed with the pid.
+    let x = (nanos ^ ((std::process::id() as u64) << 17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let frac = (x >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.5 + 0.5 * frac)
 }
 
 #[derive(Default)]

@@ -1,4 +1,4 @@
-//! Collective communication between Trellis ranks (DESIGN §4), behind one trait:
+//! Collective communication between Trellis ranks (docs/design.md §4), behind one trait:
 //! a TCP ring for CPU ranks (tests, CI, CPU training) and a no-op for world size 1; NCCL for
 //! CUDA device memory ([`nccl`], feature `nccl`, on by default: it loads CUDA and NCCL at run
 //! time and refuses clearly on a machine without them).

@@ -1,4 +1,4 @@
-//! NCCL for CUDA ranks (DESIGN §4), through `cudarc`, which loads `libcuda` and `libnccl` at
+//! NCCL for CUDA ranks (docs/design.md §4), through `cudarc`, which loads `libcuda` and `libnccl` at
 //! run time: this module builds everywhere and refuses, with [`Error::Unavailable`], on a
 //! machine without a CUDA driver or without NCCL (never a panic: every entry point checks
 //! `is_culib_present()` before touching either library).
@@ -16,7 +16,7 @@
 //!
 //! Library names: cudarc looks for `libnccl.so`, `libnccl.so.<major>`…; the pip package
 //! `nvidia-nccl-cu13` ships only `libnccl.so.2`, so provide a `libnccl.so` symlink on
-//! `LD_LIBRARY_PATH` (TOOLCHAIN.md).
+//! `LD_LIBRARY_PATH` (docs/design.md §10).
 use crate::{Error, Result};
 use cudarc::nccl::{result as nccl, sys};
 use std::ffi::c_void;

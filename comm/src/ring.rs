@@ -1,4 +1,4 @@
-//! A TCP ring over CPU ranks (DESIGN §4).
+//! A TCP ring over CPU ranks (docs/design.md §4).
 //!
 //! Rank `r` listens on `peers[r]`, connects to `peers[(r + 1) % world]` ("next") and accepts
 //! one connection from `(r - 1) % world` ("prev"). Data flows one way on each connection: a

@@ -1,4 +1,4 @@
-//! `coordctl`, the Trellis operator CLI (DESIGN §9). It never links libtorch: offline commands
+//! `coordctl`, the Trellis operator CLI (see the README's Commands). It never links libtorch: offline commands
 //! use `trellis-core` only, online ones speak gRPC to the coordinator's `ControlService`.
 //!
 //! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused (including
@@ -274,6 +274,9 @@ enum CheckpointCmd {
         /// Output directory: config.json, model.safetensors (+ tokenizer.json when known).
         #[arg(long, value_name = "OUT_DIR", required = true)]
         hf: PathBuf,
+        /// Weights dtype: fp32 (exact) or bf16 (rounded to nearest; checkpoints stay fp32).
+        #[arg(long, default_value = "fp32", value_parser = parse_dtype)]
+        dtype: trellis_core::offline::ExportDtype,
         /// A committed checkpoint directory (`…/step-N`).
         in_dir: PathBuf,
     },
@@ -319,6 +322,10 @@ fn parse_factor(s: &str) -> Result<usize, String> {
 
 fn parse_operator(s: &str) -> Result<Operator, String> {
     Operator::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<trellis_core::offline::ExportDtype, String> {
+    trellis_core::offline::ExportDtype::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_optimizer(s: &str) -> Result<OptimizerPolicy, String> {
@@ -466,8 +473,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             in_dir,
             out_dir,
         }) => return offline_grow(format, op, *seed, in_dir, out_dir),
-        Command::Checkpoint(CheckpointCmd::Export { hf, in_dir }) => {
-            return export(format, hf, in_dir)
+        Command::Checkpoint(CheckpointCmd::Export { hf, in_dir, dtype }) => {
+            return export(format, hf, in_dir, *dtype)
         }
         Command::Certs(c) => return certs::run(format, c),
         _ => {}
@@ -909,9 +916,14 @@ fn offline_grow(
     render(format, &v, output::offline_grow_table)
 }
 
-fn export(format: Format, hf: &Path, input: &Path) -> anyhow::Result<()> {
+fn export(
+    format: Format,
+    hf: &Path,
+    input: &Path,
+    dtype: trellis_core::offline::ExportDtype,
+) -> anyhow::Result<()> {
     existing_dir(input, "IN_DIR")?;
-    trellis_core::offline::export_hf(input, hf)?;
+    trellis_core::offline::export_hf_as(input, hf, dtype)?;
     let state = trainer_state(input)?;
     let v = output::ExportView {
         input: input.display().to_string(),

@@ -698,6 +698,44 @@ fn export_hf_writes_config_weights_and_tokenizer() {
     assert_eq!(v["layers"], 2);
     assert_eq!(v["parameters"], tiny_config().num_parameters());
     assert_eq!(v["files"].as_array().unwrap().len(), 3);
+
+    // --dtype bf16: half the weight bytes, torch_dtype bfloat16; an unknown dtype is exit 2.
+    let hf3 = tmp.path().join("hf3");
+    let r = coordctl(&[
+        "checkpoint",
+        "export",
+        "--dtype",
+        "bf16",
+        "--hf",
+        hf3.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hf3.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&hf3) * 2 < size(&hf2) + 4096,
+        "{} vs {}",
+        size(&hf3),
+        size(&hf2)
+    );
+    let r = coordctl(&[
+        "checkpoint",
+        "export",
+        "--dtype",
+        "fp8",
+        "--hf",
+        tmp.path().join("hf4").to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("fp32 or bf16"), "{}", r.stderr);
 }
 
 #[test]

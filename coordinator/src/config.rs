@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub log_format: String,
     /// Where checkpoints go when the job spec has no `checkpoint.dir`; default: `<spec dir>/checkpoints`.
     pub checkpoint_root: Option<PathBuf>,
+    /// Where the job's `metrics.jsonl` and TensorBoard event files go; default: the job's
+    /// checkpoint directory `<checkpoint root>/<job>`.
+    pub run_dir: Option<PathBuf>,
     /// Leader election (etcd stores): the leader's lease TTL. A standby coordinator takes over
     /// about this long after the leader dies.
     pub leader_ttl_secs: u64,
@@ -68,6 +71,7 @@ impl Default for CoordinatorConfig {
             tick_ms: 500,
             log_format: "text".into(),
             checkpoint_root: None,
+            run_dir: None,
             leader_ttl_secs: 5,
             tls_cert: None,
             tls_key: None,

@@ -21,6 +21,7 @@ pub mod security;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tracking;
 pub mod txn;
 pub mod views;
 pub mod wire;

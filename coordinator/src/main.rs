@@ -62,6 +62,9 @@ struct Cli {
     /// checkpoint_root). Required with TLS.
     #[arg(long = "allowed-root", value_name = "DIR")]
     allowed_roots: Vec<PathBuf>,
+    /// Where metrics.jsonl and TensorBoard event files go (default: the job's checkpoint dir).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -122,6 +125,9 @@ fn run() -> anyhow::Result<()> {
     }
     cfg.insecure |= cli.insecure;
     cfg.allowed_roots.extend(cli.allowed_roots);
+    if let Some(v) = cli.run_dir {
+        cfg.run_dir = Some(v);
+    }
     // Logs (text/JSON) + OTLP span export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
     // flushes the exporter when `run` returns.
     let _telemetry = trellis_telemetry::init("trellis-coordinator", &cfg.log_format)?;

@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §8). Names are stable and documented in `docs/metrics.md`; no step
+//! Prometheus metrics (docs/design.md §8). Names are stable and documented in `docs/metrics.md`; no step
 //! numbers in labels.
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

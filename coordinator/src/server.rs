@@ -87,6 +87,7 @@ pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
             ..WatcherConfig::default()
         },
         checkpoint_root: cfg.checkpoint_root.clone(),
+        run_dir: cfg.run_dir.clone(),
     }
 }
 
@@ -195,10 +196,17 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     reporter
         .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerSvc>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: `grpc.reflection.v1` and the `v1alpha` older clients ask for.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let (stx, srx) = tokio::sync::oneshot::channel::<()>();
     let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(
@@ -222,6 +230,7 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
                 .trace_fn(request_span)
                 .add_service(health)
                 .add_service(reflection)
+                .add_service(reflection_alpha)
                 .add_service(control)
                 .add_service(workers)
                 .serve_with_incoming_shutdown(incoming, async {

@@ -398,3 +398,131 @@ async fn a_plateau_stage_grows_when_the_loss_flattens() {
     a1.abort();
     running.stop().await;
 }
+
+/// gRPC reflection answers in both versions: `grpc.reflection.v1` and the `v1alpha` that older
+/// clients (grpcurl before 1.8, many IDE plugins) ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let ep = format!("http://{}", co.grpc_addr);
+
+    let channel = tonic::transport::Endpoint::from_shared(ep)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        resp.message_response
+    else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"trellis.v1.ControlService".to_string()),
+        "{names:?}"
+    );
+
+    let mut v1c = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = v1c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert!(
+        format!("{resp:?}").contains("trellis.v1.WorkerService"),
+        "{resp:?}"
+    );
+    co.stop().await;
+}
+
+/// Oversized specs are refused at submit with one line naming the field and the limit, and
+/// the coordinator goes on serving (issue 10: no abort, no lock held for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_specs_are_refused_at_submit_and_the_coordinator_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    for (field, text) in [
+        (
+            "model.intermediate_size",
+            spec("big", 1, 10, 0, "").replace(
+                "num_hidden_layers = 2",
+                "num_hidden_layers = 2\nintermediate_size = 10000000000000",
+            ),
+        ),
+        (
+            "parallel.dp",
+            spec("wide", 1, 10, 0, "").replace("dp = 1", "dp = 30000000000"),
+        ),
+    ] {
+        let t0 = std::time::Instant::now();
+        let e = c
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: "/tmp".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains("limit"),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains('\n'), "{}", e.message());
+        assert!(t0.elapsed() < Duration::from_secs(5), "refused at once");
+    }
+    // Still serving, still without a job.
+    let e = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    submit(&mut c, &spec("fine", 1, 10, 0, "")).await;
+    co.stop().await;
+}
+
+/// A panic on a worker's training thread ends the worker with an error, not a clean exit
+/// (issue 10: it exited with status 0 and looked like a finished worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_training_thread_ends_the_agent_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("panic", 1, 50, 0, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let cfg = FakeConfig {
+        panic_at_step: Some(3),
+        ..fake(5)
+    };
+    let a = spawn_agent(ep, cfg);
+    let r = tokio::time::timeout(Duration::from_secs(30), a)
+        .await
+        .expect("the agent ends")
+        .expect("the task itself did not panic");
+    let e = r.expect_err("a panicked trainer is an error");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    co.stop().await;
+}

@@ -1,4 +1,4 @@
-//! The checkpoint format (DESIGN §5).
+//! The checkpoint format (docs/design.md §5).
 //!
 //! ```text
 //! <root>/<job>/step-<N>/
@@ -216,7 +216,7 @@ pub struct TrainerState {
     pub generation: u64,
     pub model: ModelConfig,
     pub layout: Layout,
-    /// Global sample index of the next training sample (DESIGN §6).
+    /// Global sample index of the next training sample (docs/design.md §6).
     pub data_cursor: u64,
     pub seed: u64,
     pub schedule: ScheduleState,
@@ -389,6 +389,65 @@ pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Write `tensors` as one plain safetensors file (F32, header metadata `{"format": "pt"}`, which
 /// Python `safetensors` and `transformers` accept), fsync it and return its size and sha256.
 /// The entry's `path` is the file name.
+/// An f32 rounded to bfloat16 (round to nearest, ties to even; NaN stays a quiet NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+struct Bf16View<'a> {
+    shape: &'a [usize],
+    data: Vec<u8>,
+}
+
+impl safetensors::View for Bf16View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// [`write_safetensors`] with every tensor rounded to bfloat16 (for exports; checkpoints keep
+/// fp32).
+pub fn write_safetensors_bf16(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        t.check(name)?;
+    }
+    let views = tensors.iter().map(|(name, t)| {
+        let data = t
+            .data
+            .iter()
+            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+            .collect();
+        (
+            name.to_string(),
+            Bf16View {
+                shape: &t.shape,
+                data,
+            },
+        )
+    });
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views, metadata, path)
+        .map_err(|e| ck_err(path, format!("cannot write safetensors file: {e}")))?;
+    fsync_path(path)
+}
+
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result<FileEntry> {
     for (name, t) in tensors {
         t.check(name)?;

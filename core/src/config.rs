@@ -151,6 +151,46 @@ impl ModelConfig {
     /// Check the shape constraints every executor relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
+        for (field, value, limit) in [
+            ("model.vocab_size", self.vocab_size, limits::VOCAB),
+            ("model.hidden_size", self.hidden_size, limits::HIDDEN),
+            (
+                "model.intermediate_size",
+                self.intermediate_size,
+                limits::FFN,
+            ),
+            (
+                "model.num_hidden_layers",
+                self.num_hidden_layers,
+                limits::LAYERS,
+            ),
+            (
+                "model.num_attention_heads",
+                self.num_attention_heads,
+                limits::HEADS,
+            ),
+            (
+                "model.num_key_value_heads",
+                self.num_key_value_heads,
+                limits::HEADS,
+            ),
+            (
+                "model.max_position_embeddings",
+                self.max_position_embeddings,
+                limits::SEQ_LEN,
+            ),
+        ] {
+            limits::check(field, value as u64, limit as u64)?;
+        }
+        if self
+            .checked_parameters()
+            .is_none_or(|p| p > limits::PARAMETERS)
+        {
+            return bad(format!(
+                "the model has more than {:.0e} parameters (the limit); check hidden_size, intermediate_size, num_hidden_layers and vocab_size",
+                limits::PARAMETERS as f64
+            ));
+        }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return bad("vocab_size, hidden_size and intermediate_size must be positive".into());
         }
@@ -186,6 +226,23 @@ impl ModelConfig {
         let f = self.intermediate_size as u64;
         // q, o: h*h ; k, v: h*kv ; gate, up, down: 3*h*f ; two norms: 2h
         2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    }
+
+    /// [`Self::num_parameters`] with checked arithmetic: `None` when it overflows `u64`.
+    pub fn checked_parameters(&self) -> Option<u64> {
+        let h = self.hidden_size as u64;
+        let kv = self.kv_dim() as u64;
+        let f = self.intermediate_size as u64;
+        let v = self.vocab_size as u64;
+        let layer = (2 * h)
+            .checked_mul(h)?
+            .checked_add((2 * h).checked_mul(kv)?)?
+            .checked_add((3 * h).checked_mul(f)?)?
+            .checked_add(2 * h)?;
+        (2 * v)
+            .checked_mul(h)?
+            .checked_add(h)?
+            .checked_add((self.num_hidden_layers as u64).checked_mul(layer)?)
     }
 
     /// All parameters: embeddings + layers + final norm + untied head.
@@ -270,6 +327,20 @@ impl ModelConfig {
     }
 }
 
+/// `[train] precision`: the arithmetic of training (docs/precision.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 compute; fp32 master weights, Adam moments, loss and norm statistics.
+    Bf16,
+    /// bf16 on CUDA and on CPUs with native bf16 arithmetic, fp32 otherwise (the worker decides
+    /// and logs its choice).
+    #[default]
+    Auto,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +371,37 @@ mod tests {
             e.contains("unknown model preset 'huge'") && e.contains("tiny"),
             "{e}"
         );
+    }
+}
+
+/// Upper bounds on every size a job spec can state: far above any real model, low enough that
+/// sizes multiply without overflow and a typo is refused at submit instead of aborting workers
+/// on an impossible allocation.
+pub mod limits {
+    use crate::{Error, Result};
+
+    pub const VOCAB: usize = 1 << 22;
+    pub const HIDDEN: usize = 1 << 16;
+    pub const FFN: usize = 1 << 18;
+    pub const LAYERS: usize = crate::growth::MAX_LAYERS;
+    pub const HEADS: usize = 1 << 10;
+    pub const SEQ_LEN: usize = 1 << 20;
+    /// Sequences in one global batch.
+    pub const GLOBAL_BATCH: usize = 1 << 24;
+    /// Ranks in one job (`dp × tp`).
+    pub const WORLD: usize = 1 << 16;
+    /// Optimizer steps of one run.
+    pub const STEPS: u64 = 1 << 40;
+    /// Parameters of one model (10 T).
+    pub const PARAMETERS: u64 = 10_000_000_000_000;
+
+    /// `field` = `value` must not exceed `limit`: one line naming both.
+    pub fn check(field: &str, value: u64, limit: u64) -> Result<()> {
+        if value > limit {
+            return Err(Error::InvalidConfig(format!(
+                "{field} = {value} is above the limit of {limit}; check the job spec"
+            )));
+        }
+        Ok(())
     }
 }

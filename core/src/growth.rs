@@ -1,4 +1,4 @@
-//! Growth operators as one pure plan generator (DESIGN §1).
+//! Growth operators as one pure plan generator (docs/design.md §1).
 //!
 //! An operator maps (model config, factor, options) to a [`GrowthPlan`]: for every target tensor,
 //! where its values come from. The worker applies a plan to its in-memory tensors (online growth)
@@ -161,7 +161,7 @@ impl GrowthPlan {
 }
 
 /// The standard deviation of a freshly initialised parameter `name` of a model with config `cfg`
-/// (DESIGN §1, TinyLlama / GPT-NeoX "small init"):
+/// (docs/design.md §1, TinyLlama / GPT-NeoX "small init"):
 ///
 /// * linear and embedding weights: `N(0, sqrt(2 / (5 · fan_in)))`, `fan_in` = the input width
 ///   (the hidden size for the embedding, every projection but `down_proj`, and `lm_head`);

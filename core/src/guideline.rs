@@ -1,4 +1,4 @@
-//! The paper's growth-timing guideline (DESIGN §1):
+//! The paper's growth-timing guideline (docs/design.md §1):
 //! `log10(d) = 0.88·log10(N) + 163.27 / log10(C) − 5.74`, `C = 6·N·D`.
 //! Fitted on 410M–7B targets at ~1e20–1e22 FLOPs: outside that it is refused, with a stated
 //! fallback rule, never extrapolated silently.

@@ -138,6 +138,11 @@ impl DataSection {
     /// Checks of the `[data]` section alone.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
+        crate::config::limits::check(
+            "data.seq_len",
+            self.seq_len as u64,
+            crate::config::limits::SEQ_LEN as u64,
+        )?;
         if self.seq_len < 2 {
             return bad("data.seq_len must be at least 2".into());
         }
@@ -231,6 +236,12 @@ pub struct TrainSection {
     /// `cpu` or `cuda[:N]`.
     #[serde(default = "d_device")]
     pub device: String,
+    /// `fp32`, `bf16` or `auto` (default; docs/precision.md).
+    #[serde(default)]
+    pub precision: crate::config::PrecisionChoice,
+    /// Recompute each block's activations in backward instead of keeping them.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -460,6 +471,30 @@ impl JobSpec {
             ));
         }
         self.data.validate()?;
+        use crate::config::limits;
+        limits::check("parallel.dp", self.parallel.dp as u64, limits::WORLD as u64)?;
+        limits::check("parallel.tp", self.parallel.tp as u64, limits::WORLD as u64)?;
+        limits::check(
+            "parallel.dp × parallel.tp",
+            (self.parallel.dp as u64).saturating_mul(self.parallel.tp as u64),
+            limits::WORLD as u64,
+        )?;
+        limits::check(
+            "train.global_batch",
+            self.train.global_batch as u64,
+            limits::GLOBAL_BATCH as u64,
+        )?;
+        limits::check("train.max_steps", self.train.max_steps, limits::STEPS)?;
+        // Every token count of the run fits a u64 with room to spare.
+        let tokens = (self.train.global_batch as u64)
+            .checked_mul(self.data.seq_len as u64)
+            .and_then(|t| t.checked_mul(self.train.max_steps));
+        if tokens.is_none_or(|t| t > 1 << 62) {
+            return bad(format!(
+                "train.max_steps × train.global_batch × data.seq_len ({} × {} × {}) is above the limit of 2^62 tokens; check the job spec",
+                self.train.max_steps, self.train.global_batch, self.data.seq_len
+            ));
+        }
         let dp = self.parallel.dp;
         if dp == 0 || self.parallel.tp == 0 {
             return bad("parallel.dp and parallel.tp must be at least 1".into());

@@ -1,5 +1,5 @@
 //! The layout planner: choose TP × DP from model config, world size and per-rank memory
-//! (DESIGN §4), and explain the choice.
+//! (docs/design.md §4), and explain the choice.
 use crate::config::ModelConfig;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -335,6 +335,37 @@ pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
 /// `model.safetensors` (full, unsharded tensors with HF names, F32) and `tokenizer.json` if the
 /// checkpoint has one. Optimizer moments are not exported.
 pub fn export_hf(in_dir: &Path, out_dir: &Path) -> Result<()> {
+    export_hf_as(in_dir, out_dir, ExportDtype::F32)
+}
+
+/// The dtype of an export's weights (checkpoints always hold fp32 masters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    /// Rounded to nearest (ties to even): half the size, what most Llama checkpoints ship as.
+    Bf16,
+}
+
+impl ExportDtype {
+    pub fn parse(s: &str) -> Result<ExportDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(ExportDtype::F32),
+            "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
+            other => Err(Error::InvalidConfig(format!(
+                "export dtype '{other}' is unknown; use fp32 or bf16"
+            ))),
+        }
+    }
+    fn torch_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// [`export_hf`] with the weights in `dtype`.
+pub fn export_hf_as(in_dir: &Path, out_dir: &Path, dtype: ExportDtype) -> Result<()> {
     let ck = Checkpoint::open(in_dir)?;
     if same_dir(in_dir, out_dir) {
         return Err(Error::Checkpoint {
@@ -352,9 +383,16 @@ pub fn export_hf(in_dir: &Path, out_dir: &Path) -> Result<()> {
     }
     let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let st_tmp = out_dir.join(".model.safetensors.tmp");
-    checkpoint::write_safetensors(&st_tmp, &refs)?;
+    match dtype {
+        ExportDtype::F32 => {
+            checkpoint::write_safetensors(&st_tmp, &refs)?;
+        }
+        ExportDtype::Bf16 => checkpoint::write_safetensors_bf16(&st_tmp, &refs)?,
+    }
     rename(&st_tmp, &out_dir.join("model.safetensors"))?;
-    let json = serde_json::to_vec_pretty(&hf_config(&ck.state.model))
+    let mut config = hf_config(&ck.state.model);
+    config["torch_dtype"] = serde_json::Value::from(dtype.torch_name());
+    let json = serde_json::to_vec_pretty(&config)
         .map_err(|e| Error::InvalidConfig(format!("cannot serialise config.json: {e}")))?;
     let cfg_tmp = out_dir.join(".config.json.tmp");
     checkpoint::write_file_synced(&cfg_tmp, &json)?;

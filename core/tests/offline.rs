@@ -5,7 +5,7 @@ use trellis_core::checkpoint::{moment_names, Checkpoint, HostTensor, ShardKind};
 use trellis_core::config::{names, ModelConfig};
 use trellis_core::growth::{GrowthSpec, Operator, OptimizerPolicy};
 use trellis_core::offline::{
-    export_hf, grow_checkpoint, grow_checkpoint_with, ResetSchedule, SplitMix64,
+    export_hf, export_hf_as, grow_checkpoint, grow_checkpoint_with, ResetSchedule, SplitMix64,
 };
 
 fn gqa(layers: usize) -> ModelConfig {
@@ -373,6 +373,80 @@ fn transformers_loads_the_export() {
          assert out.shape == (1, 3, 40) and torch.isfinite(out).all()\n\
          print('ok')",
         out.display()
+    );
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `--dtype bf16`: the weights rounded to nearest bfloat16, `torch_dtype` says so, and
+/// transformers loads them as bf16, equal to PyTorch's own rounding of the fp32 export.
+#[test]
+fn a_bf16_export_rounds_to_nearest_and_transformers_loads_it() {
+    use trellis_core::checkpoint::f32_to_bf16;
+    use trellis_core::offline::ExportDtype;
+    // Rounding: exact values stay, ties go to even, NaN stays NaN.
+    assert_eq!(f32_to_bf16(1.0), 0x3f80);
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80); // tie, even stays
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82); // tie, odd rounds up
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+    assert_eq!(f32_to_bf16(f32::NAN) & 0x7fc0, 0x7fc0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = gqa(2);
+    let src_dir = input(dir.path(), &cfg, 1, false);
+    let (f32_out, bf16_out) = (dir.path().join("hf32"), dir.path().join("hf16"));
+    export_hf(&src_dir, &f32_out).unwrap();
+    export_hf_as(&src_dir, &bf16_out, ExportDtype::Bf16).unwrap();
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bf16_out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(conf["torch_dtype"], "bfloat16");
+    let bytes = std::fs::read(bf16_out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let src = Checkpoint::open(&src_dir).unwrap();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+        let want: Vec<u8> = src
+            .read_full(&name)
+            .unwrap()
+            .data
+            .iter()
+            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+            .collect();
+        assert_eq!(view.data(), &want[..], "{name}");
+    }
+    assert!(
+        std::fs::metadata(bf16_out.join("model.safetensors"))
+            .unwrap()
+            .len()
+            * 2
+            < std::fs::metadata(f32_out.join("model.safetensors"))
+                .unwrap()
+                .len()
+                + 4096
+    );
+    let script = format!(
+        "import torch, transformers\n\
+         a = transformers.LlamaForCausalLM.from_pretrained('{0}', dtype=torch.float32)\n\
+         b = transformers.LlamaForCausalLM.from_pretrained('{1}')\n\
+         assert next(b.parameters()).dtype == torch.bfloat16, next(b.parameters()).dtype\n\
+         sa, sb = a.state_dict(), b.state_dict()\n\
+         assert set(sa) == set(sb)\n\
+         bad = [k for k in sa if not torch.equal(sa[k].to(torch.bfloat16), sb[k])]\n\
+         assert not bad, bad\n\
+         out = b(torch.tensor([[1, 2, 3, 4]])).logits\n\
+         assert torch.isfinite(out.float()).all()\n\
+         print('ok')",
+        f32_out.display(),
+        bf16_out.display()
     );
     let o = std::process::Command::new(python())
         .arg("-c")

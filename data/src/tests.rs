@@ -639,13 +639,14 @@ print(json.dumps(out))
 
 /// The main corpus end to end (ignored: minutes in debug builds). Run with
 /// `cargo test -p trellis-data --release -- --ignored --nocapture gutenberg`;
-/// `TRELLIS_CORPUS_DIR` overrides `../shared/data/corpus`.
+/// `TRELLIS_CORPUS_DIR` names the corpus directory (train.txt.zst, valid.txt).
 #[test]
 #[ignore]
 fn gutenberg_prepare_speed() {
-    let dir = std::env::var_os("TRELLIS_CORPUS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/data/corpus"));
+    let dir = PathBuf::from(
+        std::env::var_os("TRELLIS_CORPUS_DIR")
+            .expect("set TRELLIS_CORPUS_DIR to a directory with train.txt.zst and valid.txt"),
+    );
     let vocab = std::env::var("TRELLIS_VOCAB")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -1,4 +1,4 @@
-//! The one place store keys are built (DESIGN §7). Layout, version 1:
+//! The one place store keys are built (docs/design.md §7). Layout, version 1:
 //!
 //! ```text
 //! /trellis/v1/jobs/<job>/spec

@@ -1,4 +1,4 @@
-//! Coordinator state (DESIGN §7): the [`StateStore`] trait, an embedded single-node store
+//! Coordinator state (docs/design.md §7): the [`StateStore`] trait, an embedded single-node store
 //! persisted to a local directory ([`EmbeddedStore`], `--store file:DIR`) and etcd v3
 //! ([`EtcdStore`], `--store etcd:URL[,URL…]`). Keys are built only in [`keys`].
 //!

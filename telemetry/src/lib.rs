@@ -40,7 +40,7 @@ pub use tracker::Tracker;
 
 pub mod tracker;
 
-/// The fixed field names of spans and log events (DESIGN.md §8).
+/// The fixed field names of spans and log events (docs/design.md §8).
 pub mod fields {
     pub const JOB_ID: &str = "job_id";
     pub const WORKER_ID: &str = "worker_id";

@@ -57,6 +57,8 @@ seq_len = 32
 cache_dir = "{cache}"
 
 [train]
+# fp32: these tests compare losses across layouts and paths to 1e-4 and exactly.
+precision = "fp32"
 global_batch = {GB}
 max_steps = {max_steps}
 lr = 2e-3
@@ -527,6 +529,48 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
     }
     eprintln!(
         "DP=2 vs one worker, steps 1-5: max relative loss difference {worst:.2e} (tolerance 1e-4)"
+    );
+
+    // The coordinator tracked the managed run in the job's directory: metrics.jsonl and
+    // TensorBoard event files, read back by TensorBoard's own reader, the growth included.
+    let run_dir = cl.path("ckpt").join("grow");
+    let lines: Vec<Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .expect("the coordinator writes metrics.jsonl for a managed job")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect();
+    let train_steps: Vec<u64> = lines
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| u(&v["step"]))
+        .collect();
+    assert_eq!(train_steps, (1..=max_steps).collect::<Vec<_>>());
+    let growth: Vec<&Value> = lines.iter().filter(|v| v["kind"] == "growth").collect();
+    assert_eq!(growth.len(), 1, "{growth:?}");
+    assert_eq!((u(&growth[0]["step"]), u(&growth[0]["to_layers"])), (at, 8));
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+    let python = std::env::var("TRELLIS_PYTHON").expect("TRELLIS_PYTHON (scripts/env.sh)");
+    let tb = run(
+        Command::new(python).arg("-c").arg(script).arg(&run_dir),
+        Duration::from_secs(120),
+    );
+    assert!(tb.status.success(), "tensorboard: {}", stderr_line(&tb));
+    let tb: Value = serde_json::from_slice(&tb.stdout).unwrap();
+    assert_eq!(
+        tb["train/loss"].as_array().unwrap().len() as u64,
+        max_steps,
+        "{tb}"
+    );
+    assert_eq!(
+        tb["growth/to_layers"][0],
+        serde_json::json!([at, 8.0]),
+        "{tb}"
     );
 
     // The growth is one trace: coordinator `grow` and its phases, and every rank's spans.

@@ -8,7 +8,7 @@ pub enum Error {
     /// A step produced a NaN / infinite loss (the report says which batch). The trainer has
     /// advanced past the batch; its weights may be corrupt, so restore a checkpoint.
     #[error("training loss became {} at step {}; lower the learning rate or resume from an earlier checkpoint", .0.loss, .0.step)]
-    NonFiniteLoss(Box<crate::trainer::StepReport>),
+    NonFiniteLoss(Box<crate::report::StepReport>),
     #[error(transparent)]
     Core(#[from] trellis_core::Error),
     #[error("data: {0}")]

@@ -1,4 +1,4 @@
-//! The online executor of a [`GrowthPlan`] (DESIGN §1, §3 "stack").
+//! The online executor of a [`GrowthPlan`] (docs/design.md §Growth transaction).
 //!
 //! The plan (built and validated by `trellis_core::growth::plan`, the same generator the offline
 //! `coordctl checkpoint grow` uses) says, for every target tensor, where its values come from.

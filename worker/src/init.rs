@@ -1,11 +1,12 @@
-//! Deterministic parameter initialisation (DESIGN §1), independent of libtorch's global RNG.
+//! Deterministic parameter initialisation (docs/design.md §Conventions), independent of
+//! libtorch's global RNG.
 //!
 //! Stds come from `trellis_core::growth::init_std`, values from
 //! `trellis_core::offline::normal_tensor` (splitmix64 + Box–Muller, one stream per tensor name),
 //! the same generator the offline `coordctl checkpoint grow` uses. So every DP rank builds
 //! identical weights, the result depends neither on creation order nor on other threads using
 //! libtorch's generator, and a resumed job re-creates a growth's fresh tensors bit for bit.
-use crate::trainer::from_host;
+use crate::host::from_host;
 use tch::{Device, Kind, Tensor};
 use trellis_core::config::ModelConfig;
 use trellis_core::growth::init_std;

@@ -6,15 +6,18 @@
 pub mod error;
 pub mod eval;
 pub mod grow;
+pub mod host;
 pub mod init;
 pub mod managed;
 pub mod model;
 pub mod optim;
 pub mod parallel;
+pub mod report;
 pub mod schedule;
 pub mod standalone;
 pub mod trainer;
 
 pub use error::{Error, Result};
 pub use grow::GrowthTimings;
+pub use host::{from_host, to_host};
 pub use trainer::{PostGrowthSchedule, StepReport, Trainer};

@@ -3,7 +3,8 @@
 //! ```text
 //! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
 //! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
-//! trellis-worker bench --job JOB.toml [--steps N] [--warmup N]
+//! trellis-worker bench --job JOB.toml [--steps N] [--warmup N] [--precision fp32|bf16|auto]
+//!                      [--activation-checkpointing true|false]
 //! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
 //! trellis-worker --coordinator https://… --tls-cert F --tls-key F --ca F   (mTLS)
 //! ```
@@ -94,6 +95,12 @@ enum Cmd {
         warmup: u64,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override `[train] precision` (fp32, bf16, auto).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Override `[train] activation_checkpointing` (true, false).
+        #[arg(long)]
+        activation_checkpointing: Option<bool>,
     },
 }
 
@@ -168,7 +175,7 @@ fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()>
     let summary = standalone::run_job(&spec, &out, &RunOptions { stop_at }, &mut observer)?;
     bar.finish_and_clear();
     eprintln!(
-        "done: {} steps, {} tokens, train loss {}, val loss {}, {} -> {} layers, {:.1}s; see {}",
+        "done: {} steps, {} tokens, train loss {}, val loss {}, {} -> {} layers, {}, {:.1}s; see {}",
         summary.steps,
         summary.tokens,
         summary
@@ -181,6 +188,13 @@ fn train(job: PathBuf, out: Option<PathBuf>, stop_at: Option<u64>) -> Result<()>
             .unwrap_or("-".into()),
         summary.layers_before,
         summary.layers_after,
+        parse_device(&spec.train.device).map_or_else(
+            |_| "precision ?".to_string(),
+            |d| {
+                let (p, why) = trellis_worker::model::Precision::resolve(spec.train.precision, d);
+                format!("{} ({why})", p.name())
+            }
+        ),
         summary.wall_seconds,
         out.join("summary.json").display()
     );
@@ -242,8 +256,24 @@ fn eval(
     Ok(())
 }
 
-fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<()> {
-    let spec = load_spec(&job)?;
+fn bench(
+    job: PathBuf,
+    steps: u64,
+    warmup: u64,
+    out: Option<PathBuf>,
+    precision: Option<String>,
+    activation_checkpointing: Option<bool>,
+) -> Result<()> {
+    let mut spec = load_spec(&job)?;
+    if let Some(p) = precision {
+        spec.train.precision = serde_json::from_value(serde_json::Value::String(p.clone()))
+            .map_err(|_| {
+                trellis_worker::Error::Invalid(format!("--precision {p}: use fp32, bf16 or auto"))
+            })?;
+    }
+    if let Some(a) = activation_checkpointing {
+        spec.train.activation_checkpointing = a;
+    }
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-bench", spec.job.name)));
     let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(trellis_comm::Solo))?;
     for _ in 0..warmup {
@@ -253,15 +283,18 @@ fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<
     let mut tokens = 0u64;
     let mut last = 0.0;
     let mut step_secs = Vec::new();
+    let mut cpu_secs = Vec::new();
     for _ in 0..steps {
-        let s0 = std::time::Instant::now();
+        let (s0, c0) = (std::time::Instant::now(), cpu_seconds());
         let r = t.step()?;
         step_secs.push(s0.elapsed().as_secs_f64());
+        cpu_secs.push(cpu_seconds() - c0);
         tokens += (spec.train.global_batch * spec.data.seq_len) as u64;
         last = r.loss;
     }
     let secs = start.elapsed().as_secs_f64();
     step_secs.sort_by(f64::total_cmp);
+    cpu_secs.sort_by(f64::total_cmp);
     let median = step_secs
         .get(step_secs.len() / 2)
         .copied()
@@ -276,13 +309,57 @@ fn bench(job: PathBuf, steps: u64, warmup: u64, out: Option<PathBuf>) -> Result<
             "tokens_per_second": tokens as f64 / secs,
             "median_step_seconds": median,
             "median_step_tokens_per_second": (spec.train.global_batch * spec.data.seq_len) as f64 / median,
+            "median_step_cpu_seconds": cpu_secs.get(cpu_secs.len() / 2).copied().unwrap_or(f64::NAN),
             "final_loss": last,
             "threads": tch::get_num_threads(),
+            "precision": t.precision().name(),
+            "activation_checkpointing": spec.train.activation_checkpointing,
+            "peak_rss_mib": peak_rss_mib(),
+            "flops_per_token": flops_per_token(t.config(), spec.data.seq_len),
             "params": t.model().num_parameters(),
             "vocab": t.config().vocab_size,
         })
     );
     Ok(())
+}
+
+/// Training FLOPs per token (forward + backward) of `cfg` at sequence length `seq`: `6·N` for the
+/// matmul parameters N (all but the embedding lookup) plus `12·L·s·h` for attention scores and
+/// values (the PaLM paper's count, not halved for the causal mask).
+fn flops_per_token(cfg: &trellis_core::config::ModelConfig, seq: usize) -> f64 {
+    let n = cfg.num_parameters() - (cfg.vocab_size * cfg.hidden_size) as u64;
+    6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * seq * cfg.hidden_size) as f64
+}
+
+/// CPU time (user + system, all threads) this process has used, in seconds (/proc/self/stat;
+/// 0 where unreadable): on a shared machine less sensitive to other processes than wall time.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime, in clock ticks of USER_HZ = 100 on Linux.
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// This process's peak resident set size (`VmHWM` of /proc/self/status) in MiB; 0 where
+/// unreadable.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Exit code of an error chain: 2 for bad input, 1 otherwise.
@@ -335,7 +412,24 @@ fn main() -> ExitCode {
         (Some(Cmd::Eval { checkpoint, text, job, seq_len, device, output }), _) => {
             eval(checkpoint, text, job, seq_len, device, output)
         }
-        (Some(Cmd::Bench { job, steps, warmup, out }), _) => bench(job, steps, warmup, out),
+        (
+            Some(Cmd::Bench {
+                job,
+                steps,
+                warmup,
+                out,
+                precision,
+                activation_checkpointing,
+            }),
+            _,
+        ) => bench(
+            job,
+            steps,
+            warmup,
+            out,
+            precision,
+            activation_checkpointing,
+        ),
         (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after, &cli.tls),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"

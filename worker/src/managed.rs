@@ -80,7 +80,7 @@ impl ManagedRunner {
             tp: groups.tp,
         };
         // Any layout restores any checkpoint: each rank reads only its own slices (the
-        // checkpoint reshard path, DESIGN §5).
+        // checkpoint reshard path, docs/design.md §Checkpoint format).
         let mut trainer = match &a.restore_from {
             Some(dir) => Trainer::restored(&a.spec, &a.job_root, dp_rank, a.dp, groups, dir)?,
             None => Trainer::with_groups(&a.spec, &a.job_root, dp_rank, a.dp, groups)?,
@@ -127,10 +127,6 @@ impl Runner for ManagedRunner {
                 .and_then(|mut f| writeln!(f, "{line}"))
                 .map_err(|e| format!("TRELLIS_SAMPLE_LOG {}: {e}", path.display()))?;
         }
-        let gb = self.trainer.spec().train.global_batch as u64;
-        // The global sample range of the step: this rank read block `dp_rank` of it.
-        let per_rank = r.samples.end - r.samples.start;
-        let start = r.samples.start - self.trainer.dp_rank() as u64 * per_rank;
         Ok(StepOutcome {
             step: r.step,
             tokens: r.tokens,
@@ -141,8 +137,8 @@ impl Runner for ManagedRunner {
             compute_seconds: r.compute_seconds,
             comm_seconds: r.comm_seconds,
             data_seconds: r.data_seconds,
-            sample_start: start,
-            sample_end: start + gb,
+            sample_start: r.step_samples.start,
+            sample_end: r.step_samples.end,
         })
     }
 

@@ -1,4 +1,5 @@
-//! LLaMA in tch, single-device and parallel-agnostic (DESIGN §1, §11).
+//! LLaMA in tch, single-device and parallel-agnostic (docs/design.md §Architecture,
+//! §Conventions).
 //!
 //! Parameter names are Hugging Face `LlamaForCausalLM`'s: modules are built on
 //! `p / "model" / "layers" / i / "self_attn" / "q_proj"` and own a `weight` (no biases), so the
@@ -15,15 +16,20 @@
 //! only its heads), and the parallel code composes the per-layer pieces below with its
 //! collectives. [`Llama::forward`] is the single-device path and refuses a shard.
 //!
-//! Precision: fp32 on CPU. On CUDA the matmuls run in bf16 with fp32 master weights
-//! ([`Precision::Bf16`]). tch 0.24's `autocast` enables CUDA autocast with libtorch's default
-//! dtype (fp16) and exposes no way to choose bf16, so the casts are explicit instead: inputs and
-//! weights of every projection are cast to bf16, RMSNorm statistics, residual stream, logits and
-//! the loss stay fp32.
+//! Precision (docs/precision.md): [`Precision::F32`], or [`Precision::Bf16`]: bf16 matmuls and
+//! attention with fp32 master weights; RMSNorm statistics, the residual stream, logits and the
+//! loss stay fp32. The same code on CPU and CUDA. tch 0.24's `autocast` enables CUDA autocast
+//! with libtorch's default dtype (fp16) and exposes no way to choose bf16, so the casts are
+//! explicit instead. A training step multiplies with bf16 *working copies* of the projection
+//! weights ([`Llama::refresh_working_copies`], once per optimizer step: q/k/v and gate/up stored
+//! concatenated, so neither the cast nor the concatenation runs per forward); their bf16
+//! gradients are added into the fp32 masters' gradients after each backward
+//! ([`Llama::collect_working_grads`]). Without working copies (evaluation, tests that build a
+//! model directly) the bf16 path casts per matmul.
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use trellis_core::checkpoint::{shard_dim, shard_range};
-use trellis_core::config::ModelConfig;
+use trellis_core::config::{ModelConfig, PrecisionChoice};
 
 /// Which tensor-parallel slice of the model one instance holds (`tp = 1`: the whole model).
 /// The split rule is the checkpoint's ([`shard_dim`]/[`shard_range`]): column-parallel
@@ -69,19 +75,45 @@ impl Shard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,
-    /// bf16 matmuls, fp32 master weights / norms / loss (CUDA).
+    /// bf16 matmuls and attention; fp32 master weights, norms, residual stream and loss.
     Bf16,
 }
 
 impl Precision {
-    /// The default for a device: fp32 on CPU, bf16 mixed on CUDA.
-    pub fn for_device(device: Device) -> Precision {
-        if device.is_cuda() {
-            Precision::Bf16
-        } else {
-            Precision::F32
+    /// `[train] precision` on `device`: `auto` is bf16 on CUDA and on CPUs with native bf16
+    /// arithmetic ([`cpu_has_native_bf16`]), fp32 otherwise. Also returns why, for the log.
+    pub fn resolve(choice: PrecisionChoice, device: Device) -> (Precision, &'static str) {
+        match choice {
+            PrecisionChoice::Fp32 => (Precision::F32, "[train] precision = \"fp32\""),
+            PrecisionChoice::Bf16 => (Precision::Bf16, "[train] precision = \"bf16\""),
+            PrecisionChoice::Auto if device.is_cuda() => (Precision::Bf16, "auto: CUDA device"),
+            PrecisionChoice::Auto if cpu_has_native_bf16() => (
+                Precision::Bf16,
+                "auto: the CPU has native bf16 (avx512_bf16 / amx_bf16 / bf16)",
+            ),
+            PrecisionChoice::Auto => (
+                Precision::F32,
+                "auto: the CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag)",
+            ),
         }
     }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Whether this CPU multiplies bf16 natively: x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`
+/// (the flags of `/proc/cpuinfo`; `false` where it cannot be read).
+pub fn cpu_has_native_bf16() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
 }
 
 /// Produces the initial value of a parameter (name, shape): fresh init, a copy, zeros…
@@ -89,6 +121,14 @@ pub type ParamSource<'a> = dyn FnMut(&str, &[usize]) -> Tensor + 'a;
 
 fn dims(shape: &[usize]) -> Vec<i64> {
     shape.iter().map(|&d| d as i64).collect()
+}
+
+/// Give leaf `w` a zero gradient buffer if it has none (a backward of `0 · Σw`, with gradients
+/// enabled even inside a caller's `no_grad`).
+fn prime_grad(w: &Tensor) {
+    if !w.grad().defined() {
+        tch::with_grad(|| (w.sum(Kind::Float) * 0.0).backward());
+    }
 }
 
 /// Register parameter `name` under `p`, taking its value from `src`.
@@ -129,6 +169,29 @@ fn linear(x: &Tensor, w: &Tensor, prec: Precision) -> Tensor {
             .to_kind(Kind::BFloat16)
             .matmul(&w.to_kind(Kind::BFloat16).tr()),
     }
+}
+
+/// `x · wᵀ` with a bf16 working copy `w` (x is cast to bf16; the result is bf16).
+fn linear_bf16(x: &Tensor, w: &Tensor) -> Tensor {
+    x.to_kind(Kind::BFloat16).matmul(&w.tr())
+}
+
+/// The bf16 working copies of one layer's projection weights (leaves that collect gradients):
+/// `qkv` = [q; k; v] and `gate_up` = [gate; up] concatenated along the output dimension.
+#[derive(Debug)]
+pub struct LayerCopies {
+    pub qkv: Tensor,
+    pub o: Tensor,
+    pub gate_up: Tensor,
+    pub down: Tensor,
+}
+
+/// What one forward multiplies with: the fp32 parameters (cast per matmul in bf16), or one
+/// layer's bf16 working copies.
+#[derive(Debug, Clone, Copy)]
+pub enum Mats<'a> {
+    Params(Precision),
+    Copies(&'a LayerCopies),
 }
 
 /// RMSNorm as in `transformers`: statistics in fp32, `weight * x_normed`.
@@ -222,39 +285,85 @@ impl Attention {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, rope: &Rope, prec: Precision) -> Tensor {
-        let (b, s, _) = x.size3().unwrap();
-        let (h, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        // One GEMM for q, k and v (their weights concatenated), then split.
-        let w = Tensor::cat(
+    /// The concatenated [q; k; v] weight (fp32, a graph node over the three parameters).
+    pub fn qkv_weight(&self) -> Tensor {
+        Tensor::cat(
             &[
                 &self.q_proj.weight,
                 &self.k_proj.weight,
                 &self.v_proj.weight,
             ],
             0,
-        );
-        let qkv = linear(x, &w, prec);
+        )
+    }
+
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mats: Mats) -> Tensor {
+        let (b, s, _) = x.size3().unwrap();
+        let (h, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        // One GEMM for q, k and v (their weights concatenated), then split.
+        let qkv = match mats {
+            Mats::Params(prec) => linear(x, &self.qkv_weight(), prec),
+            Mats::Copies(c) => linear_bf16(x, &c.qkv),
+        };
         let parts = qkv.split_with_sizes([h, kv, kv], -1);
         let shape = |t: &Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
         let q = rope.apply(&shape(&parts[0], self.heads));
         let k = rope.apply(&shape(&parts[1], self.kv_heads));
         let v = shape(&parts[2], self.kv_heads);
-        // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v copies.
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            true,
-            None,
-            self.heads != self.kv_heads,
-        );
+        let y = if q.kind() == Kind::BFloat16
+            && q.device() == Device::Cpu
+            && s <= CPU_BF16_MATH_ATTENTION_MAX_SEQ
+        {
+            self.grouped_attention(&q, &k, &v)
+        } else {
+            // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v
+            // copies.
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<&Tensor>,
+                0.0,
+                true,
+                None,
+                self.heads != self.kv_heads,
+            )
+        };
         let y = y.transpose(1, 2).reshape([b, s, h]);
-        self.o_proj.forward(&y, prec)
+        match mats {
+            Mats::Params(prec) => self.o_proj.forward(&y, prec),
+            Mats::Copies(c) => linear_bf16(&y, &c.o),
+        }
     }
 }
+
+impl Attention {
+    /// Causal GQA attention as explicit GEMMs (bf16 on CPU, short sequences): the `rep` query
+    /// heads of each KV head are stacked into one `[rep·s, d]` matrix, so every KV head is one
+    /// batched GEMM against its keys and values (no repeated k/v); softmax statistics in fp32.
+    /// On a 2-core CPU at s = 256 this takes ~15% less CPU time per training step than
+    /// libtorch's flash-attention CPU kernel in bf16 (docs/benchmarks.md); it keeps the
+    /// `[b, heads, s, s]` probabilities for backward, hence the sequence-length cap.
+    fn grouped_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, _, s, d) = q.size4().unwrap();
+        let (kv, rep) = (self.kv_heads, self.heads / self.kv_heads);
+        let scores = q
+            .reshape([b, kv, rep * s, d])
+            .matmul(&k.transpose(-1, -2))
+            .view([b, kv, rep, s, s]);
+        let future = Tensor::ones([s, s], (Kind::Bool, q.device())).triu(1);
+        let p = (scores * (d as f64).powf(-0.5))
+            .masked_fill(&future, f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float)
+            .to_kind(q.kind())
+            .view([b, kv, rep * s, s]);
+        p.matmul(v).view([b, self.heads, s, d])
+    }
+}
+
+/// Longest sequence for which bf16 attention on CPU runs as explicit GEMMs
+/// ([`Attention::grouped_attention`]) rather than SDPA's flash kernel.
+pub const CPU_BF16_MATH_ATTENTION_MAX_SEQ: i64 = 1024;
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
@@ -274,13 +383,24 @@ impl Mlp {
             down_proj: Linear::new(&p / "down_proj", f, h, src),
         }
     }
-    pub fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
+    /// The concatenated [gate; up] weight (fp32, a graph node over the two parameters).
+    pub fn gate_up_weight(&self) -> Tensor {
+        Tensor::cat(&[&self.gate_proj.weight, &self.up_proj.weight], 0)
+    }
+
+    pub fn forward(&self, x: &Tensor, mats: Mats) -> Tensor {
         // One GEMM for gate and up (weights concatenated), then split.
         let f = self.gate_proj.weight.size()[0];
-        let w = Tensor::cat(&[&self.gate_proj.weight, &self.up_proj.weight], 0);
-        let gu = linear(x, &w, prec);
+        let gu = match mats {
+            Mats::Params(prec) => linear(x, &self.gate_up_weight(), prec),
+            Mats::Copies(c) => linear_bf16(x, &c.gate_up),
+        };
         let parts = gu.split_with_sizes([f, f], -1);
-        self.down_proj.forward(&(parts[0].silu() * &parts[1]), prec)
+        let act = parts[0].silu() * &parts[1];
+        match mats {
+            Mats::Params(prec) => self.down_proj.forward(&act, prec),
+            Mats::Copies(c) => linear_bf16(&act, &c.down),
+        }
     }
 }
 
@@ -310,14 +430,14 @@ impl Block {
     }
 
     /// `mask`: the MSG-style mask scalar m (`out = m·f(x) + (1−m)·x`); `None` = 1.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, prec: Precision, mask: Option<f64>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mats: Mats, mask: Option<f64>) -> Tensor {
         let a = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), rope, prec);
+            .forward(&self.input_layernorm.forward(x), rope, mats);
         let h = x + a.to_kind(Kind::Float);
         let m = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&h), prec);
+            .forward(&self.post_attention_layernorm.forward(&h), mats);
         Block::residual_out(x, &h, &m.to_kind(Kind::Float), mask)
     }
 
@@ -332,6 +452,13 @@ impl Block {
     }
 }
 
+/// Every layer's bf16 working copies and the `lm_head`'s.
+#[derive(Debug)]
+struct WorkingCopies {
+    layers: Vec<LayerCopies>,
+    lm_head: Tensor,
+}
+
 /// The whole causal LM. Owns its VarStore.
 pub struct Llama {
     pub cfg: ModelConfig,
@@ -344,6 +471,8 @@ pub struct Llama {
     /// The TP slice this instance holds ([`Shard::FULL`] for a single-device model).
     pub shard: Shard,
     pub precision: Precision,
+    /// bf16 working copies of the projection weights (bf16 training only; see the module docs).
+    copies: Option<WorkingCopies>,
     /// Per-layer mask scalar for the `random` operator's ramp (`None` = unmasked).
     pub masks: Vec<Option<f64>>,
     /// (name, tensor) in [`ModelConfig::tensor_shapes`] order (shallow clones of the vars).
@@ -427,13 +556,15 @@ impl Llama {
             lm_head,
             rope,
             shard,
-            precision: Precision::for_device(device),
+            precision: Precision::F32,
+            copies: None,
             masks: vec![None; cfg.num_hidden_layers],
             params,
         }
     }
 
-    /// A freshly initialised model (DESIGN §1 init), identical for a given seed on every rank.
+    /// A freshly initialised model (docs/design.md §Conventions), identical for a given seed on
+    /// every rank.
     pub fn init(cfg: &ModelConfig, device: Device, seed: u64) -> Llama {
         let c = cfg.clone();
         Llama::new(cfg, device, &mut |name, shape| {
@@ -517,19 +648,185 @@ impl Llama {
         self.params.iter().map(|(_, t)| t.numel() as u64).sum()
     }
 
+    /// What layer `i` multiplies with: its bf16 working copies when the model trains in bf16
+    /// and has them, else the parameters.
+    pub fn mats(&self, i: usize) -> Mats<'_> {
+        match (&self.copies, self.precision) {
+            (Some(c), Precision::Bf16) => Mats::Copies(&c.layers[i]),
+            _ => Mats::Params(self.precision),
+        }
+    }
+
+    /// bf16 training: (re)make the bf16 working copies from the fp32 masters: call once per
+    /// optimizer step, before the forward passes (the trainer does). Reuses the buffers (and
+    /// their gradient buffers) of the previous step. fp32: drops any copies.
+    pub fn refresh_working_copies(&mut self) {
+        if self.precision != Precision::Bf16 {
+            self.copies = None;
+            return;
+        }
+        // The masters of copied weights get their gradients by `collect_working_grads`, which
+        // adds into an existing buffer: give every one a (zero) gradient buffer once.
+        for l in &self.layers {
+            let a = &l.self_attn;
+            for w in [
+                &a.q_proj.weight,
+                &a.k_proj.weight,
+                &a.v_proj.weight,
+                &a.o_proj.weight,
+                &l.mlp.gate_proj.weight,
+                &l.mlp.up_proj.weight,
+                &l.mlp.down_proj.weight,
+            ] {
+                prime_grad(w);
+            }
+        }
+        prime_grad(&self.lm_head.weight);
+        tch::no_grad(|| {
+            let fresh: Vec<[Tensor; 4]> = self
+                .layers
+                .iter()
+                .map(|l| {
+                    [
+                        l.self_attn.qkv_weight(),
+                        l.self_attn.o_proj.weight.shallow_clone(),
+                        l.mlp.gate_up_weight(),
+                        l.mlp.down_proj.weight.shallow_clone(),
+                    ]
+                })
+                .collect();
+            match &mut self.copies {
+                Some(c) if c.layers.len() == fresh.len() => {
+                    for (lc, [qkv, o, gu, d]) in c.layers.iter_mut().zip(&fresh) {
+                        lc.qkv.copy_(qkv);
+                        lc.o.copy_(o);
+                        lc.gate_up.copy_(gu);
+                        lc.down.copy_(d);
+                    }
+                    c.lm_head.copy_(&self.lm_head.weight);
+                }
+                _ => {
+                    let half = |t: &Tensor| t.to_kind(Kind::BFloat16).set_requires_grad(true);
+                    self.copies = Some(WorkingCopies {
+                        layers: fresh
+                            .iter()
+                            .map(|[qkv, o, gu, d]| LayerCopies {
+                                qkv: half(qkv),
+                                o: half(o),
+                                gate_up: half(gu),
+                                down: half(d),
+                            })
+                            .collect(),
+                        lm_head: half(&self.lm_head.weight),
+                    });
+                }
+            }
+        });
+    }
+
+    /// Add the working copies' bf16 gradients into the fp32 masters' gradients (in fp32) and
+    /// zero them: call after each backward of a bf16 training step. A no-op without copies.
+    pub fn collect_working_grads(&mut self) {
+        let Some(c) = &mut self.copies else { return };
+        let add = |g: &Tensor, masters: &[&Tensor]| {
+            let sizes: Vec<i64> = masters.iter().map(|m| m.size()[0]).collect();
+            for (part, m) in g.split_with_sizes(sizes.as_slice(), 0).iter().zip(masters) {
+                let _ = m.grad().g_add_(part);
+            }
+        };
+        tch::no_grad(|| {
+            for (l, lc) in self.layers.iter().zip(c.layers.iter_mut()) {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                let parts: [(&mut Tensor, Vec<&Tensor>); 4] = [
+                    (
+                        &mut lc.qkv,
+                        vec![&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight],
+                    ),
+                    (&mut lc.o, vec![&a.o_proj.weight]),
+                    (
+                        &mut lc.gate_up,
+                        vec![&m.gate_proj.weight, &m.up_proj.weight],
+                    ),
+                    (&mut lc.down, vec![&m.down_proj.weight]),
+                ];
+                for (copy, masters) in parts {
+                    let g = copy.grad();
+                    if g.defined() {
+                        add(&g, &masters);
+                        copy.zero_grad();
+                    }
+                }
+            }
+            let g = c.lm_head.grad();
+            if g.defined() {
+                add(&g, &[&self.lm_head.weight]);
+                c.lm_head.zero_grad();
+            }
+        });
+    }
+
     /// Logits `[b, s, vocab]` (fp32) for input ids `[b, s]` (int64). Single-device only: a TP
     /// shard runs through `crate::parallel::tp`.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.head(&self.body(&self.embed(input_ids)))
+    }
+
+    /// Every decoder layer on the embeddings `x` (single-device).
+    fn body(&self, x: &Tensor) -> Tensor {
         assert!(
             self.shard.is_full(),
             "Llama::forward on TP shard {:?}: use trellis_worker::parallel::tp",
             self.shard
         );
-        let mut x = self.embed(input_ids);
-        for (layer, mask) in self.layers.iter().zip(&self.masks) {
-            x = layer.forward(&x, &self.rope, self.precision, *mask);
+        let mut x = x.shallow_clone();
+        for (i, (layer, mask)) in self.layers.iter().zip(&self.masks).enumerate() {
+            x = layer.forward(&x, &self.rope, self.mats(i), *mask);
         }
-        self.head(&x)
+        x
+    }
+
+    /// One micro-batch's forward and backward (single-device): accumulates
+    /// `scale · ∂loss/∂θ` into the gradients (of the working copies, in bf16 training: collect
+    /// them afterwards) and returns the unscaled mean loss. `checkpointing`: keep only each
+    /// layer's input during the forward and recompute the layer's activations in backward (less
+    /// memory, one more forward of every layer); same gradients.
+    pub fn forward_backward(
+        &self,
+        input_ids: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        checkpointing: bool,
+    ) -> f64 {
+        if !checkpointing {
+            let loss = self.loss(input_ids, targets);
+            (&loss * scale).backward();
+            return loss.double_value(&[]);
+        }
+        assert!(self.shard.is_full(), "checkpointing runs single-device");
+        // Forward without a graph, keeping every layer's input.
+        let emb = self.embed(input_ids);
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = emb.detach();
+        tch::no_grad(|| {
+            for (i, (layer, mask)) in self.layers.iter().zip(&self.masks).enumerate() {
+                inputs.push(x.shallow_clone());
+                x = layer.forward(&x, &self.rope, self.mats(i), *mask);
+            }
+        });
+        // The head's segment, then every layer's (recomputed) in reverse, each seeded with the
+        // gradient its output's consumer left on the leaf.
+        let leaf = x.set_requires_grad(true);
+        let loss = self.loss_from_logits(&self.head(&leaf), targets);
+        (&loss * scale).backward();
+        let mut g = leaf.grad();
+        for (i, (layer, mask)) in self.layers.iter().zip(&self.masks).enumerate().rev() {
+            let leaf = inputs[i].set_requires_grad(true);
+            let out = layer.forward(&leaf, &self.rope, self.mats(i), *mask);
+            (out * &g).sum(Kind::Float).backward();
+            g = leaf.grad();
+        }
+        (emb * g).sum(Kind::Float).backward();
+        loss.double_value(&[])
     }
 
     /// Token embeddings `[b, s, hidden]` of `input_ids`.
@@ -540,9 +837,11 @@ impl Llama {
     /// Final norm and `lm_head`: fp32 logits from the last hidden state.
     pub fn head(&self, x: &Tensor) -> Tensor {
         let x = self.norm.forward(x);
-        self.lm_head
-            .forward(&x, self.precision)
-            .to_kind(Kind::Float)
+        let logits = match (&self.copies, self.precision) {
+            (Some(c), Precision::Bf16) => linear_bf16(&x, &c.lm_head),
+            _ => self.lm_head.forward(&x, self.precision),
+        };
+        logits.to_kind(Kind::Float)
     }
 
     /// Mean next-token cross-entropy of `targets` `[b, s]` given `input_ids` `[b, s]`.

@@ -1,5 +1,5 @@
-//! AdamW with plain-tensor moments (DESIGN §1: β = (0.9, 0.95), decoupled weight decay 0.1,
-//! global-norm clipping 1.0).
+//! AdamW with plain-tensor moments (docs/design.md §Conventions: β = (0.9, 0.95), decoupled
+//! weight decay 0.1, global-norm clipping 1.0).
 //!
 //! The moments (`exp_avg`, `exp_avg_sq`) are ordinary tensors keyed by the parameter's HF name,
 //! so they are saved in `optim-*.safetensors` (`<param>.exp_avg[_sq]`), loaded, and grown with

@@ -6,12 +6,14 @@
 //! training thread that owns all tensors) but not `Sync`.
 //!
 //! Determinism: weights come from seeded per-tensor streams ([`crate::init`]), the data order
-//! from the global cursor (DESIGN §6), and nothing else is random, so the same seed and data
-//! give the same losses and a resume from a checkpoint continues bit for bit.
+//! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
+//! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::model::{Llama, Shard};
+use crate::host::{from_host, to_host};
+use crate::model::{Llama, Precision, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
 use crate::parallel::{self, Groups};
+pub use crate::report::StepReport;
 use crate::schedule::lr_at;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -31,28 +33,6 @@ use trellis_data::{PreparedData, Sampler};
 
 /// Elements per gradient bucket for the DP all-reduce (64 MiB of f32).
 pub const BUCKET_ELEMENTS: usize = 16 << 20;
-
-/// One optimizer step's report.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepReport {
-    /// Optimizer steps completed (after this one).
-    pub step: u64,
-    /// Training tokens consumed by the whole job (all ranks) after this step.
-    pub tokens: u64,
-    /// Mean training loss of this step's global batch.
-    pub loss: f64,
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    pub step_seconds: f64,
-    pub compute_seconds: f64,
-    pub comm_seconds: f64,
-    pub data_seconds: f64,
-    /// Global sample ids this rank read.
-    pub samples: Range<u64>,
-    /// Global tokens per second of this step.
-    pub tokens_per_second: f64,
-}
 
 /// The LR settings in force after a `reset` growth (the paper: 3e-4 → 3e-5, re-warmup).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,30 +75,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
     }
     Ok(dev)
-}
-
-/// Copy a tensor to the host as fp32.
-pub fn to_host(t: &Tensor) -> HostTensor {
-    let t = t
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous();
-    let n = t.numel();
-    let mut data = vec![0f32; n];
-    t.copy_data(&mut data, n);
-    HostTensor {
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        data,
-    }
-}
-
-/// A host tensor as a libtorch tensor on `device`.
-pub fn from_host(h: &HostTensor, device: Device) -> Tensor {
-    let dims: Vec<i64> = h.shape.iter().map(|&d| d as i64).collect();
-    Tensor::from_slice(&h.data)
-        .reshape(dims.as_slice())
-        .to_device(device)
 }
 
 /// Explain how two configs differ, field by field.
@@ -394,13 +350,27 @@ impl Trainer {
                 spec.data.valid.display()
             )));
         }
+        if spec.train.activation_checkpointing && tp > 1 {
+            return Err(Error::Invalid(format!(
+                "[train] activation_checkpointing is implemented for tp = 1 only but this rank has tp = {tp}; turn it off or use data parallelism"
+            )));
+        }
+        let (precision, why) = Precision::resolve(spec.train.precision, device);
+        if dp_rank == 0 && tp_rank == 0 {
+            tracing::info!(
+                precision = precision.name(),
+                reason = why,
+                "training precision"
+            );
+        }
         let sampler = data.sampler(seq, spec.job.seed)?;
         let shard = Shard { rank: tp_rank, tp };
-        let model = if init {
+        let mut model = if init {
             Llama::init_shard(&cfg, device, spec.job.seed, shard)
         } else {
             Llama::placeholder_shard(&cfg, device, shard)
         };
+        model.precision = precision;
         let optim = AdamW::new(
             AdamWConfig::from_train(&spec.train),
             model.named_parameters(),
@@ -513,6 +483,10 @@ impl Trainer {
     pub fn device(&self) -> Device {
         self.device
     }
+    /// The arithmetic this trainer runs (`[train] precision` resolved for the device).
+    pub fn precision(&self) -> Precision {
+        self.model.precision
+    }
 
     /// The growth stage of the spec that is due now (its step has been reached), if any.
     pub fn pending_growth_stage(&self) -> Option<usize> {
@@ -582,6 +556,15 @@ impl Trainer {
         (t.narrow(1, 0, seq as i64), t.narrow(1, 1, seq as i64))
     }
 
+    /// Where the data cursor lands from `cursor` after the skip windows (chained windows
+    /// followed): the one place the skip list is read.
+    fn skip_from(&self, mut cursor: u64) -> u64 {
+        while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == cursor) {
+            cursor = to;
+        }
+        cursor
+    }
+
     fn micro_batch(&self) -> usize {
         let per_rank = self.spec.train.global_batch / self.dp;
         self.spec
@@ -599,7 +582,8 @@ impl Trainer {
         self.apply_mask(s, true);
         let gb = self.spec.train.global_batch;
         let seq = self.spec.data.seq_len;
-        while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == self.cursor) {
+        let to = self.skip_from(self.cursor);
+        if to != self.cursor {
             tracing::warn!(
                 from = self.cursor,
                 to,
@@ -607,6 +591,7 @@ impl Trainer {
             );
             self.cursor = to;
         }
+        let step_samples = self.cursor..self.cursor + gb as u64;
         let samples = trellis_data::rank_samples(self.cursor, gb, self.dp_rank, self.dp);
 
         let (loss, data_seconds, mut compute_seconds, comm_seconds) =
@@ -639,6 +624,7 @@ impl Trainer {
             comm_seconds,
             data_seconds,
             samples,
+            step_samples,
             tokens_per_second: step_tokens as f64 / step_seconds.max(1e-9),
         };
         if !loss.is_finite() {
@@ -655,10 +641,7 @@ impl Trainer {
     pub fn next_gradients(&mut self) -> Result<(f64, Vec<(String, Tensor)>)> {
         let saved_mask = self.mask.clone();
         self.apply_mask(self.step, true);
-        let mut cursor = self.cursor;
-        while let Some(&(_, to)) = self.skip.iter().find(|(from, _)| *from == cursor) {
-            cursor = to;
-        }
+        let cursor = self.skip_from(self.cursor);
         let gb = self.spec.train.global_batch;
         let samples = trellis_data::rank_samples(cursor, gb, self.dp_rank, self.dp);
         let result = self.accumulate_gradients(&samples).map(|(loss, ..)| {
@@ -699,26 +682,23 @@ impl Trainer {
         let data_seconds = t_data.elapsed().as_secs_f64();
 
         // Forward/backward with gradient accumulation: each micro-batch's mean loss is scaled
-        // by its share, so the gradient is that of the mean over the rank's batch.
+        // by its share, so the gradient is that of the mean over the rank's batch. bf16: the
+        // working copies are made once here and their gradients collected (in fp32) after every
+        // micro-batch.
         let t_compute = Instant::now();
+        self.model.refresh_working_copies();
         let per_rank = windows.len() as f64;
+        let checkpointing = self.spec.train.activation_checkpointing;
         let mut loss_sum = 0.0;
         for (inp, tgt) in &batches {
             let share = inp.size()[0] as f64 / per_rank;
-            if self.tp > 1 {
-                let l = parallel::tp::forward_backward(
-                    &self.model,
-                    self.tp_comm.as_mut(),
-                    inp,
-                    tgt,
-                    share,
-                )?;
-                loss_sum += l * share;
-                continue;
-            }
-            let loss = self.model.loss(inp, tgt);
-            (&loss * share).backward();
-            loss_sum += loss.double_value(&[]) * share;
+            let l = if self.tp > 1 {
+                parallel::tp::forward_backward(&self.model, self.tp_comm.as_mut(), inp, tgt, share)?
+            } else {
+                self.model.forward_backward(inp, tgt, share, checkpointing)
+            };
+            self.model.collect_working_grads();
+            loss_sum += l * share;
         }
         let compute_seconds = t_compute.elapsed().as_secs_f64();
 
@@ -785,6 +765,7 @@ impl Trainer {
     /// Mean validation loss over the fixed validation windows (every rank computes the same).
     pub fn evaluate(&mut self) -> Result<f64> {
         self.apply_mask(self.step, false);
+        self.model.refresh_working_copies();
         let mb = self.micro_batch().max(1);
         let windows = self.eval_windows.clone();
         let mut total = 0.0;

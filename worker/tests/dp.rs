@@ -91,7 +91,7 @@ fn two_dp_ranks_match_one_rank_on_the_same_global_batch() {
                 for _ in 0..3 {
                     let r = t.step().unwrap();
                     losses.push(r.loss);
-                    samples.push(r.samples);
+                    samples.push((r.samples, r.step_samples));
                 }
                 let params: Vec<Vec<f32>> = t
                     .model()
@@ -111,8 +111,14 @@ fn two_dp_ranks_match_one_rank_on_the_same_global_batch() {
                 "rank {rank}: loss {a} vs single-rank {b}"
             );
         }
-        assert_eq!(samples[0], (rank as u64 * 2)..(rank as u64 * 2 + 2));
-        assert_eq!(samples[2], (8 + rank as u64 * 2)..(8 + rank as u64 * 2 + 2));
+        assert_eq!(samples[0].0, (rank as u64 * 2)..(rank as u64 * 2 + 2));
+        assert_eq!(
+            samples[2].0,
+            (8 + rank as u64 * 2)..(8 + rank as u64 * 2 + 2)
+        );
+        // Every rank reports the step's whole global range (what the coordinator records).
+        assert_eq!(samples[0].1, 0..4);
+        assert_eq!(samples[2].1, 8..12);
         for ((name, p), mine) in single.model().named_parameters().iter().zip(params) {
             let refv: Vec<f32> = Vec::try_from(&p.flatten(0, -1)).unwrap();
             let max = refv

@@ -245,3 +245,21 @@ fn growth_stages_that_would_be_refused_are_refused_up_front() {
         "{e}"
     );
 }
+
+/// The coordinator's skip windows (after a NaN batch): when the cursor reaches a window's start
+/// it jumps to its end, chained windows followed; the step reports the global range it read,
+/// and `next_gradients` sees the batch `step` then trains on.
+#[test]
+fn skip_windows_move_the_cursor_and_the_step_reports_the_range_read() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer("skip", "", d.path());
+    t.set_skip_windows(vec![(4, 12), (12, 16)]);
+    let r = t.step().unwrap();
+    assert_eq!((r.samples.clone(), r.step_samples.clone()), (0..4, 0..4));
+    let (loss, _) = t.next_gradients().unwrap();
+    let r = t.step().unwrap();
+    assert_eq!(r.step_samples, 16..20);
+    assert_eq!(r.samples, 16..20);
+    assert_eq!(r.loss.to_bits(), loss.to_bits());
+    assert_eq!(t.data_cursor(), 20);
+}

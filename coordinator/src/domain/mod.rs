@@ -46,6 +46,8 @@ pub struct DomainOptions {
     pub peak_flops_per_rank: f64,
     pub watcher: WatcherConfig,
     pub checkpoint_root: Option<PathBuf>,
+    /// Experiment tracking directory; default: the job's checkpoint directory.
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Default for DomainOptions {
@@ -57,6 +59,7 @@ impl Default for DomainOptions {
             peak_flops_per_rank: 1e12,
             watcher: WatcherConfig::default(),
             checkpoint_root: None,
+            run_dir: None,
         }
     }
 }
@@ -159,6 +162,8 @@ pub(crate) struct Job {
     last_commit: Option<Instant>,
     /// The loss watcher reported a plateau since the last trigger check.
     plateau_seen: bool,
+    /// `metrics.jsonl` and TensorBoard events in the job's directory.
+    tracker: Option<crate::tracking::RunTracker>,
 }
 
 impl Job {
@@ -190,6 +195,17 @@ impl Job {
             loss_flushed: 0,
             last_commit: None,
             plateau_seen: false,
+            tracker: None,
+        }
+    }
+    /// Start experiment tracking in the job's directory, from the step it (re)starts at.
+    fn track(&mut self, opts: &DomainOptions) {
+        let dir = opts.run_dir.clone().unwrap_or_else(|| self.job_root(opts));
+        self.tracker = crate::tracking::RunTracker::open(&dir, self.state.step.0 + 1);
+    }
+    fn record(&self, kind: &str, step: Step, fields: serde_json::Value) {
+        if let Some(t) = &self.tracker {
+            t.record(kind, step.0, fields);
         }
     }
     pub(crate) fn world(&self) -> usize {
@@ -414,6 +430,7 @@ impl Domain {
             let job = self.job.as_mut().expect("a job");
             let msg = job.state.message.clone();
             job::transition(&mut job.state, Phase::WaitingForWorkers, msg);
+            job.track(&self.opts);
             self.persist_state().await?;
         }
         self.update_gauges();
@@ -512,7 +529,9 @@ impl Domain {
         self.store.put(&keys::job_state(&id), json(&state)).await?;
         info!(job_id = %id, world, layers = state.layers, "job submitted");
         let loss = LossWatcher::new(self.opts.watcher.clone());
-        self.job = Some(Job::new(id.clone(), record, spec, model0, state, loss));
+        let mut job = Job::new(id.clone(), record, spec, model0, state, loss);
+        job.track(&self.opts);
+        self.job = Some(job);
         self.try_start_epoch().await?;
         self.update_gauges();
         self.bump();

@@ -327,6 +327,21 @@ impl Domain {
         if r.loss.is_finite() {
             m.train_loss.set(r.loss);
         }
+        job.record(
+            "train",
+            Step(r.step),
+            serde_json::json!({
+                "tokens": r.tokens,
+                "loss": r.loss,
+                "lr": r.lr,
+                "grad_norm": r.grad_norm,
+                "step_seconds": r.step_seconds,
+                "tokens_per_second": job.tokens_per_second,
+                "mfu": job.mfu,
+                "layers": job.state.layers,
+                "generation": r.generation,
+            }),
+        );
         // The plateau rule of the next growth stage when it is a `trigger = "plateau"` stage.
         let i = job.state.next_growth_stage;
         let (window, threshold) = match job.spec.growth.get(i) {
@@ -409,6 +424,11 @@ impl Domain {
             }
             let tokens = job.state.tokens;
             job.loss.observe_val(v.step, tokens, v.generation, v.loss);
+            job.record(
+                "val",
+                Step(v.step),
+                serde_json::json!({ "tokens": tokens, "loss": v.loss, "generation": v.generation }),
+            );
             if v.loss.is_finite() {
                 self.metrics.val_loss.set(v.loss);
             }
@@ -717,6 +737,19 @@ impl Domain {
                 let rec = rec.clone();
                 job::grown(&mut job.state, &rec, &job.model0);
                 info!(job_id = %job.id, generation = %gen, step = %step, layers = rec.to_layers, seconds = total, "growth resumed");
+                job.record(
+                    "growth",
+                    step,
+                    serde_json::json!({
+                        "tokens": job.state.tokens,
+                        "from_layers": rec.from_layers,
+                        "to_layers": rec.to_layers,
+                        "operator": rec.operator.name(),
+                        "factor": rec.factor,
+                        "generation": gen.0,
+                        "seconds": total,
+                    }),
+                );
                 job.active = None;
                 job.loss.reset_smoothing();
                 self.persist_growth(gen).await?;

@@ -1,4 +1,4 @@
-//! Tensor and data parallelism around the single-device model (DESIGN §4).
+//! Tensor and data parallelism around the single-device model (docs/design.md §Parallel layout).
 //!
 //! * [`Groups`]: a rank's two process groups. World = DP × TP; rank `(d, t)` is in the TP group
 //!   of the ranks `(d, ·)` (they hold the slices of one model replica and see the same data) and

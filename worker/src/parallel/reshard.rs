@@ -1,5 +1,6 @@
-//! Resharding: moving a trainer's state to another TP layout (DESIGN §4, §5), e.g. when a
-//! growth makes the model too large for one rank and the planner re-plans TP = 1 → 2.
+//! Resharding: moving a trainer's state to another TP layout (docs/design.md §Parallel layout,
+//! §Checkpoint format), e.g. when a growth makes the model too large for one rank and the
+//! planner re-plans TP = 1 → 2.
 //!
 //! Two paths, both ending in the same state (model slice, optimizer moments, step, schedule,
 //! data cursor, growth history):

@@ -1,5 +1,5 @@
 //! Megatron tensor parallelism for one TP rank's [`Shard`](crate::model::Shard) of a [`Llama`]
-//! (DESIGN §4), built from the model's own per-layer pieces.
+//! (docs/design.md §Parallel layout), built from the model's own per-layer pieces.
 //!
 //! Per layer, with `x` the (replicated) residual stream:
 //!
@@ -88,13 +88,14 @@ impl Tape<'_> {
 /// The TP forward: mean next-token cross-entropy of `targets` given `input_ids`, on every rank
 /// of the TP group `comm` (each rank holds its shard; all ranks get the same loss).
 fn forward(model: &Llama, tape: &mut Tape, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (rope, prec) = (model.rope(), model.precision);
+    let rope = model.rope();
     let mut x = tape.cut(model.embed(input_ids), Cut::Plain)?;
-    for (layer, mask) in model.layers.iter().zip(&model.masks) {
+    for (i, (layer, mask)) in model.layers.iter().zip(&model.masks).enumerate() {
+        let mats = model.mats(i);
         let xn = tape.cut(layer.input_layernorm.forward(&x), Cut::GradSum)?;
         let a = layer
             .self_attn
-            .forward(&xn, rope, prec)
+            .forward(&xn, rope, mats)
             .to_kind(Kind::Float);
         let a = tape.cut(a, Cut::ValueSum)?;
         // `x + a` feeds two segments: each builds its own (an add is cheap), so no graph node
@@ -103,7 +104,7 @@ fn forward(model: &Llama, tape: &mut Tape, input_ids: &Tensor, targets: &Tensor)
             layer.post_attention_layernorm.forward(&(&x + &a)),
             Cut::GradSum,
         )?;
-        let m = layer.mlp.forward(&hn, prec).to_kind(Kind::Float);
+        let m = layer.mlp.forward(&hn, mats).to_kind(Kind::Float);
         let m = tape.cut(m, Cut::ValueSum)?;
         x = tape.cut(Block::residual_out(&x, &(&x + &a), &m, *mask), Cut::Plain)?;
     }

@@ -140,8 +140,14 @@ pub fn small_corpus() -> (PathBuf, PathBuf) {
     (train, valid)
 }
 
-/// A job spec TOML for a tiny, fast test job; `extra` is appended (growth stages…).
+/// A job spec TOML for a tiny, fast test job; `extra` is appended (growth stages…). fp32: the
+/// parity tests compare against fp32 references at tight tolerances.
 pub fn test_job_toml(name: &str, max_steps: u64, extra: &str) -> String {
+    test_job_toml_with(name, max_steps, "precision = \"fp32\"", extra)
+}
+
+/// [`test_job_toml`] with `train` appended to the `[train]` section (e.g. `precision = "bf16"`).
+pub fn test_job_toml_with(name: &str, max_steps: u64, train_extra: &str, extra: &str) -> String {
     let (train, valid) = small_corpus();
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trellis-worker-data-cache");
     format!(
@@ -172,6 +178,7 @@ warmup_steps = 3
 eval_interval = 0
 eval_sequences = 8
 threads = 1
+{train_extra}
 
 [checkpoint]
 interval = 0
@@ -185,8 +192,18 @@ keep = 10
 }
 
 pub fn test_spec(name: &str, max_steps: u64, extra: &str) -> trellis_core::job::JobSpec {
+    test_spec_with(name, max_steps, "precision = \"fp32\"", extra)
+}
+
+/// [`test_spec`] with `train` appended to the `[train]` section.
+pub fn test_spec_with(
+    name: &str,
+    max_steps: u64,
+    train: &str,
+    extra: &str,
+) -> trellis_core::job::JobSpec {
     trellis_core::job::JobSpec::from_toml(
-        &test_job_toml(name, max_steps, extra),
+        &test_job_toml_with(name, max_steps, train, extra),
         Path::new("."),
         "test",
     )
