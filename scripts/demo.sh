@@ -13,9 +13,19 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-echo "demo: starting trellis-coordinator (store file:$OUT/store)"
+# Throwaway mTLS certificates (a CA, the coordinator's, operator/viewer and one per worker):
+# gRPC runs with mTLS and roles even on loopback, and job paths are confined (docs/security.md).
+CERTS=$OUT/certs
+"$BIN/coordctl" certs init "$CERTS" >/dev/null
+for i in 0 1; do "$BIN/coordctl" certs worker "demo-worker-$i" "$CERTS" >/dev/null; done
+# Spec paths with `..` are confined once they exist: make the cache and checkpoint dirs first.
+mkdir -p "$OUT/data" "$OUT/checkpoints"
+
+echo "demo: starting trellis-coordinator (store file:$OUT/store, mTLS with certificates in $CERTS)"
 "$BIN/trellis-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --store "file:$OUT/store" --run-dir "$OUT" --job deploy/jobs/demo.toml >"$OUT/coordinator.log" 2>&1 &
+  --store "file:$OUT/store" --run-dir "$OUT" --job deploy/jobs/demo.toml \
+  --tls-cert "$CERTS/coordinator.crt" --tls-key "$CERTS/coordinator.key" --client-ca "$CERTS/ca.crt" \
+  --allowed-root corpus --allowed-root "$OUT" >"$OUT/coordinator.log" 2>&1 &
 pids+=($!)
 banner=""
 for _ in $(seq 1 100); do
@@ -27,11 +37,14 @@ done
 [ -n "$banner" ] || { echo "demo: the coordinator printed no listening line; see $OUT/coordinator.log" >&2; exit 1; }
 grpc=$(sed -E 's/.*grpc=([^ ]+).*/\1/' <<<"$banner")
 metrics=$(sed -E 's/.*metrics=([^ ]+).*/\1/' <<<"$banner")
-export TRELLIS_ENDPOINT="http://$grpc"
-echo "demo: coordinator at $TRELLIS_ENDPOINT, metrics at http://$metrics/metrics"
+export TRELLIS_ENDPOINT="https://$grpc"
+export TRELLIS_CA="$CERTS/ca.crt" TRELLIS_CERT="$CERTS/operator.crt" TRELLIS_KEY="$CERTS/operator.key"
+echo "demo: coordinator at $TRELLIS_ENDPOINT (coordctl uses TRELLIS_CA/CERT/KEY), metrics at http://$metrics/metrics"
 
 for i in 0 1; do
-  "$BIN/trellis-worker" --coordinator "$TRELLIS_ENDPOINT" --device cpu >"$OUT/worker-$i.log" 2>&1 &
+  "$BIN/trellis-worker" --coordinator "$TRELLIS_ENDPOINT" --device cpu \
+    --tls-cert "$CERTS/worker-demo-worker-$i.crt" --tls-key "$CERTS/worker-demo-worker-$i.key" \
+    --ca "$CERTS/ca.crt" >"$OUT/worker-$i.log" 2>&1 &
   pids+=($!)
 done
 echo "demo: 2 workers started; watching the job (growth ×4 at step 120 of 400)"

@@ -26,7 +26,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-PY_EXTRAS="pyarrow zstandard tensorboard"
+PY_EXTRAS="pyarrow zstandard tensorboard grpcio"
 if ! [ -f "$VENV/.complete" ]; then
   echo "setup: creating $VENV with torch==$TORCH_VERSION (about 2 min, 4.6 GB, once)"
   rm -rf "$VENV"
@@ -36,7 +36,7 @@ if ! [ -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 # Test-only Python packages (parquet / zstd corpora made by the real libraries, TensorBoard's
-# reader); installed into venvs made before they were added too.
-if ! "$VENV/bin/python" -c "import pyarrow, zstandard, tensorboard" 2>/dev/null; then
+# reader, grpcio as an independent mTLS client); installed into venvs made before they were added too.
+if ! "$VENV/bin/python" -c "import pyarrow, zstandard, tensorboard, grpc" 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check $PY_EXTRAS
 fi

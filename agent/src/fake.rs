@@ -31,6 +31,9 @@ pub struct FakeConfig {
     pub fail_commit: bool,
     /// Panic on the training thread at this step (a bug in the trainer).
     pub panic_at_step: Option<u64>,
+    /// Commit checkpoints into this directory instead of `<job_root>/step-N` (a rank 0 that
+    /// writes elsewhere: the coordinator must not record it).
+    pub commit_elsewhere: Option<std::path::PathBuf>,
     /// Every runner appends what it did here.
     pub events: Arc<Mutex<Vec<Event>>>,
 }
@@ -199,7 +202,13 @@ impl Runner for FakeRunner {
             }
         }
         std::fs::write(tmp.join("trainer_state.json"), serde_json::to_vec(&st)?)?;
-        let dir = job_root.join(format!("step-{step}"));
+        let dir = match &self.cfg.commit_elsewhere {
+            Some(d) => d.join(format!("step-{step}")),
+            None => job_root.join(format!("step-{step}")),
+        };
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }

@@ -238,6 +238,9 @@ pub struct AgentOptions {
     pub give_up_after: Option<Duration>,
     /// Sleep between loop iterations while not stepping (paused, holding, finished).
     pub idle_poll: Duration,
+    /// mTLS to the coordinator (`https://` endpoints): the job's CA and this worker's
+    /// certificate (`trellis_auth::tls::client_tls`); its worker id must be `worker_id`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for AgentOptions {
@@ -252,6 +255,7 @@ impl Default for AgentOptions {
             reconnect_max: Duration::from_secs(5),
             give_up_after: None,
             idle_poll: Duration::from_millis(20),
+            tls: None,
         }
     }
 }
@@ -379,7 +383,14 @@ pub async fn run<F: RunnerFactory>(
     let mut next = 0usize;
     loop {
         let current = endpoints[next % endpoints.len()].clone();
-        let session = session(&current, hello.clone(), &sink, &ctl_tx, &progress);
+        let session = session(
+            &current,
+            options.tls.as_ref(),
+            hello.clone(),
+            &sink,
+            &ctl_tx,
+            &progress,
+        );
         tokio::select! {
             r = &mut done_rx => return r.unwrap_or_else(|_| Err(trainer_panicked())),
             r = session => match r {
@@ -446,6 +457,7 @@ struct Progress {
 /// One session; Ok(true) once it had connected and then ended.
 async fn session(
     endpoint: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
     hello: pb::Hello,
     sink: &Sink,
     ctl: &std::sync::mpsc::Sender<Control>,
@@ -455,11 +467,16 @@ async fn session(
         endpoint: endpoint.to_string(),
         detail,
     };
-    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| unavailable(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true);
+    if let Some(t) = tls {
+        ep = ep
+            .tls_config(t.clone())
+            .map_err(|e| Error::Rejected(format!("TLS to {endpoint}: {e}")))?;
+    }
     let channel = ep.connect().await.map_err(|e| unavailable(e.to_string()))?;
     let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -470,7 +487,14 @@ async fn session(
     let mut inbound = client
         .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
         .await
-        .map_err(|e| unavailable(e.message().to_string()))?
+        .map_err(|e| match e.code() {
+            // The coordinator refused this worker's certificate or the id it claims: retrying
+            // cannot help.
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                Error::Rejected(format!("{endpoint}: {}", e.message()))
+            }
+            _ => unavailable(e.message().to_string()),
+        })?
         .into_inner();
     *sink.lock().unwrap() = Some(tx.clone());
     info!(worker_id = %hello.worker_id, endpoint, "connected to the coordinator");

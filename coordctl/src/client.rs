@@ -1,8 +1,9 @@
 //! The coordinator's `ControlService`: connect, then one function per RPC. Every gRPC failure
-//! becomes a [`Failure`] here, with its exit code (1 refused, 3 unreachable / retryable).
+//! becomes a [`Failure`] here, with its exit code (1 refused, including a refused TLS handshake
+//! and PERMISSION_DENIED, 3 unreachable / retryable).
 use crate::Failure;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use trellis_proto as pb;
 use trellis_proto::control_service_client::ControlServiceClient;
@@ -13,30 +14,70 @@ pub struct Client {
     timeout: Duration,
 }
 
-/// `host:port` without a scheme means `http://host:port`.
-pub fn normalize_endpoint(url: &str) -> Result<String, Failure> {
+/// `host:port` without a scheme means `http://host:port`; `https://` needs `tls` (mTLS with
+/// `--ca`, `--cert`, `--key`), and `tls` needs `https://`.
+pub fn normalize_endpoint(url: &str, tls: bool) -> Result<String, Failure> {
     let url = url.trim();
     let url = if url.contains("://") {
         url.to_string()
+    } else if tls {
+        format!("https://{url}")
     } else {
         format!("http://{url}")
     };
-    if let Some(rest) = url.strip_prefix("https://") {
-        return Err(Failure::invalid(format!(
-            "--endpoint https://{rest}: this coordctl speaks plain gRPC only; use http:// (put TLS in a proxy in front of the coordinator)"
-        )));
-    }
-    if !url.starts_with("http://") {
-        return Err(Failure::invalid(format!(
-            "--endpoint '{url}' is not an http:// URL; use e.g. http://127.0.0.1:50051"
-        )));
+    let example = if tls {
+        "https://127.0.0.1:50051"
+    } else {
+        "http://127.0.0.1:50051"
+    };
+    match (url.split_once("://").map(|(s, _)| s), tls) {
+        (Some("http"), false) | (Some("https"), true) => {}
+        (Some("https"), false) => {
+            return Err(Failure::invalid(format!(
+                "--endpoint {url} is TLS: give the job's CA and a client certificate with --ca, \
+                 --cert and --key (or TRELLIS_CA, TRELLIS_CERT, TRELLIS_KEY; `coordctl certs init`)"
+            )))
+        }
+        (Some("http"), true) => {
+            return Err(Failure::invalid(format!(
+                "--endpoint {url} is plaintext but --ca/--cert/--key are set: use https://{}",
+                url.trim_start_matches("http://")
+            )))
+        }
+        _ => {
+            return Err(Failure::invalid(format!(
+                "--endpoint '{url}' is not an http:// or https:// URL; use e.g. {example}"
+            )))
+        }
     }
     Endpoint::from_shared(url.clone()).map_err(|e| {
         Failure::invalid(format!(
-            "--endpoint '{url}' is not a valid URL ({e}); use e.g. http://127.0.0.1:50051"
+            "--endpoint '{url}' is not a valid URL ({e}); use e.g. {example}"
         ))
     })?;
     Ok(url)
+}
+
+/// A TLS handshake the coordinator (or this client) refused: no, or an untrusted, certificate.
+/// Exit 1 (refused), not 3: retrying with the same certificate cannot succeed (see also
+/// [`Client::check_tls`]).
+fn tls_refusal(url: &str, cause: &str) -> Option<Failure> {
+    let tls = url.starts_with("https://")
+        && [
+            "alert",
+            "certificate",
+            "handshake",
+            "tls",
+            "operation was canceled",
+        ]
+        .iter()
+        .any(|w| cause.contains(w));
+    tls.then(|| {
+        Failure::refused(format!(
+            "the TLS handshake with the coordinator at {url} failed or was refused ({cause}); \
+             use --ca, --cert and --key issued by this job's CA (`coordctl certs`)"
+        ))
+    })
 }
 
 /// The innermost cause of an error, short and lowercase ("connection refused").
@@ -60,20 +101,54 @@ fn unreachable_message(url: &str, cause: &str) -> String {
 }
 
 impl Client {
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Client, Failure> {
-        let url = normalize_endpoint(url)?;
-        let endpoint = Endpoint::from_shared(url.clone())
+    pub async fn connect(
+        url: &str,
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Client, Failure> {
+        let url = normalize_endpoint(url, tls.is_some())?;
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Failure::invalid(format!("--endpoint '{url}': {e}")))?
             .connect_timeout(timeout.min(Duration::from_secs(10)));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Failure::unreachable(unreachable_message(&url, &root_cause(&e))))?;
-        Ok(Client {
+        if let Some(t) = tls {
+            endpoint = endpoint
+                .tls_config(t)
+                .map_err(|e| Failure::invalid(format!("--ca/--cert/--key: {e}")))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            let cause = root_cause(&e);
+            tls_refusal(&url, &cause)
+                .unwrap_or_else(|| Failure::unreachable(unreachable_message(&url, &cause)))
+        })?;
+        let mut client = Client {
             inner: ControlServiceClient::new(channel),
             url,
             timeout,
-        })
+        };
+        if client.url.starts_with("https://") {
+            client.check_tls().await?;
+        }
+        Ok(client)
+    }
+
+    /// With TLS 1.3 the client finishes its side of the handshake before the server checks
+    /// the client's certificate, so a refused certificate surfaces only as the first call
+    /// failing in transport (broken pipe, cancelled, reset), not as a gRPC status. Make that
+    /// first call here (a status read): a transport failure right after connecting is the
+    /// refused handshake (exit 1); any answer from the coordinator, even a refusal, is fine.
+    async fn check_tls(&mut self) -> Result<(), Failure> {
+        let req = self.request(pb::GetStatusRequest::default());
+        match self.inner.get_status(req).await {
+            Err(s) if std::error::Error::source(&s).is_some() => {
+                let cause = root_cause(&s);
+                Err(Failure::refused(format!(
+                    "the TLS handshake with the coordinator at {} failed or was refused ({cause}); \
+                     use --ca, --cert and --key issued by this job's CA (`coordctl certs`)",
+                    self.url
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A request with the timeout and, when this coordctl exports traces, the W3C
@@ -98,7 +173,12 @@ impl Client {
         match s.code() {
             Code::Unavailable => {
                 let cause = if msg.is_empty() { "unavailable".to_string() } else { msg };
-                Failure::unreachable(unreachable_message(&self.url, &cause))
+                let cause = match std::error::Error::source(&s) {
+                    Some(_) => format!("{cause}: {}", root_cause(&s)),
+                    None => cause,
+                };
+                tls_refusal(&self.url, &cause.to_lowercase())
+                    .unwrap_or_else(|| Failure::unreachable(unreachable_message(&self.url, &cause)))
             }
             Code::DeadlineExceeded | Code::Cancelled if s.code() == Code::DeadlineExceeded || msg.to_lowercase().contains("timeout") => Failure::unreachable(format!(
                 "{what}: no answer from the coordinator at {} within {}s; retry, or raise --timeout",
@@ -110,7 +190,9 @@ impl Client {
                 self.url
             )),
             Code::Unknown if std::error::Error::source(&s).is_some() => {
-                Failure::unreachable(unreachable_message(&self.url, &root_cause(&s)))
+                let cause = root_cause(&s);
+                tls_refusal(&self.url, &cause)
+                    .unwrap_or_else(|| Failure::unreachable(unreachable_message(&self.url, &cause)))
             }
             Code::Unimplemented => Failure::refused(format!(
                 "{what}: the coordinator at {} does not implement it ({msg}); is it the same Trellis version as coordctl?",

@@ -1,8 +1,9 @@
 //! `coordctl`, the Trellis operator CLI (see the README's Commands). It never links libtorch: offline commands
 //! use `trellis-core` only, online ones speak gRPC to the coordinator's `ControlService`.
 //!
-//! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused, 2 usage or
-//! invalid local input (checked before any connection), 3 unreachable / retryable.
+//! Exit codes, decided in one place ([`Failure`]): 0 ok, 1 the coordinator refused (including
+//! PERMISSION_DENIED and a refused TLS handshake), 2 usage or invalid local input (checked
+//! before any connection), 3 unreachable / retryable.
 mod certs;
 mod client;
 mod output;
@@ -95,7 +96,12 @@ fn one_line(s: &str) -> String {
     name = "coordctl",
     version,
     about = "Operate a Trellis coordinator: submit, watch, grow, checkpoint, export",
-    after_help = "Exit codes: 0 ok, 1 the coordinator refused, 2 usage or invalid input, 3 unreachable (retry)."
+    after_help = "mTLS: --endpoint https://HOST:PORT --ca ca.crt --cert operator.crt --key operator.key \
+(or TRELLIS_CA, TRELLIS_CERT, TRELLIS_KEY); a viewer certificate may only read (status, workers, \
+loss, watch, checkpoint list, plan).\n\
+Exit codes: 0 ok, 1 the coordinator refused (including PERMISSION_DENIED, a call the certificate's \
+role may not make, and a failed TLS handshake: no or untrusted certificate), 2 usage or invalid \
+input, 3 unreachable (retry)."
 )]
 struct Cli {
     /// Coordinator gRPC endpoint.
@@ -106,6 +112,15 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     endpoint: String,
+    /// mTLS (with an https:// endpoint): the job's CA certificate (ca.crt).
+    #[arg(long, global = true, env = "TRELLIS_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// mTLS: this client's certificate (operator.crt or viewer.crt; `coordctl certs init`).
+    #[arg(long, global = true, env = "TRELLIS_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// mTLS: this client's private key.
+    #[arg(long, global = true, env = "TRELLIS_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Output format; `json` is stable for scripts (docs/coordctl.md).
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -425,6 +440,29 @@ where
     })
 }
 
+/// `--ca`, `--cert`, `--key`: all three (mTLS), `--ca` alone (TLS without a client
+/// certificate: a Trellis coordinator refuses the handshake), or none; files checked before
+/// connecting.
+fn client_tls(cli: &Cli) -> Result<Option<tonic::transport::ClientTlsConfig>, Failure> {
+    match (&cli.ca, &cli.cert, &cli.key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => trellis_auth::tls::client_tls(ca, cert, key)
+            .map(Some)
+            .map_err(|e| Failure::invalid(e.to_string())),
+        (Some(ca), None, None) => {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Failure::invalid(format!("cannot read --ca {}: {e}", ca.display())))?;
+            Ok(Some(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            ))
+        }
+        _ => Err(Failure::invalid(
+            "mTLS needs --ca, --cert and --key together (or TRELLIS_CA, TRELLIS_CERT, TRELLIS_KEY)",
+        )),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
     match &cli.command {
@@ -443,7 +481,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Everything below talks to the coordinator: check local input first, then connect.
     let local = prepare(&cli.command)?;
-    let endpoint = client::normalize_endpoint(&cli.endpoint)?;
+    let tls = client_tls(&cli)?;
+    let endpoint = client::normalize_endpoint(&cli.endpoint, tls.is_some())?;
     let timeout = Duration::from_secs_f64(cli.timeout);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -472,7 +511,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let r = rt.block_on(tracing::Instrument::instrument(
         async move {
-            let mut c = Client::connect(&endpoint, timeout).await?;
+            let mut c = Client::connect(&endpoint, timeout, tls).await?;
             remote(&mut c, format, &cli.command, local).await
         },
         span,

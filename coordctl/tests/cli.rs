@@ -13,7 +13,11 @@ struct Run {
 
 fn coordctl_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordctl"));
-    cmd.args(args).env_remove("TRELLIS_ENDPOINT");
+    cmd.args(args)
+        .env_remove("TRELLIS_ENDPOINT")
+        .env_remove("TRELLIS_CA")
+        .env_remove("TRELLIS_CERT")
+        .env_remove("TRELLIS_KEY");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -240,6 +244,72 @@ fn bad_endpoint_is_exit_2() {
         let line = assert_error(&r, 2, ep);
         assert!(line.contains("--endpoint"), "{line}");
     }
+}
+
+#[test]
+fn tls_flags_are_checked_locally() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("pki");
+    assert_eq!(coordctl(&["certs", "init", d.to_str().unwrap()]).code, 0);
+    let f = |n: &str| d.join(n).display().to_string();
+    let (ca, cert, key) = (f("ca.crt"), f("operator.crt"), f("operator.key"));
+    let e = assert_error(
+        &coordctl(&[
+            "--endpoint",
+            "https://127.0.0.1:1",
+            "--cert",
+            &cert,
+            "status",
+        ]),
+        2,
+        "--cert alone",
+    );
+    assert!(e.contains("--ca, --cert and --key"), "{e}");
+    let missing = f("nope.crt");
+    let e = assert_error(
+        &coordctl(&[
+            "--endpoint",
+            "https://127.0.0.1:1",
+            "--ca",
+            &missing,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "status",
+        ]),
+        2,
+        "missing CA file",
+    );
+    assert!(e.contains("nope.crt"), "{e}");
+    let e = assert_error(
+        &coordctl(&[
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "status",
+        ]),
+        2,
+        "TLS files with http://",
+    );
+    assert!(e.contains("https://"), "{e}");
+    // From the environment too; unreachable stays exit 3 (not a TLS refusal).
+    let dead = dead_endpoint().replace("http://", "https://");
+    let r = coordctl_env(
+        &["--endpoint", &dead, "status"],
+        &[
+            ("TRELLIS_CA", &ca),
+            ("TRELLIS_CERT", &cert),
+            ("TRELLIS_KEY", &key),
+        ],
+    );
+    let e = assert_error(&r, 3, "unreachable over TLS");
+    assert!(e.contains("cannot reach"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------

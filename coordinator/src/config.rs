@@ -41,6 +41,16 @@ pub struct CoordinatorConfig {
     /// Leader election (etcd stores): the leader's lease TTL. A standby coordinator takes over
     /// about this long after the leader dies.
     pub leader_ttl_secs: u64,
+    /// mTLS for gRPC (all three or none): this server certificate and key (PEM), and the CA
+    /// that client certificates must be signed by (`coordctl certs init`).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    /// Serve gRPC without TLS on a non-loopback address (unauthenticated; logs a warning).
+    pub insecure: bool,
+    /// Directories every path of a submitted job spec must stay inside (with
+    /// `checkpoint_root`); required with TLS. None on plaintext loopback: paths are not confined.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -63,6 +73,11 @@ impl Default for CoordinatorConfig {
             checkpoint_root: None,
             run_dir: None,
             leader_ttl_secs: 5,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            insecure: false,
+            allowed_roots: Vec::new(),
         }
     }
 }

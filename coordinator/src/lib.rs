@@ -17,6 +17,7 @@ pub mod error;
 pub mod loss;
 pub mod metrics;
 pub mod plan;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod state;

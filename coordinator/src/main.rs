@@ -1,5 +1,6 @@
 //! `trellis-coordinator [--config FILE] [--listen ADDR] [--store file:DIR | etcd:URL[,URL…]]
-//! [--metrics-listen ADDR] [--job FILE]`
+//! [--metrics-listen ADDR] [--job FILE] [--tls-cert F --tls-key F --client-ca F | --insecure]
+//! [--allowed-root DIR]...`
 use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
@@ -43,6 +44,24 @@ struct Cli {
     /// leader dies.
     #[arg(long)]
     leader_ttl_secs: Option<u64>,
+    /// mTLS: this server certificate (PEM; `coordctl certs init`). With --tls-key and
+    /// --client-ca: gRPC requires client certificates signed by that CA, and roles.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// mTLS: the server certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// mTLS: the CA that client certificates must be signed by (ca.crt).
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// Serve gRPC without TLS on a non-loopback address (anyone who reaches it can do
+    /// anything; logs a warning at every start).
+    #[arg(long)]
+    insecure: bool,
+    /// A directory submitted job spec paths must stay inside (repeatable; with
+    /// checkpoint_root). Required with TLS.
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<PathBuf>,
     /// Where metrics.jsonl and TensorBoard event files go (default: the job's checkpoint dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -95,6 +114,17 @@ fn run() -> anyhow::Result<()> {
     if let Some(v) = cli.leader_ttl_secs {
         cfg.leader_ttl_secs = v;
     }
+    if let Some(v) = cli.tls_cert {
+        cfg.tls_cert = Some(v);
+    }
+    if let Some(v) = cli.tls_key {
+        cfg.tls_key = Some(v);
+    }
+    if let Some(v) = cli.client_ca {
+        cfg.client_ca = Some(v);
+    }
+    cfg.insecure |= cli.insecure;
+    cfg.allowed_roots.extend(cli.allowed_roots);
     if let Some(v) = cli.run_dir {
         cfg.run_dir = Some(v);
     }

@@ -1,9 +1,11 @@
-//! Wiring: the gRPC server (services, health, reflection), `/metrics`, the membership ticker.
+//! Wiring: the gRPC server (services, health, reflection; mTLS and roles when configured),
+//! `/metrics` (plaintext, on its own listener), the membership ticker.
 use crate::config::CoordinatorConfig;
 use crate::domain::{Domain, DomainOptions};
 use crate::error::{Error, Result};
 use crate::loss::WatcherConfig;
 use crate::metrics::Metrics;
+use crate::security;
 use crate::service::{ControlSvc, Shared, WorkerSvc};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,25 +96,8 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     let metrics = Arc::new(Metrics::new());
     let domain = Domain::open(store, domain_options(cfg), metrics.clone()).await?;
     let shared: Shared = Arc::new(Mutex::new(domain));
-    if let Some(job) = &cfg.job {
-        let mut d = shared.lock().await;
-        if d.status(None).is_err() {
-            let text = std::fs::read_to_string(job).map_err(|e| {
-                Error::InvalidArgument(format!("cannot read job spec {}: {e}", job.display()))
-            })?;
-            let base = job
-                .parent()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            let base = if base.is_empty() { ".".into() } else { base };
-            d.submit(&text, &base).await?;
-        } else {
-            info!(
-                "the store already holds a job; --job {} ignored",
-                job.display()
-            );
-        }
-    }
+    let tls = security::server_tls(cfg)?;
+    let confinement = security::confinement(cfg, tls.is_some())?.map(Arc::new);
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| {
@@ -124,6 +109,36 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
+    security::check_plaintext(cfg, tls.is_some(), grpc_addr)?;
+    if let Some(job) = &cfg.job {
+        let mut d = shared.lock().await;
+        if d.status(None).is_err() {
+            let text = std::fs::read_to_string(job).map_err(|e| {
+                Error::InvalidArgument(format!("cannot read job spec {}: {e}", job.display()))
+            })?;
+            let base = job
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let base = if base.is_empty() { ".".into() } else { base };
+            if let Some(c) = &confinement {
+                // Confined paths must be absolute: resolve the spec's directory here.
+                let base = std::path::absolute(&base)
+                    .map_err(|e| Error::InvalidArgument(format!("--job {}: {e}", job.display())))?
+                    .display()
+                    .to_string();
+                c.check_spec(&text, &base)?;
+                d.submit(&text, &base).await?;
+            } else {
+                d.submit(&text, &base).await?;
+            }
+        } else {
+            info!(
+                "the store already holds a job; --job {} ignored",
+                job.display()
+            );
+        }
+    }
     let mut tasks = Vec::new();
     let mut metrics_addr = None;
     if !cfg.metrics_listen.is_empty() {
@@ -194,24 +209,41 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let (stx, srx) = tokio::sync::oneshot::channel::<()>();
-    let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(shared.clone()));
+    let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(
+        shared.clone(),
+        confinement,
+    ));
     let workers = pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(shared.clone()))
         .max_decoding_message_size(64 << 20);
     // TCP_NODELAY: without it small answers (GetStatus, commands) wait out delayed ACKs (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // With TLS: client certificates required (the handshake fails without one from the
+    // job's CA) and every call needs its role (`AuthLayer`: PERMISSION_DENIED naming it).
+    let secured = tls
+        .map(|t| tonic::transport::Server::builder().tls_config(t))
+        .transpose()
+        .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
+    macro_rules! serve {
+        ($builder:expr) => {
+            $builder
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .trace_fn(request_span)
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
+                .add_service(control)
+                .add_service(workers)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = srx.await;
+                })
+                .await
+        };
+    }
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .trace_fn(request_span)
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(control)
-            .add_service(workers)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = srx.await;
-            })
-            .await;
+        let r = match secured {
+            Some(b) => serve!(b.layer(trellis_auth::AuthLayer)),
+            None => serve!(tonic::transport::Server::builder()),
+        };
         if let Err(e) = r {
             warn!("gRPC server ended: {e}");
         }

@@ -1,6 +1,7 @@
 //! Thin tonic handlers: decode → domain call → encode.
 use crate::domain::Domain;
 use crate::error::Error;
+use crate::security::Confinement;
 use crate::wire;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ fn job_id(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The control service; the second field confines submitted specs' paths (`None`: not
+/// confined, a plaintext coordinator without `--allowed-root`).
 #[derive(Clone)]
-pub struct ControlSvc(pub Shared);
+pub struct ControlSvc(pub Shared, pub Option<Arc<Confinement>>);
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
 
@@ -31,6 +34,9 @@ impl pb::control_service_server::ControlService for ControlSvc {
         r: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let r = r.into_inner();
+        if let Some(c) = &self.1 {
+            c.check_spec(&r.spec_toml, &r.base_dir)?;
+        }
         Ok(Response::new(
             self.0
                 .lock()
@@ -207,6 +213,9 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         &self,
         r: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        // With mTLS the client certificate names the worker id (AuthLayer admitted only worker
+        // certificates here): a session may only be opened as that id.
+        let certified = trellis_auth::request_identity(&r).map(|id| id.name().to_string());
         let mut inbound = r.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(pb::WorkerMessage {
@@ -220,6 +229,15 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("session closed before Hello")),
         };
+        if let Some(id) = certified.filter(|id| *id != hello.worker_id) {
+            warn!(certificate = %id, claimed = %hello.worker_id, "refused a worker session claiming another worker id");
+            return Err(Status::permission_denied(format!(
+                "worker session refused: Hello names worker id {:?} but the client certificate \
+                 is worker {id:?}; a worker may only open a session as the id in its certificate \
+                 (`coordctl certs worker ID DIR`)",
+                hello.worker_id
+            )));
+        }
         let worker = WorkerId(hello.worker_id.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let session = self.0.lock().await.hello(hello, tx).await?;

@@ -334,6 +334,34 @@ async fn periodic_checkpoints_commit_and_the_job_finishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_outside_the_job_root_is_never_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("elsewhere", 2, 100000, 5, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let f = FakeConfig {
+        commit_elsewhere: Some(dir.path().join("elsewhere")),
+        ..fake(5)
+    };
+    let a0 = spawn_agent(ep.clone(), f.clone());
+    let a1 = spawn_agent(ep.clone(), f.clone());
+    // Rank 0 commits step 5, 10, ... elsewhere: training goes on, nothing is recorded.
+    let s = wait_status(&mut c, "training past several checkpoint steps", 60, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.step >= 25
+    })
+    .await;
+    assert!(
+        dir.path().join("elsewhere/step-5").is_dir(),
+        "the fake committed elsewhere"
+    );
+    assert!(s.checkpoints.is_empty(), "recorded: {:?}", s.checkpoints);
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deterministic_failure_fails_the_job_after_three_stalled_rollbacks() {
     let dir = tempfile::tempdir().unwrap();
     let running = coordinator(dir.path()).await;

@@ -94,8 +94,17 @@ struct SimWorker {
     fail_next: bool,
 }
 
-/// The disk: committed checkpoint directories and what they hold.
+/// The disk: committed checkpoint directories and what they hold, per generation (a growth
+/// commits the same `step-N` before and after stacking).
 type Disk = BTreeMap<String, Snapshot>;
+
+/// The job root the coordinator gives the workers (`<base>/checkpoints/<job>`): it refuses a
+/// commit anywhere but `<job_root>/step-N`.
+const JOB_ROOT: &str = "/nonexistent-base/checkpoints/sim";
+
+fn disk_key(dir: &str, generation: u64) -> String {
+    format!("{dir}@g{generation}")
+}
 
 struct Sim {
     store_dir: tempfile::TempDir,
@@ -274,7 +283,7 @@ impl Sim {
                         }
                     } else {
                         *disk
-                            .get(&a.restore_from)
+                            .get(&disk_key(&a.restore_from, a.generation))
                             .expect("assignments restore only committed checkpoints")
                     };
                     assert_eq!(
@@ -351,8 +360,8 @@ impl Sim {
                 pb::command::Kind::CommitCheckpoint(cc) => {
                     let snap = w.pending.expect("a commit follows this rank's own shards");
                     assert_eq!(snap.step, cc.step, "commit of the step the shards hold");
-                    let dir = format!("/sim/ckpt/step-{}-g{}", snap.step, snap.generation);
-                    self.disk.insert(dir.clone(), snap);
+                    let dir = format!("{JOB_ROOT}/step-{}", snap.step);
+                    self.disk.insert(disk_key(&dir, snap.generation), snap);
                     let w = &mut self.workers[i];
                     let r = pb::ack::Result::Commit(pb::CommitAck { dir });
                     w.outbox.push_back(pb::worker_message::Kind::Ack(ack(
@@ -608,7 +617,7 @@ impl Sim {
             assert_ne!(c.reason, Reason::InitFrom);
             let snap = self
                 .disk
-                .get(&c.dir)
+                .get(&disk_key(&c.dir, c.generation.0))
                 .unwrap_or_else(|| panic!("invariant 2: {} is not on disk; {}", c.dir, ctx()));
             assert_eq!(
                 (snap.step, snap.generation, snap.layers, snap.cursor),

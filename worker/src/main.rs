@@ -6,6 +6,7 @@
 //! trellis-worker bench --job JOB.toml [--steps N] [--warmup N] [--precision fp32|bf16|auto]
 //!                      [--activation-checkpointing true|false]
 //! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
+//! trellis-worker --coordinator https://… --tls-cert F --tls-key F --ca F   (mTLS)
 //! ```
 //! Errors are one line on stderr; exit 2 for bad input (spec, checkpoint, refused growth),
 //! 1 otherwise.
@@ -32,8 +33,24 @@ struct Cli {
     /// Managed mode: exit (code 3) when the coordinator has been unreachable this many seconds.
     #[arg(long, default_value_t = 600)]
     give_up_after: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     cmd: Option<Cmd>,
+}
+
+/// Managed mode over mTLS (`--coordinator https://…`): all three or none.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// This worker's certificate (`coordctl certs worker ID DIR`); it names the worker id.
+    #[arg(long, requires_all = ["tls_key", "ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This worker's private key.
+    #[arg(long, requires_all = ["tls_cert", "ca"])]
+    tls_key: Option<PathBuf>,
+    /// The job's CA certificate (ca.crt), the only one trusted for the coordinator.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -413,7 +430,7 @@ fn main() -> ExitCode {
             precision,
             activation_checkpointing,
         ),
-        (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after),
+        (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after, &cli.tls),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
         )
@@ -444,13 +461,31 @@ fn main() -> ExitCode {
 /// trainer runs on the agent's dedicated training thread. Environment (set by the Helm chart):
 /// `TRELLIS_WORKER_ID`, `TRELLIS_RING_PORT` (listen on 0.0.0.0:PORT), `TRELLIS_ADVERTISE_HOST`
 /// (the name peers reach this pod by).
-fn managed(url: &str, device: &str, give_up_after: u64) -> Result<()> {
+fn managed(url: &str, device: &str, give_up_after: u64, tls: &TlsArgs) -> Result<()> {
     parse_device(device).context("--device")?;
+    // mTLS: the worker id is the one in the certificate (the coordinator refuses any other).
+    let (tls, cert_id) = match (&tls.tls_cert, &tls.tls_key, &tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let pem = std::fs::read(cert)
+                .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
+            let id = trellis_auth::Identity::from_cert_pem(&pem).context("--tls-cert")?;
+            let id = id.worker_id().map(str::to_string).with_context(|| {
+                format!("--tls-cert {} is not a worker certificate ({id}); issue one with `coordctl certs worker ID DIR`", cert.display())
+            })?;
+            (
+                Some(trellis_auth::tls::client_tls(ca, cert, key)?),
+                Some(id),
+            )
+        }
+        _ => (None, None),
+    };
     let mut options = trellis_agent::AgentOptions {
         device: device.to_string(),
         worker_id: std::env::var("TRELLIS_WORKER_ID")
             .ok()
-            .filter(|s| !s.is_empty()),
+            .filter(|s| !s.is_empty())
+            .or(cert_id),
+        tls,
         ring_advertise_host: std::env::var("TRELLIS_ADVERTISE_HOST")
             .ok()
             .filter(|s| !s.is_empty()),

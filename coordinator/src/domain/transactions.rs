@@ -571,6 +571,7 @@ impl Domain {
                     .active
                     .take()
                     .expect("active");
+                self.check_commit_dir(&c)?;
                 self.record_checkpoint(&c, &active.clock).await?;
                 self.check_triggers().await
             }
@@ -579,6 +580,11 @@ impl Domain {
 
     /// Carry out an effect of the growth transaction.
     pub(super) async fn on_growth(&mut self, eff: growth::Effect) -> Result<()> {
+        if let growth::Effect::CheckpointCommitted(c) = &eff {
+            if let Err(e) = self.check_commit_dir(c) {
+                return self.rollback(&e.to_string(), None).await;
+            }
+        }
         let job = self.job.as_mut().expect("a job");
         let a = job.active.as_mut().expect("a growth in flight");
         let gen = match &a.txn {
@@ -765,6 +771,24 @@ impl Domain {
             .growth_last_phase_seconds
             .get_or_create(&[("phase", label)])
             .set(secs);
+    }
+
+    /// A committed checkpoint must be where the coordinator told the workers to write it,
+    /// `<job_root>/step-N`; anything else is refused (never recorded as a restore point).
+    fn check_commit_dir(&self, c: &Committed) -> Result<()> {
+        let job = self.job.as_ref().expect("a job");
+        let expected = trellis_core::checkpoint::step_dir(&job.job_root(&self.opts), c.step.0);
+        if std::path::Path::new(&c.dir) == expected {
+            return Ok(());
+        }
+        warn!(job_id = %job.id, step = %c.step, reported = %c.dir, expected = %expected.display(), "refused a checkpoint commit outside the job root");
+        Err(Error::InvalidArgument(format!(
+            "rank 0 reported checkpoint step {} committed at {}, not at {}; not recorded as a \
+             restore point",
+            c.step,
+            c.dir,
+            expected.display()
+        )))
     }
 
     /// Record a committed checkpoint (rank 0's commit ack is in): it becomes the restore point.
