@@ -58,6 +58,7 @@ fn checkpoint_info() -> pb::CheckpointInfo {
         committed_at: 1.7e9,
         reason: "post-growth".into(),
         layers: 8,
+        unusable: String::new(),
     }
 }
 
