@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     /// Where the job's `metrics.jsonl` and TensorBoard event files go; default: the job's
     /// checkpoint directory `<checkpoint root>/<job>`.
     pub run_dir: Option<PathBuf>,
+    /// At recovery, verify the restore point's files and hashes and fall back to an older
+    /// checkpoint when it is unusable (needs the checkpoint volume mounted; default true).
+    pub verify_checkpoints: bool,
     /// Leader election (etcd stores): the leader's lease TTL. A standby coordinator takes over
     /// about this long after the leader dies.
     pub leader_ttl_secs: u64,
@@ -72,6 +75,7 @@ impl Default for CoordinatorConfig {
             log_format: "text".into(),
             checkpoint_root: None,
             run_dir: None,
+            verify_checkpoints: true,
             leader_ttl_secs: 5,
             tls_cert: None,
             tls_key: None,

@@ -88,6 +88,7 @@ pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
         },
         checkpoint_root: cfg.checkpoint_root.clone(),
         run_dir: cfg.run_dir.clone(),
+        verify_checkpoints: cfg.verify_checkpoints,
     }
 }
 

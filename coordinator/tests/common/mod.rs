@@ -45,6 +45,8 @@ pub fn config() -> CoordinatorConfig {
         heartbeat_ttl_secs: 5.0,
         heartbeat_interval_secs: 0.5,
         tick_ms: 100,
+        // The fake agents write stand-in checkpoints, not the Trellis format.
+        verify_checkpoints: false,
         ..Default::default()
     }
 }
