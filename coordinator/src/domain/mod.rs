@@ -458,6 +458,10 @@ impl Domain {
             return Ok(None);
         }
         let mut refused: Vec<String> = Vec::new();
+        let original = self
+            .job
+            .as_ref()
+            .and_then(|j| j.state.last_checkpoint.clone());
         loop {
             let job = self.job.as_mut().expect("a job");
             let Some(c) = job.state.last_checkpoint.clone() else {
@@ -516,10 +520,12 @@ impl Domain {
             match older {
                 Some(o) => job.state.last_checkpoint = Some(o),
                 None => {
+                    // The job fails where it stood; nothing is restored.
+                    job.state.last_checkpoint = original;
                     return Ok(Some(format!(
                         "failed: no committed checkpoint can be restored: {}; restore one from a backup                          (`coordctl checkpoint list` shows them) or resubmit",
                         refused.join("; ")
-                    )))
+                    )));
                 }
             }
         }
