@@ -5,6 +5,8 @@ use std::process::Command;
 use tch::Tensor;
 use trellis_core::config::ModelConfig;
 
+pub mod local;
+
 /// The venv python with torch 2.11.0 and transformers (scripts/setup.sh makes it).
 pub fn python() -> PathBuf {
     let p = std::env::var("TRELLIS_PYTHON")
