@@ -405,3 +405,34 @@ mod tests {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
     }
 }
+
+/// What TensorBoard's own reader (`EventAccumulator`, run by `python`, which needs the
+/// `tensorboard` package) sees in a run directory: `{"scalars": {tag: [[step, value]]},
+/// "text": {tag: [[step, text]]}}`. For tests and tools that check what people will see.
+pub fn read_with_tensorboard(python: &Path, dir: &Path) -> Result<Value, String> {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "tensors": 0})
+acc.Reload()
+tags = acc.Tags()
+print(json.dumps({
+    "scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]},
+    "text": {t: [[e.step, e.tensor_proto.string_val[0].decode()] for e in acc.Tensors(t)]
+             for t in tags["tensors"]},
+}))
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the TensorBoard reader failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("unreadable reader output: {e}"))
+}

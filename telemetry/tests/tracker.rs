@@ -1,7 +1,6 @@
 //! The tracker's files read back by the real readers: TensorBoard's own `EventAccumulator`
 //! (the `tensorboard` Python package, through `TRELLIS_PYTHON`) and JSON.
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::{json, Value};
 use trellis_telemetry::tracker::line_step;
@@ -19,30 +18,7 @@ fn python() -> PathBuf {
 
 /// Scalars `{tag: [[step, value]]}` and texts `{tag: [[step, text]]}` as TensorBoard reads `dir`.
 pub fn tensorboard_read(dir: &Path) -> Value {
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "tensors": 0})
-acc.Reload()
-tags = acc.Tags()
-print(json.dumps({
-    "scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]},
-    "text": {t: [[e.step, e.tensor_proto.string_val[0].decode()] for e in acc.Tensors(t)]
-             for t in tags["tensors"]},
-}))
-"#;
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .arg(dir)
-        .output()
-        .expect("cannot run TRELLIS_PYTHON");
-    assert!(
-        out.status.success(),
-        "tensorboard reader failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    trellis_telemetry::tracker::read_with_tensorboard(&python(), dir).unwrap()
 }
 
 fn steps(v: &Value, tag: &str) -> Vec<u64> {

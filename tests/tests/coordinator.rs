@@ -548,20 +548,10 @@ fn grow_dp2_online_traced_and_every_sample_read_once() {
     let growth: Vec<&Value> = lines.iter().filter(|v| v["kind"] == "growth").collect();
     assert_eq!(growth.len(), 1, "{growth:?}");
     assert_eq!((u(&growth[0]["step"]), u(&growth[0]["to_layers"])), (at, 8));
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
-acc.Reload()
-print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
-"#;
     let python = std::env::var("TRELLIS_PYTHON").expect("TRELLIS_PYTHON (scripts/env.sh)");
-    let tb = run(
-        Command::new(python).arg("-c").arg(script).arg(&run_dir),
-        Duration::from_secs(120),
-    );
-    assert!(tb.status.success(), "tensorboard: {}", stderr_line(&tb));
-    let tb: Value = serde_json::from_slice(&tb.stdout).unwrap();
+    let tb = trellis_telemetry::tracker::read_with_tensorboard(Path::new(&python), &run_dir)
+        .unwrap()["scalars"]
+        .take();
     assert_eq!(
         tb["train/loss"].as_array().unwrap().len() as u64,
         max_steps,

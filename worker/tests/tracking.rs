@@ -9,19 +9,7 @@ use std::path::Path;
 use trellis_worker::standalone::{run_job, RunOptions};
 
 fn tensorboard_read(dir: &Path) -> Value {
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "tensors": 0})
-acc.Reload()
-tags = acc.Tags()
-print(json.dumps({
-    "scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]},
-    "text": {t: [[e.step, e.tensor_proto.string_val[0].decode()] for e in acc.Tensors(t)]
-             for t in tags["tensors"]},
-}))
-"#;
-    serde_json::from_str(&run_python(script, &[dir.to_str().unwrap()])).unwrap()
+    trellis_telemetry::tracker::read_with_tensorboard(&python(), dir).unwrap()
 }
 
 fn series(v: &Value, tag: &str) -> Vec<(u64, f64)> {
