@@ -72,7 +72,7 @@ impl FakeRunner {
                 ..Default::default()
             },
         };
-        let r = FakeRunner {
+        let mut r = FakeRunner {
             cfg,
             a: a.clone(),
             groups,
@@ -80,6 +80,11 @@ impl FakeRunner {
             pending: None,
         };
         r.log("build");
+        // A restore point of checkpoint + plan.
+        if let Some(order) = &a.restore_grow {
+            r.apply(order);
+            r.log("restore-grow");
+        }
         Ok(r)
     }
 
@@ -88,6 +93,14 @@ impl FakeRunner {
         move |a: &Assignment, groups: crate::Collectives| -> Result<Box<dyn Runner>, BoxError> {
             Ok(Box::new(FakeRunner::new(a, groups, cfg.clone())?))
         }
+    }
+
+    fn apply(&mut self, order: &GrowOrder) {
+        self.st.layers = match &order.spec.operator {
+            Operator::StackingList { layers } => layers.len(),
+            _ => self.st.layers * order.spec.factor,
+        };
+        self.st.generation = order.generation;
     }
 
     fn log(&self, what: &str) {
@@ -223,11 +236,7 @@ impl Runner for FakeRunner {
             self.log("grow-failed");
             return Err("injected growth failure".into());
         }
-        self.st.layers = match &order.spec.operator {
-            Operator::StackingList { layers } => layers.len(),
-            _ => self.st.layers * order.spec.factor,
-        };
-        self.st.generation = order.generation;
+        self.apply(order);
         self.log("grow");
         Ok(())
     }

@@ -88,6 +88,9 @@ pub struct Assignment {
     pub job_root: PathBuf,
     /// Data-cursor windows `[from, to)` to skip: when the cursor reaches `from`, jump to `to`.
     pub skip: Vec<(u64, u64)>,
+    /// The restore point is `restore_from` + this growth: apply it after the restore (the same
+    /// code as the online stack) to reach `generation`.
+    pub restore_grow: Option<GrowOrder>,
     /// Ring listen addresses of every rank, by rank (the DP group's ring).
     pub peers: Vec<String>,
     /// TP ring listen addresses of every rank, by rank (used when `tp > 1`).
@@ -181,6 +184,16 @@ pub trait Runner {
     fn begin_checkpoint_shards(&mut self, job_root: &Path) -> Result<ShardWriteJob, BoxError> {
         let r = self.write_checkpoint_shards(job_root)?;
         Ok(Box::new(move || Ok(r)))
+    }
+    /// [`Runner::begin_checkpoint_shards`] for a growth's checkpoint, taken holding: the
+    /// runner takes no step before the growth replaces every tensor of the snapshot (the agent
+    /// makes sure of it), so the snapshot may share those tensors instead of copying them.
+    /// Default: the copying snapshot.
+    fn begin_growth_checkpoint_shards(
+        &mut self,
+        job_root: &Path,
+    ) -> Result<ShardWriteJob, BoxError> {
+        self.begin_checkpoint_shards(job_root)
     }
     /// Rank 0 only, not collective: merge `reports`, write manifest + trainer state, rename to
     /// `step-<step>` and point `latest` at it. Returns the final directory.
@@ -578,6 +591,9 @@ struct Epoch {
 /// A checkpoint write in flight: acked (with the state of the step it snapshotted) when done.
 struct PendingWrite {
     cmd_id: u64,
+    /// A growth checkpoint's snapshot shares the runner's tensors: no step until the growth has
+    /// replaced them (cleared by a successful stack).
+    shared: bool,
     handle: std::thread::JoinHandle<std::result::Result<Option<ShardReport>, String>>,
     state: RunnerState,
     started: Instant,
@@ -614,6 +630,7 @@ fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxE
         restore_from: (!a.restore_from.is_empty()).then(|| PathBuf::from(&a.restore_from)),
         job_root: PathBuf::from(&a.job_root),
         skip: a.skip.iter().map(|w| (w.from, w.to)).collect(),
+        restore_grow: a.restore_grow.as_ref().map(grow_order).transpose()?,
         peers: a.peers.clone(),
         tp_peers: a.tp_peers.clone(),
         group_token: a.group_token.clone(),
@@ -694,9 +711,12 @@ impl<F: RunnerFactory> Trainer<F> {
     }
 
     /// [`Self::ack`] for work done at the step of `st` (a checkpoint written in the background
-    /// is acked with the step it snapshotted, not the step training has reached since).
+    /// is acked with the step it snapshotted, not the step training has reached since). The ack
+    /// carries the rank's current generation (a growth checkpoint's ack comes after the stack;
+    /// its `CheckpointAck` says which generation the shards hold).
     fn ack_at(&self, cmd_id: u64, phase: AckPhase, r: AckResult, st: &RunnerState) {
         let Some(e) = &self.epoch else { return };
+        let generation = e.runner.state().generation;
         let (ok, error, result, seconds) = match r {
             Ok((p, s)) => (true, String::new(), p, s),
             Err(err) => (false, err, None, 0.0),
@@ -705,7 +725,7 @@ impl<F: RunnerFactory> Trainer<F> {
             &self.sink,
             pb::worker_message::Kind::Ack(pb::Ack {
                 epoch: e.a.epoch,
-                generation: st.generation,
+                generation,
                 command_id: cmd_id,
                 phase: phase as i32,
                 ok,
@@ -936,6 +956,12 @@ impl<F: RunnerFactory> Trainer<F> {
             if e.failed || e.paused || e.hold || e.runner.state().step >= e.a.spec.train.max_steps {
                 continue;
             }
+            // A snapshot that shares the runner's tensors must be written before they change.
+            if e.writing.as_ref().is_some_and(|w| w.shared) {
+                self.poll_write(true);
+                continue;
+            }
+            let e = self.epoch.as_mut().expect("epoch");
             match e.runner.step() {
                 Ok(o) => {
                     self.progress.step.store(o.step, Ordering::Relaxed);
@@ -1011,10 +1037,12 @@ impl<F: RunnerFactory> Trainer<F> {
     fn execute(&mut self, cmd: pb::Command) {
         let Some(kind) = cmd.kind else { return };
         // Commands run in order: one that depends on the disk or the state (another
-        // checkpoint, its commit, a growth) waits for a background write to finish.
+        // checkpoint, its commit) waits for a background write to finish. A growth does not:
+        // it builds new tensors and leaves the snapshot's alone, so the growth checkpoint is
+        // written while the ranks stack and train the grown model.
         if !matches!(
             kind,
-            pb::command::Kind::Pause(_) | pb::command::Kind::Resume(_)
+            pb::command::Kind::Pause(_) | pb::command::Kind::Resume(_) | pb::command::Kind::Grow(_)
         ) {
             self.poll_write(true);
             if self.epoch.as_ref().is_none_or(|e| e.failed) {
@@ -1066,25 +1094,16 @@ impl<F: RunnerFactory> Trainer<F> {
                 let _span = span.enter();
                 let root = e.a.job_root.clone();
                 let st = e.runner.state();
-                match e.runner.begin_checkpoint_shards(&root) {
-                    // A growth's checkpoint holds the ranks anyway: write it now. Any other
-                    // is written in the background while training goes on, and acked when
-                    // its files are durable (`poll_write`).
-                    Ok(job) if c.hold => {
-                        e.hold = true;
-                        match job() {
-                            Ok(report) => self.ack_at(
-                                cmd.id,
-                                AckPhase::Checkpoint,
-                                Ok((
-                                    Some(checkpoint_ack(&report, &st)),
-                                    t0.elapsed().as_secs_f64(),
-                                )),
-                                &st,
-                            ),
-                            Err(err) => self.fail(AckPhase::Checkpoint, err.to_string()),
-                        }
-                    }
+                // Written in the background and acked when its files are durable
+                // (`poll_write`). A growth's checkpoint holds the ranks (no step before the
+                // growth) and its snapshot shares the tensors the growth replaces.
+                let begun = if c.hold {
+                    e.hold = true;
+                    e.runner.begin_growth_checkpoint_shards(&root)
+                } else {
+                    e.runner.begin_checkpoint_shards(&root)
+                };
+                match begun {
                     Ok(job) => {
                         let spawned = std::thread::Builder::new()
                             .name("trellis-ckpt-write".into())
@@ -1093,6 +1112,7 @@ impl<F: RunnerFactory> Trainer<F> {
                             Ok(handle) => {
                                 e.writing = Some(PendingWrite {
                                     cmd_id: cmd.id,
+                                    shared: c.hold,
                                     handle,
                                     state: st,
                                     started: t0,
@@ -1171,7 +1191,16 @@ impl<F: RunnerFactory> Trainer<F> {
                     };
                     let _span = span.enter();
                     match f(e.runner.as_mut(), &order) {
-                        Ok(()) => self.ack(cmd.id, name, Ok((None, t.elapsed().as_secs_f64()))),
+                        Ok(()) => {
+                            if name == AckPhase::Stack {
+                                // The grown model's tensors are new: the growth checkpoint's
+                                // snapshot no longer shares anything the runner changes.
+                                if let Some(w) = e.writing.as_mut() {
+                                    w.shared = false;
+                                }
+                            }
+                            self.ack(cmd.id, name, Ok((None, t.elapsed().as_secs_f64())))
+                        }
                         Err(err) => return self.fail(name, err.to_string()),
                     }
                 }

@@ -22,7 +22,8 @@ pub enum GrowPhase {
     Stack,
     Reshard,
     Resume,
-    /// Resumed; the post-growth checkpoint is not committed yet.
+    /// Every rank resumed with the grown model; the growth checkpoint (written in the
+    /// background) is not recorded yet.
     Committing,
     Done,
     RolledBack,
@@ -89,6 +90,11 @@ pub struct JobState {
     pub layout: LayoutInfo,
     /// The rollback point.
     pub last_checkpoint: Option<CheckpointRecord>,
+    /// When set, the restore point is `last_checkpoint` + this growth's plan (its growth
+    /// record, `based_on` that checkpoint): restoring loads the checkpoint and applies the plan,
+    /// as the online growth did. Cleared by the next recorded checkpoint.
+    #[serde(default)]
+    pub restore_growth: Option<Generation>,
     /// Data-cursor windows to skip (batches that produced a non-finite loss).
     pub skip: Vec<(u64, u64)>,
     /// Index of the next growth stage of the spec still to fire.
@@ -148,8 +154,8 @@ pub struct PhaseTimes {
     pub total: f64,
 }
 
-/// `/…/jobs/<job>/growth/<generation>`: one growth, done only once the post-growth checkpoint
-/// is committed.
+/// `/…/jobs/<job>/growth/<generation>`: one growth, done only once its growth checkpoint is
+/// recorded; a done growth is a deterministic plan applied to that checkpoint (`based_on`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GrowthRecordState {
     pub generation: Generation,
@@ -174,6 +180,11 @@ pub struct GrowthRecordState {
     /// Validation loss of the grown model before it trains.
     #[serde(default)]
     pub val_loss_after: Option<f64>,
+    /// The recorded checkpoint this growth applies its plan to (the growth checkpoint's
+    /// directory), once recorded: generation `generation` at `at_step` is restorable as this
+    /// checkpoint + the plan of the fields above.
+    #[serde(default)]
+    pub based_on: Option<String>,
 }
 
 pub fn now_unix() -> f64 {

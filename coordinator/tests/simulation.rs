@@ -1,13 +1,15 @@
 //! Deterministic simulation of the coordinator's transactions: the real driver
 //! ([`Domain`]) over a real embedded store (on tmpfs), with simulated workers that follow the
-//! worker protocol — lockstep commands, checkpoint shards and commits, the three growth phases —
+//! worker protocol — lockstep commands, checkpoint shards written in the background and acked
+//! when durable, commits, the three growth phases run while the growth checkpoint is written —
 //! and a scheduler that interleaves, at random, their steps, the delivery of their messages
 //! (delayed, duplicated, stale), lost workers, new workers, coordinator restarts (state
 //! reloaded from the store) and operator commands (grow, pause, resume, checkpoint).
 //!
 //! After every event the invariants of docs/design.md §Growth transaction are checked:
 //! 1. never half-grown: depth, size and layout are those of the generation;
-//! 2. the restore point is always a checkpoint rank 0 finalized on disk;
+//! 2. the restore point is always a checkpoint rank 0 finalized on disk, or such a checkpoint +
+//!    the plan of a done growth based on it;
 //! 3. a stale message (old epoch or generation) changes nothing;
 //! 4. every rollback ends in the old or the new generation (never further from the restore
 //!    point than one growth);
@@ -88,6 +90,9 @@ struct SimWorker {
     queue: BTreeMap<u64, pb::Command>,
     /// Shards written per checkpoint command (for the commit).
     pending: Option<Snapshot>,
+    /// Checkpoint writes in flight, oldest first: (command, snapshot, shares the runner's
+    /// tensors — a growth's, until its stack).
+    writes: VecDeque<(u64, Snapshot, bool)>,
     /// The session is gone; the process reconnects with a new one.
     disconnected: bool,
     /// Fail the next command it executes (a rank's failure).
@@ -130,6 +135,8 @@ enum Ev {
     Join,
     /// Worker `i` fails the next command it executes.
     Fail(usize),
+    /// Worker `i`'s oldest background checkpoint write becomes durable (acked).
+    Durable(usize),
     Grow(usize),
     Pause,
     Resume,
@@ -149,6 +156,7 @@ fn event() -> impl Strategy<Value = Ev> {
         2 => (0..4usize).prop_map(Ev::Kill),
         1 => Just(Ev::Join),
         1 => (0..4usize).prop_map(Ev::Fail),
+        6 => (0..4usize).prop_map(Ev::Durable),
         2 => (2..4usize).prop_map(Ev::Grow),
         1 => Just(Ev::Pause),
         2 => Just(Ev::Resume),
@@ -250,6 +258,7 @@ impl Sim {
             paused: false,
             queue: BTreeMap::new(),
             pending: None,
+            writes: VecDeque::new(),
             disconnected: false,
             fail_next: false,
         });
@@ -273,9 +282,14 @@ impl Sim {
                     w.rank = Some(a.rank);
                     w.queue.clear();
                     w.pending = None;
+                    // The agent joins a write in flight and drops it (the old epoch's).
+                    w.writes.clear();
                     w.paused = false;
                     w.hold = a.hold;
+                    // Checkpoint + plan: the checkpoint holds the generation before the growth.
+                    let base = a.generation - a.restore_grow.is_some() as u64;
                     w.st = if a.restore_from.is_empty() {
+                        assert!(a.restore_grow.is_none(), "a plan needs a checkpoint");
                         Snapshot {
                             step: 0,
                             tokens: 0,
@@ -285,9 +299,13 @@ impl Sim {
                         }
                     } else {
                         *disk
-                            .get(&disk_key(&a.restore_from, a.generation))
+                            .get(&disk_key(&a.restore_from, base))
                             .expect("assignments restore only committed checkpoints")
                     };
+                    if let Some(g) = &a.restore_grow {
+                        w.st.generation = g.generation;
+                        w.st.layers *= g.factor.max(1) as usize;
+                    }
                     assert_eq!(
                         w.st.generation, a.generation,
                         "the assignment's generation is its restore point's"
@@ -306,6 +324,33 @@ impl Sim {
         }
     }
 
+    /// Worker `i`'s oldest checkpoint write is durable: its ack (with the rank's current
+    /// generation; the shards' is in the `CheckpointAck`).
+    fn durable(&mut self, i: usize) {
+        let Some(w) = self.workers.get_mut(i) else {
+            return;
+        };
+        let Some((id, snap, _)) = w.writes.pop_front() else {
+            return;
+        };
+        let r = pb::ack::Result::Checkpoint(pb::CheckpointAck {
+            step: snap.step,
+            tokens: snap.tokens,
+            data_cursor: snap.cursor,
+            generation: snap.generation,
+            report: Some(pb::ShardReport::default()),
+        });
+        let mut a = ack(w, id, "checkpoint", Some(r));
+        a.step = snap.step;
+        w.outbox.push_back(pb::worker_message::Kind::Ack(a));
+    }
+
+    fn flush_writes(&mut self, i: usize) {
+        while !self.workers[i].writes.is_empty() {
+            self.durable(i);
+        }
+    }
+
     /// Worker `i` executes its due commands (in id order, at their barrier step).
     fn execute(&mut self, i: usize) {
         loop {
@@ -318,6 +363,17 @@ impl Sim {
             }
             let c = w.queue.remove(&id).unwrap();
             let kind = c.kind.clone().unwrap();
+            // As the agent: a command other than pause, resume or a growth waits for the
+            // background write.
+            if !matches!(
+                kind,
+                pb::command::Kind::Pause(_)
+                    | pb::command::Kind::Resume(_)
+                    | pb::command::Kind::Grow(_)
+            ) {
+                self.flush_writes(i);
+            }
+            let w = &mut self.workers[i];
             if !matches!(kind, pb::command::Kind::CommitCheckpoint(_)) {
                 w.hold = false;
             }
@@ -343,21 +399,10 @@ impl Sim {
                 }
                 pb::command::Kind::Evaluate(_) | pb::command::Kind::Stop(_) => {}
                 pb::command::Kind::Checkpoint(ck) => {
+                    // Snapshot now, write in the background (acked by `durable`).
                     w.hold = ck.hold;
                     w.pending = Some(w.st);
-                    let r = pb::ack::Result::Checkpoint(pb::CheckpointAck {
-                        step: w.st.step,
-                        tokens: w.st.tokens,
-                        data_cursor: w.st.cursor,
-                        generation: w.st.generation,
-                        report: Some(pb::ShardReport::default()),
-                    });
-                    w.outbox.push_back(pb::worker_message::Kind::Ack(ack(
-                        w,
-                        id,
-                        "checkpoint",
-                        Some(r),
-                    )));
+                    w.writes.push_back((id, w.st, ck.hold));
                 }
                 pb::command::Kind::CommitCheckpoint(cc) => {
                     let snap = w.pending.expect("a commit follows this rank's own shards");
@@ -376,6 +421,10 @@ impl Sim {
                 pb::command::Kind::Grow(g) => {
                     w.st.generation = g.generation;
                     w.st.layers *= g.factor.max(1) as usize;
+                    // New tensors: the growth checkpoint's snapshot shares nothing any more.
+                    for wr in w.writes.iter_mut() {
+                        wr.2 = false;
+                    }
                     for p in ["stack", "reshard", "resume"] {
                         w.outbox
                             .push_back(pb::worker_message::Kind::Ack(ack(w, id, p, None)));
@@ -406,6 +455,10 @@ impl Sim {
         }
         for &i in &group {
             self.execute(i);
+            // A snapshot sharing the runner's tensors is written before a step changes them.
+            if self.workers[i].writes.iter().any(|w| w.2) {
+                self.flush_writes(i);
+            }
         }
         if group.iter().any(|&i| {
             let w = &self.workers[i];
@@ -556,6 +609,7 @@ impl Sim {
                     w.fail_next = true;
                 }
             }
+            Ev::Durable(i) => self.durable(*i),
             Ev::Grow(f) => {
                 let req = trellis_coordinator::wire::grow_request(&pb::GrowRequest {
                     factor: *f as u32,
@@ -563,7 +617,13 @@ impl Sim {
                 })
                 .unwrap();
                 // Refusals (busy, paused, too deep) are fine; they must change nothing.
-                let _ = self.d().grow(None, req).await;
+                let r = self.d().grow(None, req).await;
+                if std::env::var_os("SIM_VERBOSE").is_some() {
+                    eprintln!(
+                        "grow: {r:?} at {:?}",
+                        self.d().job_state().map(|s| (s.step, s.phase))
+                    );
+                }
             }
             Ev::Pause => {
                 let _ = self.d().pause(None).await;
@@ -614,7 +674,30 @@ impl Sim {
                 );
             }
         }
-        // 2. The restore point is a checkpoint rank 0 finalized, holding what the record says.
+        // 2. The restore point is a checkpoint rank 0 finalized, holding what the record says,
+        //    or such a checkpoint + the plan of a done growth based on it.
+        if let Some(g) = s.restore_growth {
+            let c = s
+                .last_checkpoint
+                .as_ref()
+                .unwrap_or_else(|| panic!("invariant 2: a plan without a checkpoint; {}", ctx()));
+            let rec = growths
+                .iter()
+                .find(|r| r.generation == g)
+                .unwrap_or_else(|| panic!("invariant 2: no record of growth {g}; {}", ctx()));
+            assert_eq!(rec.phase, GrowPhase::Done, "invariant 2: {}", ctx());
+            assert_eq!(
+                (
+                    rec.based_on.as_deref(),
+                    rec.at_step,
+                    rec.generation.0,
+                    rec.from_layers
+                ),
+                (Some(c.dir.as_str()), c.step, c.generation.0 + 1, c.layers),
+                "invariant 2: the plan applies to the recorded checkpoint; {}",
+                ctx()
+            );
+        }
         if let Some(c) = &s.last_checkpoint {
             assert_ne!(c.reason, Reason::InitFrom);
             let snap = self
@@ -629,7 +712,8 @@ impl Sim {
             );
         }
         // 4. At most one growth beyond the restore point.
-        let base = s.last_checkpoint.as_ref().map_or(0, |c| c.generation.0);
+        let base = s.last_checkpoint.as_ref().map_or(0, |c| c.generation.0)
+            + s.restore_growth.is_some() as u64;
         assert!(
             s.generation.0 == base || s.generation.0 == base + 1,
             "invariant 4: generation {} is neither the restore point's {base} nor the next; {}",
@@ -668,6 +752,7 @@ impl Sim {
             };
             // Deliver everything pending before stepping on.
             for i in 0..self.workers.len() {
+                self.flush_writes(i);
                 while !self.workers[i].outbox.is_empty() && !self.workers[i].disconnected {
                     self.deliver(i, false).await;
                 }
@@ -786,9 +871,12 @@ proptest! {
 #[test]
 fn a_calm_run_grows_and_finishes() {
     let mut evs = vec![];
-    for _ in 0..22 {
+    // Step 26: the periodic checkpoint of step 24 is recorded, the next is not due yet.
+    for _ in 0..26 {
         evs.push(Ev::Step);
         for i in 0..3 {
+            // Background checkpoint writes become durable between steps.
+            evs.push(Ev::Durable(i));
             evs.extend([Ev::Deliver(i, false); 4]);
         }
     }

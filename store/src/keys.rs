@@ -54,6 +54,8 @@ pub fn checkpoint(job: &JobId, step: Step) -> String {
 pub fn growth_prefix(job: &JobId) -> String {
     format!("{}growth/", job_prefix(job))
 }
+/// One growth's record: its plan's inputs and, once done, `based_on` — the recorded checkpoint
+/// it applies to, so that "checkpoint + plan" is a restore point (docs/design.md §3).
 pub fn growth(job: &JobId, generation: Generation) -> String {
     format!("{}{}", growth_prefix(job), num(generation.0))
 }

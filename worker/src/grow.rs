@@ -9,7 +9,7 @@ use crate::optim::{AdamW, Moments};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use trellis_core::growth::{GrowthPlan, OptimizerPolicy, TensorSource};
 
 /// Seconds spent in each phase of an online growth.
@@ -67,10 +67,31 @@ pub fn check(model: &Llama, plan: &GrowthPlan) -> Result<()> {
     Ok(())
 }
 
+/// `n` tensors of the given local shapes as views of one new flat fp32 buffer (uninitialised):
+/// one allocation for a whole model's worth of tensors instead of one per tensor.
+fn flat_views(shapes: &[Vec<i64>], device: Device) -> Vec<Tensor> {
+    let total: i64 = shapes.iter().map(|s| s.iter().product::<i64>()).sum();
+    let flat = Tensor::empty([total], (Kind::Float, device));
+    let mut off = 0;
+    shapes
+        .iter()
+        .map(|s| {
+            let n: i64 = s.iter().product();
+            let v = flat.narrow(0, off, n).view(s.as_slice());
+            off += n;
+            v
+        })
+        .collect()
+}
+
 /// Apply `plan`: returns the grown model and optimizer (per `policy`) and the phase timings.
 /// Fresh (`Normal`) tensors draw from per-tensor streams seeded by
 /// [`crate::init::generation_seed`]`(seed, generation)` and the name,
 /// so every rank and every re-run of the same growth produce the same values.
+///
+/// At memory speed: the grown weights (and the moments) are views of one new buffer each,
+/// every target is written once (a copy, a fill or its draw; nothing is initialised first and
+/// then overwritten), and nothing goes through the host.
 pub fn apply(
     model: &Llama,
     optim: &AdamW,
@@ -82,73 +103,94 @@ pub fn apply(
     check(model, plan)?;
     let device = model.device();
     let t0 = Instant::now();
-    let sources: HashMap<&str, (&[usize], &TensorSource)> = plan
-        .tensors
-        .iter()
-        .map(|(n, shape, s)| (n.as_str(), (shape.as_slice(), s)))
-        .collect();
     // A TP shard grows its own slices: copies stay local (source and target are split alike),
     // fresh tensors are drawn whole (the TP = 1 stream) and sliced.
     let shard = model.shard;
-    let grown = tch::no_grad(|| {
-        Llama::new_shard(&plan.new, device, shard, &mut |name, shape| match sources
-            .get(name)
-            .map(|(_, s)| *s)
-        {
-            Some(TensorSource::Copy(from)) => {
-                model.parameter(from).expect("checked").detach().copy()
-            }
-            Some(TensorSource::Zeros) => Tensor::zeros(dims(shape), (Kind::Float, device)),
-            Some(TensorSource::Ones) => Tensor::ones(dims(shape), (Kind::Float, device)),
-            Some(TensorSource::Normal { std }) => shard.slice(
-                name,
-                &crate::init::normal(
-                    name,
-                    sources[name].0,
-                    *std,
-                    crate::init::generation_seed(seed, generation),
-                    device,
-                ),
-            ),
-            None => panic!("plan has no source for {name} (checked)"),
-        })
+    let shapes: Vec<Vec<i64>> = plan
+        .tensors
+        .iter()
+        .map(|(name, shape, _)| dims(&shard.local_shape(name, shape)))
+        .collect();
+    let mut weights: HashMap<String, Tensor> = tch::no_grad(|| {
+        let views = flat_views(&shapes, device);
+        plan.tensors
+            .iter()
+            .zip(views)
+            .map(|((name, shape, src), mut v)| {
+                match src {
+                    TensorSource::Copy(from) => {
+                        v.copy_(model.parameter(from).expect("checked"));
+                    }
+                    TensorSource::Zeros => {
+                        let _ = v.zero_();
+                    }
+                    TensorSource::Ones => {
+                        let _ = v.fill_(1.0);
+                    }
+                    TensorSource::Normal { std } => {
+                        let full = crate::init::normal(
+                            name,
+                            shape,
+                            *std,
+                            crate::init::generation_seed(seed, generation),
+                            device,
+                        );
+                        v.copy_(&shard.slice(name, &full));
+                    }
+                }
+                (name.clone(), v)
+            })
+            .collect()
     });
-    let mut grown = grown;
+    let mut grown = Llama::new_shard(&plan.new, device, shard, &mut |name, _| {
+        weights
+            .remove(name)
+            .unwrap_or_else(|| panic!("plan has no source for {name} (checked)"))
+    });
     grown.precision = model.precision;
     let stack_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let new_optim = match policy {
-        OptimizerPolicy::Reset => AdamW::new(optim.cfg, grown.named_parameters()),
-        OptimizerPolicy::Carry => {
-            let mut moments = HashMap::new();
-            tch::no_grad(|| -> Result<()> {
-                for (i, (name, _, _)) in plan.tensors.iter().enumerate() {
-                    let p = grown
-                        .parameter(name)
-                        .expect("grown model has every plan tensor");
-                    let m = match plan.moment_source(i) {
-                        Some(from) => {
-                            let src = optim.moments.get(from).ok_or_else(|| {
-                                Error::Invalid(format!("optimizer has no moments for {from}"))
-                            })?;
-                            Moments {
-                                exp_avg: src.exp_avg.copy(),
-                                exp_avg_sq: src.exp_avg_sq.copy(),
-                            }
-                        }
-                        None => Moments::zeros_like(p),
-                    };
-                    moments.insert(name.clone(), m);
+    let both: Vec<Vec<i64>> = shapes.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
+    let moments = tch::no_grad(|| -> Result<HashMap<String, Moments>> {
+        let mut views = flat_views(&both, device).into_iter();
+        let mut moments = HashMap::new();
+        for (i, (name, _, _)) in plan.tensors.iter().enumerate() {
+            let (mut exp_avg, mut exp_avg_sq) = (views.next().unwrap(), views.next().unwrap());
+            let from = match policy {
+                OptimizerPolicy::Reset => None,
+                OptimizerPolicy::Carry => plan.moment_source(i),
+            };
+            match from {
+                Some(from) => {
+                    let src = optim.moments.get(from).ok_or_else(|| {
+                        Error::Invalid(format!("optimizer has no moments for {from}"))
+                    })?;
+                    exp_avg.copy_(&src.exp_avg);
+                    exp_avg_sq.copy_(&src.exp_avg_sq);
                 }
-                Ok(())
-            })?;
-            AdamW {
-                cfg: optim.cfg,
-                step: optim.step,
-                moments,
+                None => {
+                    let _ = exp_avg.zero_();
+                    let _ = exp_avg_sq.zero_();
+                }
             }
+            moments.insert(
+                name.clone(),
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
         }
+        Ok(moments)
+    })?;
+    let new_optim = AdamW {
+        cfg: optim.cfg,
+        step: match policy {
+            OptimizerPolicy::Reset => 0,
+            OptimizerPolicy::Carry => optim.step,
+        },
+        moments,
     };
     let optimizer_seconds = t1.elapsed().as_secs_f64();
     Ok((

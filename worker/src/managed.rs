@@ -11,6 +11,9 @@
 //! - `TRELLIS_FAULT_NAN_AT_STEP=N`: report the loss of step N as NaN, once per process.
 //! - `TRELLIS_FAULT_GROW_DELAY_MS=MS`: sleep MS milliseconds at the start of the stack phase of
 //!   every growth (holds a growth in flight).
+//! - `TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS=MS`: the background writer of every growth checkpoint
+//!   sleeps MS milliseconds before writing its files (holds the growth uncommitted, the
+//!   checkpoint not durable, while the grown model trains).
 use crate::parallel::Groups;
 use crate::trainer::{PostGrowthSchedule, Trainer};
 use std::io::Write;
@@ -39,6 +42,7 @@ struct Hooks {
     sample_log: Option<PathBuf>,
     nan_at_step: Option<u64>,
     grow_delay_ms: u64,
+    growth_ckpt_delay_ms: u64,
 }
 
 /// `TRELLIS_FAULT_NAN_AT_STEP` fires once per process (not again after the rollback it causes).
@@ -51,6 +55,9 @@ impl Hooks {
             sample_log: var("TRELLIS_SAMPLE_LOG").map(PathBuf::from),
             nan_at_step: var("TRELLIS_FAULT_NAN_AT_STEP").and_then(|v| v.parse().ok()),
             grow_delay_ms: var("TRELLIS_FAULT_GROW_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            growth_ckpt_delay_ms: var("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         }
@@ -86,14 +93,45 @@ impl ManagedRunner {
             None => Trainer::with_groups(&a.spec, &a.job_root, dp_rank, a.dp, groups)?,
         };
         trainer.set_skip_windows(a.skip.clone());
-        Ok(ManagedRunner {
+        let mut runner = ManagedRunner {
             trainer,
             keep: a.spec.checkpoint.keep,
             pending: None,
             epoch: a.epoch,
             rank: a.rank.0,
             hooks: Hooks::from_env(),
-        })
+        };
+        // A restore point of checkpoint + plan: the growth applied as online (docs/design.md §3).
+        if let Some(order) = &a.restore_grow {
+            runner.apply_growth(order)?;
+            tracing::info!(
+                generation = order.generation,
+                layers = runner.trainer.config().num_hidden_layers,
+                step = runner.trainer.step_count(),
+                "restored checkpoint + growth plan"
+            );
+        }
+        Ok(runner)
+    }
+
+    /// Apply a growth order to the trainer (the online stack and the restore of checkpoint +
+    /// plan share it).
+    fn apply_growth(&mut self, order: &GrowOrder) -> Result<(), BoxError> {
+        let sched = PostGrowthSchedule {
+            lr: order.lr,
+            min_lr: order.min_lr,
+            warmup_steps: order.warmup_steps,
+        };
+        self.trainer.grow(&order.spec, &sched)?;
+        if self.trainer.generation() != order.generation {
+            return Err(format!(
+                "after growth this rank is at generation {} but the coordinator expects {}",
+                self.trainer.generation(),
+                order.generation
+            )
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -164,6 +202,28 @@ impl Runner for ManagedRunner {
         }))
     }
 
+    fn begin_growth_checkpoint_shards(
+        &mut self,
+        job_root: &Path,
+    ) -> Result<ShardWriteJob, BoxError> {
+        let w = self.trainer.snapshot_growth_checkpoint_shards(job_root)?;
+        self.pending = Some(self.trainer.state());
+        let delay = self.hooks.growth_ckpt_delay_ms;
+        Ok(Box::new(move || {
+            if delay > 0 {
+                tracing::warn!(
+                    ms = delay,
+                    "TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS: holding the growth checkpoint's write"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+            }
+            match w {
+                Some(w) => Ok(Some(w.write()?)),
+                None => Ok(None),
+            }
+        }))
+    }
+
     fn finalize_checkpoint(
         &mut self,
         job_root: &Path,
@@ -190,21 +250,7 @@ impl Runner for ManagedRunner {
         if self.hooks.grow_delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.hooks.grow_delay_ms));
         }
-        let sched = PostGrowthSchedule {
-            lr: order.lr,
-            min_lr: order.min_lr,
-            warmup_steps: order.warmup_steps,
-        };
-        self.trainer.grow(&order.spec, &sched)?;
-        if self.trainer.generation() != order.generation {
-            return Err(format!(
-                "after growth this rank is at generation {} but the coordinator expects {}",
-                self.trainer.generation(),
-                order.generation
-            )
-            .into());
-        }
-        Ok(())
+        self.apply_growth(order)
     }
 
     fn state(&self) -> RunnerState {

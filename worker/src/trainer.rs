@@ -188,25 +188,44 @@ pub fn check_growth_stages(spec: &JobSpec, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// A rank's checkpoint shards copied to the host, ready to be written
-/// ([`Trainer::snapshot_checkpoint_shards`]).
+/// One tensor of a snapshot: copied to the host, or shared with the trainer (a growth's
+/// snapshot, [`Trainer::snapshot_growth_checkpoint_shards`]) and copied when written.
+enum Snap {
+    Host(HostTensor),
+    Shared(Tensor),
+}
+
+impl Snap {
+    fn host(self) -> HostTensor {
+        match self {
+            Snap::Host(h) => h,
+            Snap::Shared(t) => to_host(&t),
+        }
+    }
+}
+
+/// A rank's checkpoint shards, ready to be written ([`Trainer::snapshot_checkpoint_shards`]).
 pub struct ShardWrite {
     tmp: PathBuf,
     tp_rank: usize,
     tp: usize,
-    model: Vec<(String, HostTensor)>,
-    optim: Vec<(String, HostTensor)>,
+    model: Vec<(String, Snap)>,
+    optim: Vec<(String, Snap)>,
 }
 
 impl ShardWrite {
     /// Write and fsync the shard files; their report for the commit.
     pub fn write(self) -> Result<ShardReport> {
+        let host = |v: Vec<(String, Snap)>| -> Vec<(String, HostTensor)> {
+            v.into_iter().map(|(n, s)| (n, s.host())).collect()
+        };
+        let (model, optim) = (host(self.model), host(self.optim));
         Ok(checkpoint::write_shard(
             &self.tmp,
             self.tp_rank,
             self.tp,
-            &self.model,
-            &self.optim,
+            &model,
+            &optim,
         )?)
     }
 }
@@ -801,6 +820,22 @@ impl Trainer {
     /// [`ShardWrite`] writes and hashes the files and can run on another thread while training
     /// goes on: it owns its copy of the state.
     pub fn snapshot_checkpoint_shards(&mut self, job_root: &Path) -> Result<Option<ShardWrite>> {
+        self.snapshot(job_root, false)
+    }
+
+    /// [`Trainer::snapshot_checkpoint_shards`] without the host copy: the snapshot shares the
+    /// model's and the optimizer's tensors and copies them when written. Only for a growth's
+    /// checkpoint: the caller takes no step (nothing changes them in place) before
+    /// [`Trainer::grow`] has replaced every one of them with new tensors; the old ones then
+    /// live on in the snapshot until it is written.
+    pub fn snapshot_growth_checkpoint_shards(
+        &mut self,
+        job_root: &Path,
+    ) -> Result<Option<ShardWrite>> {
+        self.snapshot(job_root, true)
+    }
+
+    fn snapshot(&mut self, job_root: &Path, shared: bool) -> Result<Option<ShardWrite>> {
         if self.dp_rank != 0 {
             return Ok(None);
         }
@@ -819,17 +854,24 @@ impl Trainer {
             })?;
         }
         self.tp_comm.barrier()?;
+        let snap = |t: &Tensor| {
+            if shared {
+                Snap::Shared(t.detach())
+            } else {
+                Snap::Host(to_host(t))
+            }
+        };
         let mut model = Vec::new();
         let mut optim = Vec::new();
         for (name, p) in self.model.named_parameters() {
-            model.push((name.clone(), to_host(p)));
+            model.push((name.clone(), snap(p)));
             let m = self
                 .optim
                 .moments
                 .get(name)
                 .expect("moments for every parameter");
-            optim.push((format!("{name}.exp_avg"), to_host(&m.exp_avg)));
-            optim.push((format!("{name}.exp_avg_sq"), to_host(&m.exp_avg_sq)));
+            optim.push((format!("{name}.exp_avg"), snap(&m.exp_avg)));
+            optim.push((format!("{name}.exp_avg_sq"), snap(&m.exp_avg_sq)));
         }
         Ok(Some(ShardWrite {
             tmp,

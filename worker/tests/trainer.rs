@@ -263,3 +263,66 @@ fn skip_windows_move_the_cursor_and_the_step_reports_the_range_read() {
     assert_eq!(r.loss.to_bits(), loss.to_bits());
     assert_eq!(t.data_cursor(), 20);
 }
+
+/// The restore point "checkpoint + plan" (docs/design.md §3): the growth checkpoint restored
+/// and the same growth applied gives the state the online growth gave, bit for bit — weights,
+/// moments, schedule, step, cursor — and training on continues identically. For `random` (fresh
+/// draws) and `carry` (grown moments) as well as the default `stack` + `reset`.
+#[test]
+fn checkpoint_plus_plan_restores_the_online_growth_bit_for_bit() {
+    let cases = [
+        (Operator::Stack, OptimizerPolicy::Reset),
+        (Operator::Stack, OptimizerPolicy::Carry),
+        (
+            Operator::Random { mask_ramp_steps: 0 },
+            OptimizerPolicy::Reset,
+        ),
+    ];
+    for (operator, optimizer) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("ckpt").join("cp");
+        let mut online = trainer("cp", "", d.path());
+        losses(&mut online, 3);
+        // The growth checkpoint: a snapshot sharing the tensors the growth replaces, and the
+        // trainer state of its step (what the agent keeps for the commit).
+        let w = online
+            .snapshot_growth_checkpoint_shards(&root)
+            .unwrap()
+            .unwrap();
+        let st = online.state();
+        let gs = GrowthSpec {
+            factor: 2,
+            operator: operator.clone(),
+            optimizer,
+        };
+        online.grow(&gs, &POST).unwrap();
+        // Written after the growth (in the background, as online): still the old state.
+        let report = w.write().unwrap();
+        let tmp = trellis_core::checkpoint::tmp_dir(&root, 3);
+        let dir = trellis_core::checkpoint::finalize(&tmp, &st, &[report]).unwrap();
+
+        let mut restored = trainer("cp", "", d.path());
+        restored.restore(&dir).unwrap();
+        assert_eq!(restored.generation(), 0);
+        restored.grow(&gs, &POST).unwrap();
+        assert_eq!(
+            online.state(),
+            restored.state(),
+            "{operator:?} {optimizer:?}"
+        );
+        assert!(
+            params_equal(&online, &restored),
+            "{operator:?} {optimizer:?}"
+        );
+        for (name, m) in &online.optimizer().moments {
+            let r = &restored.optimizer().moments[name];
+            assert!(
+                bit_equal(&m.exp_avg, &r.exp_avg) && bit_equal(&m.exp_avg_sq, &r.exp_avg_sq),
+                "{operator:?} {optimizer:?}: moments of {name}"
+            );
+        }
+        let (la, lb) = (losses(&mut online, 2), losses(&mut restored, 2));
+        assert_eq!(la, lb, "{operator:?} {optimizer:?}");
+        assert!(params_equal(&online, &restored));
+    }
+}

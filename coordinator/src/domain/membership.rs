@@ -317,7 +317,16 @@ impl Domain {
             .as_ref()
             .map(|c| c.dir.clone())
             .unwrap_or_default();
-        info!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, world, restore = %restore, "starting epoch");
+        // A restore point of checkpoint + plan: the ranks restore the checkpoint and apply the
+        // growth's plan (never during a re-layout, which restores the growth checkpoint itself).
+        let restore_grow = match (relayout.is_none(), job.state.restore_growth) {
+            (true, Some(g)) => job.growths.get(&g).map(|rec| {
+                let layout = rec.layout_after.as_ref().unwrap_or(&job.state.layout);
+                transactions::grow_cmd(rec, layout)
+            }),
+            _ => None,
+        };
+        info!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, world, restore = %restore, restore_grow = restore_grow.is_some(), "starting epoch");
         let base = pb::Assignment {
             epoch: job.state.epoch.0,
             generation: job.state.generation.0,
@@ -349,6 +358,7 @@ impl Domain {
                 .collect(),
             heartbeat_seconds: opts.heartbeat_interval.as_secs_f64(),
             command_base: 0,
+            restore_grow,
         };
         let ranks = job.ranks.clone();
         let paused = job.state.paused;

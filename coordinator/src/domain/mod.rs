@@ -518,7 +518,11 @@ impl Domain {
                 .find(|x| x.step < c.step && x.unusable.is_none())
                 .cloned();
             match older {
-                Some(o) => job.state.last_checkpoint = Some(o),
+                Some(o) => {
+                    // The plan of a growth applies to the checkpoint it was based on only.
+                    job.state.last_checkpoint = Some(o);
+                    job.state.restore_growth = None;
+                }
                 None => {
                     // The job fails where it stood; nothing is restored.
                     job.state.last_checkpoint = original;
@@ -535,7 +539,7 @@ impl Domain {
     /// back (persisted). Does not persist the job state.
     async fn restore_point(&mut self, why: &str) -> Result<()> {
         let job = self.job.as_mut().ok_or_else(no_job)?;
-        let gen = job::restore_point(&mut job.state, &job.model0, why);
+        let gen = job::restore_point(&mut job.state, &job.model0, &job.growths, why);
         let mut rolled = Vec::new();
         for g in job.growths.values_mut() {
             if g.generation > gen && !matches!(g.phase, GrowPhase::Done | GrowPhase::RolledBack) {
@@ -598,6 +602,7 @@ impl Domain {
             parameters: model0.num_parameters(),
             layout,
             last_checkpoint: None,
+            restore_growth: None,
             skip: Vec::new(),
             next_growth_stage: 0,
             rollbacks: 0,

@@ -92,6 +92,7 @@ impl Domain {
             stage,
             layout_after: Some(layout.clone()),
             val_loss_after: None,
+            based_on: None,
         };
         // A retry of a rolled-back growth: keep the failed attempt in the history.
         if let Some(old) = job.growths.insert(generation, record.clone()) {
@@ -125,13 +126,21 @@ impl Domain {
         );
         let phase_span = info_span!(parent: &span, "grow.checkpoint", job_id = %job.id, generation = generation.0, step = job.state.step.0);
         info!(parent: &span, job_id = %job.id, generation = generation.0, from, to, operator = %record.operator.name(), at_step = at_step.0, "growth started");
-        let ckpt_cmd = job.ids.next();
         let world = job.world();
         let now = Instant::now();
+        let before = growth::Before {
+            generation: job.state.generation,
+            layers: job.state.layers,
+            layout: job.state.layout.clone(),
+            next_growth_stage: job.state.next_growth_stage,
+        };
+        let txn = GrowthTxn::new(generation, world, relayout, before, at_step, &mut job.ids);
+        let ckpt_cmd = txn
+            .checkpoint_cmd()
+            .expect("a new growth takes its checkpoint");
+        let grow_cmd = txn.grow_cmd();
         job.active = Some(Active {
-            txn: Txn::Growth(GrowthTxn::new(
-                generation, world, relayout, ckpt_cmd, at_step,
-            )),
+            txn: Txn::Growth(txn),
             clock: Clock {
                 issued: now,
                 started: (at_step <= job.state.step).then_some(now),
@@ -152,6 +161,11 @@ impl Domain {
             None,
             trellis_telemetry::inject(&span),
         );
+        // At an unchanged layout the Grow goes out with the checkpoint: every rank snapshots,
+        // stacks and trains on while its shards are written (docs/design.md §3).
+        if let Some(cmd) = grow_cmd {
+            self.send_grow(generation, cmd, at_step)?;
+        }
         self.update_gauges();
         self.bump();
         Ok(pb::GrowResponse {
@@ -224,8 +238,7 @@ impl Domain {
     }
 
     /// Start a (non-growth) checkpoint transaction. Its `checkpoint` span is a child of the
-    /// current span (e.g. the SaveCheckpoint request, or the growth a post-growth checkpoint
-    /// belongs to).
+    /// current span (e.g. the SaveCheckpoint request).
     pub(super) fn start_checkpoint(
         &mut self,
         reason: Reason,
@@ -572,7 +585,9 @@ impl Domain {
                     .take()
                     .expect("active");
                 self.check_commit_dir(&c)?;
-                self.record_checkpoint(&c, &active.clock).await?;
+                let job = self.job.as_ref().expect("a job");
+                let holds = Holds::now(&job.state);
+                self.record_checkpoint(&c, &active.clock, holds).await?;
                 self.check_triggers().await
             }
         }
@@ -610,8 +625,10 @@ impl Domain {
                     .unwrap_or(a.clock.issued)
                     .elapsed()
                     .as_secs_f64();
-                let relayout = matches!(&a.txn, Txn::Growth(g) if g.relayout.is_some());
-                a.clock.phase_started = Instant::now();
+                let (relayout, before) = match &a.txn {
+                    Txn::Growth(g) => (g.relayout.is_some(), g.before.clone()),
+                    Txn::Checkpoint(_) => unreachable!("a growth effect"),
+                };
                 let clock = Clock {
                     issued: a.clock.issued,
                     started: a.clock.started,
@@ -620,19 +637,28 @@ impl Domain {
                     ckpt_span: None,
                     phase_span: None,
                 };
-                self.record_checkpoint(&c, &clock).await?;
+                if relayout {
+                    a.clock.phase_started = Instant::now();
+                }
+                // The checkpoint holds the job as it stood when the growth began, whatever the
+                // job has reached since (the grown model may be training already).
+                let holds = Holds {
+                    generation: before.generation,
+                    layers: before.layers,
+                    layout: before.layout,
+                    next_growth_stage: before.next_growth_stage,
+                };
+                self.record_checkpoint(&c, &clock, holds).await?;
                 let job = self.job.as_mut().expect("a job");
                 let rec = job.growth_record(gen);
                 rec.times.checkpoint = secs;
                 rec.at_step = c.step;
-                rec.phase = if relayout {
-                    GrowPhase::Reshard
-                } else {
-                    GrowPhase::Stack
-                };
-                let phase = rec.phase;
-                let msg = job.state.message.clone();
-                job::transition(&mut job.state, Phase::Growing(phase), msg);
+                rec.based_on = Some(c.dir.clone());
+                if relayout {
+                    rec.phase = GrowPhase::Reshard;
+                    let msg = job.state.message.clone();
+                    job::transition(&mut job.state, Phase::Growing(GrowPhase::Reshard), msg);
+                }
                 self.persist_growth(gen).await?;
                 self.persist_state().await?;
                 self.observe_phase("checkpoint", secs);
@@ -657,40 +683,9 @@ impl Domain {
             }
             growth::Effect::SendGrow { cmd } => {
                 a.clock.phase_started = Instant::now();
-                a.clock.phase_span = Some(
-                    info_span!(parent: &span, "grow.stack", job_id = %job.id, generation = gen.0, step = step.0),
-                );
-                let layout = match &a.txn {
-                    Txn::Growth(g) => g.relayout.clone().unwrap_or(job.state.layout.clone()),
-                    Txn::Checkpoint(_) => unreachable!(),
-                };
-                let rec = job.growth_record(gen);
-                rec.phase = GrowPhase::Stack;
-                let (operator, stacking_list, mask_ramp_steps) = operator_to_pb(&rec.operator);
-                let grow = pb::GrowCmd {
-                    generation: gen.0,
-                    factor: rec.factor as u32,
-                    operator: operator as i32,
-                    stacking_list,
-                    optimizer: pb::OptimizerPolicy::from(rec.optimizer) as i32,
-                    mask_ramp_steps,
-                    lr: rec.lr,
-                    min_lr: rec.min_lr,
-                    warmup_steps: rec.warmup_steps,
-                    dp: layout.dp as u32,
-                    tp: layout.tp as u32,
-                };
-                let msg = job.state.message.clone();
-                job::transition(&mut job.state, Phase::Growing(GrowPhase::Stack), msg);
+                self.send_grow(gen, cmd, Step(0))?;
                 self.persist_growth(gen).await?;
                 self.persist_state().await?;
-                self.send(
-                    cmd,
-                    Step(0),
-                    pb::command::Kind::Grow(grow),
-                    None,
-                    trellis_telemetry::inject(&span),
-                );
             }
             growth::Effect::PhaseDone(phase) => {
                 let secs = a.clock.phase_started.elapsed().as_secs_f64();
@@ -750,15 +745,55 @@ impl Domain {
                         "seconds": total,
                     }),
                 );
-                job.active = None;
                 job.loss.reset_smoothing();
                 self.persist_growth(gen).await?;
                 self.persist_state().await?;
-                // The post-growth checkpoint is part of the growth's trace; `grow` ends after it
-                // is requested (when the last handle, `span`, drops).
-                span.in_scope(|| self.start_checkpoint(Reason::PostGrowth, Step(0), false));
+            }
+            growth::Effect::Committed => {
+                let rec = job.growth_record(gen);
+                rec.phase = GrowPhase::Done;
+                let rec = rec.clone();
+                job::growth_committed(&mut job.state, &rec);
+                info!(job_id = %job.id, generation = %gen, based_on = ?rec.based_on, "growth committed: the restore point is its checkpoint + plan");
+                // The growth's trace ends here (`span`, its last handle, drops).
+                job.active = None;
+                self.metrics
+                    .growths_total
+                    .get_or_create(&[("outcome", "done")])
+                    .inc();
+                self.persist_growth(gen).await?;
+                self.persist_state().await?;
+                return self.check_triggers().await;
             }
         }
+        Ok(())
+    }
+
+    /// Send the Grow command `cmd` of the growth to `gen` (at the new layout, if it changes).
+    fn send_grow(&mut self, gen: Generation, cmd: CommandId, at_step: Step) -> Result<()> {
+        let job = self.job.as_mut().expect("a job");
+        let a = job.active.as_mut().expect("a growth in flight");
+        let span = a.clock.span.clone();
+        let step = job.state.step;
+        a.clock.phase_span = Some(
+            info_span!(parent: &span, "grow.stack", job_id = %job.id, generation = gen.0, step = step.0),
+        );
+        let layout = match &a.txn {
+            Txn::Growth(g) => g.relayout.clone().unwrap_or(job.state.layout.clone()),
+            Txn::Checkpoint(_) => unreachable!("a growth"),
+        };
+        let rec = job.growth_record(gen);
+        rec.phase = GrowPhase::Stack;
+        let grow = grow_cmd(rec, &layout);
+        let msg = job.state.message.clone();
+        job::transition(&mut job.state, Phase::Growing(GrowPhase::Stack), msg);
+        self.send(
+            cmd,
+            at_step,
+            pb::command::Kind::Grow(grow),
+            None,
+            trellis_telemetry::inject(&span),
+        );
         Ok(())
     }
 
@@ -792,19 +827,25 @@ impl Domain {
     }
 
     /// Record a committed checkpoint (rank 0's commit ack is in): it becomes the restore point.
-    pub(super) async fn record_checkpoint(&mut self, c: &Committed, clock: &Clock) -> Result<()> {
+    /// `holds`: the generation, depth, layout and growth stage the checkpoint was written at.
+    pub(super) async fn record_checkpoint(
+        &mut self,
+        c: &Committed,
+        clock: &Clock,
+        holds: Holds,
+    ) -> Result<()> {
         let job = self.job.as_mut().expect("a job");
         let rec = CheckpointRecord {
             step: c.step,
             tokens: c.tokens,
-            generation: job.state.generation,
-            layers: job.state.layers,
+            generation: holds.generation,
+            layers: holds.layers,
             data_cursor: c.data_cursor,
             dir: c.dir.clone(),
             reason: c.reason,
             committed_at: now_unix(),
-            next_growth_stage: job.state.next_growth_stage,
-            layout: Some(job.state.layout.clone()),
+            next_growth_stage: holds.next_growth_stage,
+            layout: Some(holds.layout),
             unusable: None,
         };
         self.store
@@ -849,22 +890,6 @@ impl Domain {
         self.metrics.checkpoints_total.inc();
         self.metrics.checkpoint_age_seconds.set(0.0);
         info!(job_id = %job.id, step = %rec.step, generation = %rec.generation, reason = rec.reason.label(), dir = %rec.dir, "checkpoint committed");
-        if c.reason == Reason::PostGrowth {
-            let gen = rec.generation;
-            if let Some(g) = job.growths.get_mut(&gen) {
-                if g.phase == GrowPhase::Committing {
-                    g.phase = GrowPhase::Done;
-                    let msg = format!("training generation {gen} ({} layers)", g.to_layers);
-                    let phase = job.state.phase;
-                    job::transition(&mut job.state, phase, msg);
-                    self.metrics
-                        .growths_total
-                        .get_or_create(&[("outcome", "done")])
-                        .inc();
-                    self.persist_growth(gen).await?;
-                }
-            }
-        }
         let job = self.job.as_mut().expect("a job");
         if c.reason == Reason::Final {
             let msg = format!(
@@ -879,5 +904,44 @@ impl Domain {
             self.persist_state().await?;
         }
         Ok(())
+    }
+}
+
+/// What a checkpoint holds besides its step, tokens and cursor (recorded with it).
+pub(super) struct Holds {
+    generation: Generation,
+    layers: usize,
+    layout: LayoutInfo,
+    next_growth_stage: usize,
+}
+
+impl Holds {
+    /// The job as it stands (a checkpoint of the current generation).
+    fn now(s: &JobState) -> Holds {
+        Holds {
+            generation: s.generation,
+            layers: s.layers,
+            layout: s.layout.clone(),
+            next_growth_stage: s.next_growth_stage,
+        }
+    }
+}
+
+/// The Grow command of a growth record at `layout` (online, and for a restore of checkpoint +
+/// plan: `Assignment.restore_grow`).
+pub(super) fn grow_cmd(rec: &GrowthRecordState, layout: &LayoutInfo) -> pb::GrowCmd {
+    let (operator, stacking_list, mask_ramp_steps) = operator_to_pb(&rec.operator);
+    pb::GrowCmd {
+        generation: rec.generation.0,
+        factor: rec.factor as u32,
+        operator: operator as i32,
+        stacking_list,
+        optimizer: pb::OptimizerPolicy::from(rec.optimizer) as i32,
+        mask_ramp_steps,
+        lr: rec.lr,
+        min_lr: rec.min_lr,
+        warmup_steps: rec.warmup_steps,
+        dp: layout.dp as u32,
+        tp: layout.tp as u32,
     }
 }

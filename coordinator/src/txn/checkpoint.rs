@@ -28,7 +28,8 @@ pub enum Reason {
     Manual,
     #[serde(rename = "final")]
     Final,
-    /// The grown model's first checkpoint; its commit makes the growth final.
+    /// The grown model's first checkpoint, which used to make a growth final (records of older
+    /// coordinators; a growth now commits with its growth checkpoint, docs/design.md §3).
     #[serde(rename = "post-growth")]
     PostGrowth,
     /// A job's starting point taken from another checkpoint (`checkpoint.init_from`).

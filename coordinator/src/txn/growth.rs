@@ -3,27 +3,30 @@
 //! ```text
 //!                 grow (operator, or a spec stage)
 //!                              │
-//!                              ▼
-//!    ┌──────────────────── Checkpoint ────────────────────┐  growth checkpoint, written holding:
-//!    │                         │ committed                │  every rank writes, rank 0 commits
-//!    │          layout changes?│                          │
-//!    │            ┌──── yes ───┴──── no ────┐             │
-//!    │            ▼                         │             │
-//!    │        Relayout                      │             │  a new epoch at the new layout: every
-//!    │            │ every rank ready        │             │  rank restores its slices, holding
-//!    │            ▼                         ▼             │
-//!    │          Stack ──▶ Reshard ──▶ Resume              │  one Grow command; each rank acks
-//!    │                                  │                 │  every phase, in order
-//!    │                                  ▼                 │
-//!    │                               Resumed              │  generation, depth and layout change
-//!    │                                                    │  together, in one state write
-//!    └── a failed ack, a lost rank, a deadline ──▶ rolled back: the job restarts from the last
-//!                                                  committed checkpoint (the growth checkpoint
-//!                                                  once it is committed)
+//!            layout unchanged  │  layout changes
+//!         ┌────────────────────┴─────────────────────┐
+//!         ▼                                          ▼
+//!   Checkpoint + Grow sent together          Checkpoint (holding) ──▶ recorded
+//!   each rank: snapshot, stack, reshard,             │
+//!   resume, train the grown model; the               ▼
+//!   snapshot's files are written behind       Relayout: a new epoch restores the
+//!         │                         │         growth checkpoint at the new layout
+//!         ▼                         ▼                │ every rank ready
+//!   Stack ─▶ Reshard ─▶ Resume   shards durable      ▼
+//!         │ (every rank)            │ ─▶ commit   Stack ─▶ Reshard ─▶ Resume
+//!         ▼                         ▼   recorded     │
+//!      Resumed: generation,    CheckpointCommitted   ▼
+//!      depth, layout change         │            Resumed + Committed
+//!         └──────────┬──────────────┘
+//!                    ▼  (both, in either order)
+//!                Committed: the growth is done; the restore point is the growth checkpoint
+//!                + this growth's plan
+//!
+//!   a failed ack (a write too), a lost rank, a deadline ──▶ rolled back: the job restarts from
+//!   its previous restore point; never half-grown
 //! ```
 //!
-//! After `Resumed` the driver requests the post-growth checkpoint; its commit marks the growth's
-//! record `done`. The machine is pure: it never reads a clock, sends or persists; the driver
+//! The machine is pure: it never reads a clock, sends or persists; the driver
 //! ([`crate::domain`]) carries out the [`Effect`]s in order.
 use super::checkpoint::{self, CheckpointTxn, Committed};
 use super::CommandIds;
@@ -52,17 +55,29 @@ impl WorkerPhase {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stage {
-    Checkpoint(CheckpointTxn),
+    /// Re-layout only: the growth checkpoint must be recorded before the groups are re-formed
+    /// from it.
+    AwaitCheckpoint,
     /// Re-forming the groups at the new layout; the ranks whose runner is ready.
-    Relayout {
-        ready: BTreeSet<Rank>,
-    },
+    Relayout { ready: BTreeSet<Rank> },
     /// The Grow command is out; the phase not yet acked by every rank, and every ack so far.
     Worker {
         cmd: CommandId,
         phase: WorkerPhase,
         acks: BTreeMap<WorkerPhase, BTreeSet<Rank>>,
     },
+    /// Every rank resumed with the grown model; the growth checkpoint is not recorded yet.
+    Resumed,
+}
+
+/// What the growth checkpoint holds: the job as it stood when the growth began (recorded with
+/// the checkpoint, which may be recorded after the job moved to the grown generation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Before {
+    pub generation: Generation,
+    pub layers: usize,
+    pub layout: LayoutInfo,
+    pub next_growth_stage: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +88,9 @@ pub struct GrowthTxn {
     pub world: usize,
     /// The layout the grown model trains at, when it differs from the current one.
     pub relayout: Option<LayoutInfo>,
+    pub before: Before,
+    /// The growth checkpoint, until it is recorded.
+    pub checkpoint: Option<CheckpointTxn>,
     pub stage: Stage,
 }
 
@@ -98,51 +116,74 @@ pub enum Effect {
         step: Step,
         reports: Vec<ShardReport>,
     },
-    /// The growth checkpoint is committed: record it (the rollback point of this growth).
+    /// The growth checkpoint is committed: record it (as [`Before`] describes it).
     CheckpointCommitted(Committed),
     /// Re-form the groups at this layout: a new epoch whose ranks restore the growth
     /// checkpoint and hold.
     StartRelayout(LayoutInfo),
     /// Every rank holds its slices at the new layout.
     RelayoutDone,
-    /// Send the Grow command (stack, reshard, resume) as `cmd`.
+    /// Send the Grow command (stack, reshard, resume) as `cmd` (after a re-layout; at an
+    /// unchanged layout it goes out with the checkpoint).
     SendGrow { cmd: CommandId },
     /// Every rank finished this phase.
     PhaseDone(WorkerPhase),
-    /// Every rank resumed with the grown model: commit generation, depth and layout together.
+    /// Every rank resumed with the grown model: generation, depth and layout change together.
     Resumed,
+    /// The growth checkpoint is recorded and every rank resumed: the growth is done, and the
+    /// restore point is that checkpoint + this growth's plan.
+    Committed,
     /// The transaction cannot go on; the driver rolls the job back.
     Abort(String),
 }
 
 impl GrowthTxn {
-    /// A growth to `generation`; its checkpoint is command `ckpt_cmd` at `at_step`.
+    /// A growth to `generation` whose checkpoint is taken at `at_step`. At an unchanged layout
+    /// the Grow command's id is taken too: the driver sends both commands at once
+    /// ([`GrowthTxn::checkpoint_cmd`], [`GrowthTxn::grow_cmd`]).
     pub fn new(
         generation: Generation,
         world: usize,
         relayout: Option<LayoutInfo>,
-        ckpt_cmd: CommandId,
+        before: Before,
         at_step: Step,
+        ids: &mut CommandIds,
     ) -> GrowthTxn {
+        let ckpt = CheckpointTxn::new(ids.next(), checkpoint::Reason::Growth, at_step, world);
+        let stage = match relayout {
+            Some(_) => Stage::AwaitCheckpoint,
+            None => Stage::Worker {
+                cmd: ids.next(),
+                phase: WorkerPhase::Stack,
+                acks: BTreeMap::new(),
+            },
+        };
         GrowthTxn {
             generation,
             world,
             relayout,
-            stage: Stage::Checkpoint(CheckpointTxn::new(
-                ckpt_cmd,
-                checkpoint::Reason::Growth,
-                at_step,
-                world,
-            )),
+            before,
+            checkpoint: Some(ckpt),
+            stage,
         }
     }
 
-    /// The growth checkpoint, while it is not committed.
-    pub fn checkpoint(&self) -> Option<&CheckpointTxn> {
+    /// The growth checkpoint's command.
+    pub fn checkpoint_cmd(&self) -> Option<CommandId> {
+        self.checkpoint.as_ref().map(|c| c.cmd)
+    }
+
+    /// The Grow command, once it is issued.
+    pub fn grow_cmd(&self) -> Option<CommandId> {
         match &self.stage {
-            Stage::Checkpoint(c) => Some(c),
+            Stage::Worker { cmd, .. } => Some(*cmd),
             _ => None,
         }
+    }
+
+    /// The growth checkpoint, while it is not recorded.
+    pub fn checkpoint(&self) -> Option<&CheckpointTxn> {
+        self.checkpoint.as_ref()
     }
 
     /// Re-forming the groups at the new layout (the driver assigns ranks at that layout).
@@ -156,32 +197,40 @@ impl GrowthTxn {
     /// Feed one event; the effects are in the order the driver must carry them out.
     pub fn on(&mut self, ev: Event, ids: &mut CommandIds) -> Vec<Effect> {
         match (ev, &mut self.stage) {
-            (Event::Checkpoint(e), Stage::Checkpoint(c)) => match c.on(e, ids) {
-                checkpoint::Effect::Wait | checkpoint::Effect::Stale => vec![],
-                checkpoint::Effect::Abort(why) => vec![Effect::Abort(why)],
-                checkpoint::Effect::SendCommit {
-                    commit,
-                    step,
-                    reports,
-                } => vec![Effect::SendCommit {
-                    commit,
-                    step,
-                    reports,
-                }],
-                checkpoint::Effect::Record(committed) => {
-                    let mut out = vec![Effect::CheckpointCommitted(committed)];
-                    match self.relayout.clone() {
-                        Some(layout) => {
-                            self.stage = Stage::Relayout {
-                                ready: BTreeSet::new(),
-                            };
-                            out.push(Effect::StartRelayout(layout));
+            (Event::Checkpoint(e), _) => {
+                let Some(c) = self.checkpoint.as_mut() else {
+                    return vec![];
+                };
+                match c.on(e, ids) {
+                    checkpoint::Effect::Wait | checkpoint::Effect::Stale => vec![],
+                    checkpoint::Effect::Abort(why) => vec![Effect::Abort(why)],
+                    checkpoint::Effect::SendCommit {
+                        commit,
+                        step,
+                        reports,
+                    } => vec![Effect::SendCommit {
+                        commit,
+                        step,
+                        reports,
+                    }],
+                    checkpoint::Effect::Record(committed) => {
+                        self.checkpoint = None;
+                        let mut out = vec![Effect::CheckpointCommitted(committed)];
+                        match &self.stage {
+                            Stage::AwaitCheckpoint => {
+                                let layout = self.relayout.clone().expect("a re-layout growth");
+                                self.stage = Stage::Relayout {
+                                    ready: BTreeSet::new(),
+                                };
+                                out.push(Effect::StartRelayout(layout));
+                            }
+                            Stage::Resumed => out.push(Effect::Committed),
+                            _ => {}
                         }
-                        None => out.push(self.send_grow(ids)),
+                        out
                     }
-                    out
                 }
-            },
+            }
             (Event::RankReady(rank), Stage::Relayout { ready }) => {
                 if rank.0 as usize >= self.world {
                     return vec![];
@@ -190,7 +239,13 @@ impl GrowthTxn {
                 if ready.len() < self.world {
                     return vec![];
                 }
-                vec![Effect::RelayoutDone, self.send_grow(ids)]
+                let cmd = ids.next();
+                self.stage = Stage::Worker {
+                    cmd,
+                    phase: WorkerPhase::Stack,
+                    acks: BTreeMap::new(),
+                };
+                vec![Effect::RelayoutDone, Effect::SendGrow { cmd }]
             }
             (
                 Event::Phase {
@@ -213,6 +268,10 @@ impl GrowthTxn {
                         Some(n) => *phase = n,
                         None => {
                             out.push(Effect::Resumed);
+                            self.stage = Stage::Resumed;
+                            if self.checkpoint.is_none() {
+                                out.push(Effect::Committed);
+                            }
                             break;
                         }
                     }
@@ -221,16 +280,6 @@ impl GrowthTxn {
             }
             _ => vec![],
         }
-    }
-
-    fn send_grow(&mut self, ids: &mut CommandIds) -> Effect {
-        let cmd = ids.next();
-        self.stage = Stage::Worker {
-            cmd,
-            phase: WorkerPhase::Stack,
-            acks: BTreeMap::new(),
-        };
-        Effect::SendGrow { cmd }
     }
 }
 
@@ -252,7 +301,18 @@ mod tests {
         })
     }
 
-    fn commit_and_grow(t: &mut GrowthTxn, ids: &mut CommandIds, ckpt: CommandId) -> Vec<Effect> {
+    fn before() -> Before {
+        Before {
+            generation: Generation(0),
+            layers: 2,
+            layout: LayoutInfo::default(),
+            next_growth_stage: 0,
+        }
+    }
+
+    /// Both ranks' shards, then rank 0's commit: the effects of the last event.
+    fn write_and_commit(t: &mut GrowthTxn, ids: &mut CommandIds) -> Vec<Effect> {
+        let ckpt = t.checkpoint_cmd().expect("a checkpoint in flight");
         assert!(t.on(written(ckpt, 0), ids).is_empty());
         let Effect::SendCommit { commit, .. } = t.on(written(ckpt, 1), ids).remove(0) else {
             panic!("expected the commit")
@@ -266,71 +326,109 @@ mod tests {
         )
     }
 
-    #[test]
-    fn same_layout_goes_checkpoint_stack_reshard_resume() {
-        let mut ids = CommandIds::default();
-        let ckpt = ids.next();
-        let mut t = GrowthTxn::new(Generation(1), 2, None, ckpt, Step(20));
-        let eff = commit_and_grow(&mut t, &mut ids, ckpt);
-        assert!(matches!(eff[0], Effect::CheckpointCommitted(_)));
-        let Effect::SendGrow { cmd } = eff[1] else {
-            panic!("expected the grow command")
-        };
-        let ph = |phase, rank| Event::Phase {
+    fn ph(cmd: CommandId, phase: WorkerPhase, rank: u32) -> Event {
+        Event::Phase {
             cmd,
             phase,
             rank: Rank(rank),
-        };
+        }
+    }
+
+    #[test]
+    fn same_layout_stacks_while_the_checkpoint_is_written_and_commits_after_both() {
+        let mut ids = CommandIds::default();
+        let mut t = GrowthTxn::new(Generation(1), 2, None, before(), Step(20), &mut ids);
+        // Both commands are issued at once: the checkpoint's, then the Grow.
+        let (ckpt, cmd) = (t.checkpoint_cmd().unwrap(), t.grow_cmd().unwrap());
+        assert!(ckpt < cmd);
         // Rank 0 runs ahead through all three phases; rank 1's acks then complete each.
         for p in [
             WorkerPhase::Stack,
             WorkerPhase::Reshard,
             WorkerPhase::Resume,
         ] {
-            assert!(t.on(ph(p, 0), &mut ids).is_empty());
+            assert!(t.on(ph(cmd, p, 0), &mut ids).is_empty());
         }
         assert_eq!(
-            t.on(ph(WorkerPhase::Stack, 1), &mut ids),
+            t.on(ph(cmd, WorkerPhase::Stack, 1), &mut ids),
             vec![Effect::PhaseDone(WorkerPhase::Stack)]
         );
         // A duplicate changes nothing; an ack of another command is ignored.
-        assert!(t.on(ph(WorkerPhase::Stack, 1), &mut ids).is_empty());
+        assert!(t.on(ph(cmd, WorkerPhase::Stack, 1), &mut ids).is_empty());
         assert!(t
-            .on(
-                Event::Phase {
-                    cmd: CommandId(999),
-                    phase: WorkerPhase::Reshard,
-                    rank: Rank(1)
-                },
-                &mut ids
-            )
+            .on(ph(CommandId(999), WorkerPhase::Reshard, 1), &mut ids)
             .is_empty());
         assert_eq!(
-            t.on(ph(WorkerPhase::Reshard, 1), &mut ids),
+            t.on(ph(cmd, WorkerPhase::Reshard, 1), &mut ids),
             vec![Effect::PhaseDone(WorkerPhase::Reshard)]
         );
+        // Every rank resumed before the checkpoint is durable: the grown model trains, the
+        // growth is not committed.
         assert_eq!(
-            t.on(ph(WorkerPhase::Resume, 1), &mut ids),
+            t.on(ph(cmd, WorkerPhase::Resume, 1), &mut ids),
             vec![Effect::PhaseDone(WorkerPhase::Resume), Effect::Resumed]
+        );
+        assert_eq!(t.stage, Stage::Resumed);
+        let eff = write_and_commit(&mut t, &mut ids);
+        assert!(matches!(eff[0], Effect::CheckpointCommitted(_)));
+        assert_eq!(eff[1..], [Effect::Committed]);
+    }
+
+    #[test]
+    fn a_checkpoint_recorded_before_the_resume_commits_at_the_resume() {
+        let mut ids = CommandIds::default();
+        let mut t = GrowthTxn::new(Generation(1), 2, None, before(), Step(20), &mut ids);
+        let cmd = t.grow_cmd().unwrap();
+        let eff = write_and_commit(&mut t, &mut ids);
+        assert_eq!(eff.len(), 1, "{eff:?}");
+        assert!(matches!(eff[0], Effect::CheckpointCommitted(_)));
+        for p in [WorkerPhase::Stack, WorkerPhase::Reshard] {
+            t.on(ph(cmd, p, 0), &mut ids);
+            t.on(ph(cmd, p, 1), &mut ids);
+        }
+        t.on(ph(cmd, WorkerPhase::Resume, 0), &mut ids);
+        assert_eq!(
+            t.on(ph(cmd, WorkerPhase::Resume, 1), &mut ids),
+            vec![
+                Effect::PhaseDone(WorkerPhase::Resume),
+                Effect::Resumed,
+                Effect::Committed
+            ]
         );
     }
 
     #[test]
-    fn a_new_layout_relayouts_before_the_stack() {
+    fn a_new_layout_records_the_checkpoint_then_relayouts_before_the_stack() {
         let mut ids = CommandIds::default();
-        let ckpt = ids.next();
         let layout = LayoutInfo {
             dp: 1,
             tp: 2,
             ..Default::default()
         };
-        let mut t = GrowthTxn::new(Generation(1), 2, Some(layout.clone()), ckpt, Step(20));
-        let eff = commit_and_grow(&mut t, &mut ids, ckpt);
+        let mut t = GrowthTxn::new(
+            Generation(1),
+            2,
+            Some(layout.clone()),
+            before(),
+            Step(20),
+            &mut ids,
+        );
+        assert_eq!(t.grow_cmd(), None, "no Grow before the re-layout");
+        let eff = write_and_commit(&mut t, &mut ids);
         assert_eq!(eff[1], Effect::StartRelayout(layout.clone()));
         assert_eq!(t.relayout_in_progress(), Some(&layout));
         assert!(t.on(Event::RankReady(Rank(1)), &mut ids).is_empty());
         let eff = t.on(Event::RankReady(Rank(0)), &mut ids);
         assert_eq!(eff[0], Effect::RelayoutDone);
-        assert!(matches!(eff[1], Effect::SendGrow { .. }));
+        let Effect::SendGrow { cmd } = eff[1] else {
+            panic!("expected the Grow")
+        };
+        for p in [WorkerPhase::Stack, WorkerPhase::Reshard] {
+            t.on(ph(cmd, p, 0), &mut ids);
+            t.on(ph(cmd, p, 1), &mut ids);
+        }
+        t.on(ph(cmd, WorkerPhase::Resume, 0), &mut ids);
+        let eff = t.on(ph(cmd, WorkerPhase::Resume, 1), &mut ids);
+        assert_eq!(eff[1..], [Effect::Resumed, Effect::Committed]);
     }
 }

@@ -14,6 +14,7 @@
 //!                 Failed (3 stalled rollbacks or 3 failed growths)      Done (final checkpoint)
 //! ```
 use crate::state::{CheckpointRecord, GrowthRecordState, JobState, Phase};
+use std::collections::BTreeMap;
 use trellis_core::config::ModelConfig;
 use trellis_core::ids::{Generation, Step};
 use trellis_core::job::JobSpec;
@@ -98,10 +99,16 @@ pub fn count_rollback(
     }
 }
 
-/// Reset the job's progress to its last committed checkpoint (or the start): generation, step,
-/// tokens, data cursor, depth, layout and growth stage all come from the same record. Returns
-/// the restored generation.
-pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> Generation {
+/// Reset the job's progress to its restore point: the last recorded checkpoint, or that
+/// checkpoint + the plan of a done growth (`restore_growth`: the grown generation at the
+/// checkpoint's step), or the start. Generation, step, tokens, data cursor, depth, layout and
+/// growth stage all come from the same records. Returns the restored generation.
+pub fn restore_point(
+    state: &mut JobState,
+    model0: &ModelConfig,
+    growths: &BTreeMap<Generation, GrowthRecordState>,
+    why: &str,
+) -> Generation {
     let lc = state.last_checkpoint.clone();
     match &lc {
         Some(c) => {
@@ -114,10 +121,33 @@ pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> G
             if let Some(l) = &c.layout {
                 state.layout = l.clone();
             }
-            state.message = format!(
-                "{why}; restarting from checkpoint step {} (generation {})",
-                c.step, c.generation
-            );
+            let plan = state
+                .restore_growth
+                .and_then(|g| growths.get(&g))
+                .filter(|g| g.based_on.as_deref() == Some(c.dir.as_str()));
+            match plan {
+                Some(g) => {
+                    state.generation = g.generation;
+                    state.layers = g.to_layers;
+                    if let Some(l) = &g.layout_after {
+                        state.layout = l.clone();
+                    }
+                    if let Some(i) = g.stage {
+                        state.next_growth_stage = state.next_growth_stage.max(i + 1);
+                    }
+                    state.message = format!(
+                        "{why}; restarting from checkpoint step {} (generation {}) grown to generation {} ({} layers)",
+                        c.step, c.generation, g.generation, g.to_layers
+                    );
+                }
+                None => {
+                    state.restore_growth = None;
+                    state.message = format!(
+                        "{why}; restarting from checkpoint step {} (generation {})",
+                        c.step, c.generation
+                    );
+                }
+            }
         }
         None => {
             state.generation = Generation(0);
@@ -126,6 +156,7 @@ pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> G
             state.data_cursor = 0;
             state.layers = model0.num_hidden_layers;
             state.next_growth_stage = 0;
+            state.restore_growth = None;
             state.message = format!("{why}; no committed checkpoint yet, restarting from step 0");
         }
     }
@@ -136,7 +167,21 @@ pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> G
 /// A committed checkpoint becomes the restore point; a commit is progress.
 pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
     state.last_checkpoint = Some(rec.clone());
+    state.restore_growth = None;
     state.stalled_rollbacks = 0;
+}
+
+/// A growth is done (its checkpoint recorded, every rank resumed): the restore point becomes
+/// that checkpoint + the growth's plan.
+pub fn growth_committed(state: &mut JobState, rec: &GrowthRecordState) {
+    state.restore_growth = Some(rec.generation);
+    state.stalled_rollbacks = 0;
+    let msg = format!(
+        "training generation {} ({} layers)",
+        rec.generation, rec.to_layers
+    );
+    let phase = state.phase;
+    transition(state, phase, msg);
 }
 
 /// A new epoch begins: ranks are assigned. During a growth's re-layout the phase stays.
@@ -177,7 +222,7 @@ pub fn grown(state: &mut JobState, rec: &GrowthRecordState, model0: &ModelConfig
         state.next_growth_stage = state.next_growth_stage.max(i + 1);
     }
     let msg = format!(
-        "training generation {} ({} layers); committing the post-growth checkpoint",
+        "training generation {} ({} layers); recording the growth checkpoint",
         rec.generation, rec.to_layers
     );
     transition(state, Phase::Training, msg);
@@ -249,6 +294,7 @@ mod tests {
             parameters: 0,
             layout: LayoutInfo::default(),
             last_checkpoint: None,
+            restore_growth: None,
             skip: vec![],
             next_growth_stage: 0,
             rollbacks: 0,

@@ -1,0 +1,416 @@
+//! Issue 14: a worker or the coordinator killed (SIGKILL) at the points of the growth flow in
+//! which the growth checkpoint is written in the background while the grown model trains, over
+//! real processes on loopback (`trellis-coordinator` on the embedded store, two `trellis-worker`
+//! ranks, DP = 2, CPU, `coordctl`).
+//!
+//! - before the growth checkpoint is durable (the grown model already trains): the growth is
+//!   rolled back and the job restarts from the checkpoint before it, generation 0;
+//! - after the growth committed (checkpoint recorded, every rank resumed) and the grown model
+//!   trained on, before any checkpoint of it: the job restarts from "growth checkpoint + plan",
+//!   generation 1 at the growth step, and the grown model's losses are the ones it had.
+//!
+//! A kill in the stack phase (the shards written, not committed) is in `coordinator.rs`
+//! (`a_worker_killed_mid_growth_…`, `a_coordinator_killed_mid_growth_…`).
+//!
+//! Worker hooks (documented in `worker/src/managed.rs`): `TRELLIS_SAMPLE_LOG`,
+//! `TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS` (hold the growth checkpoint's write).
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use trellis_tests::{banner_field, bin, free_port, json, repo, run, wait_line, Proc};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// `interval`: periodic checkpoints (0: none, so the growth's restore point stays in force).
+fn spec(name: &str, ckpt: &Path, interval: u64) -> String {
+    let corpus = repo().join("corpus/tiny");
+    let cache = std::env::temp_dir().join("trellis-e2e-data-cache");
+    format!(
+        r#"[job]
+name = "{name}"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[data]
+train = "{train}"
+valid = "{valid}"
+vocab_size = 512
+seq_len = 32
+cache_dir = "{cache}"
+
+[train]
+precision = "fp32"
+global_batch = 4
+max_steps = 100000
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = 0
+threads = 1
+
+[checkpoint]
+dir = "{ckpt}"
+interval = {interval}
+keep = 3
+
+[parallel]
+dp = 2
+tp = 1
+"#,
+        train = corpus.join("train.txt").display(),
+        valid = corpus.join("valid.txt").display(),
+        cache = cache.display(),
+        ckpt = ckpt.display(),
+    )
+}
+
+/// The processes of one test; on a failing test, prints every log's tail.
+struct Cluster {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+    next_worker: usize,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("trellis-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        Cluster {
+            dir,
+            procs: Vec::new(),
+            next_worker: 0,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A coordinator on the embedded store `store/` (with the job when `job` is set); returns
+    /// (its process index, its endpoint).
+    fn coordinator(&mut self, name: &str, port: u16, job: Option<&Path>) -> (usize, String) {
+        let store = format!("file:{}", self.path("store").display());
+        let mut cmd = Command::new(bin("trellis-coordinator"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0", "--store", &store])
+            .args(["--heartbeat-ttl-secs", "3"]);
+        if let Some(j) = job {
+            cmd.arg("--job").arg(j);
+        }
+        let log = self.path(&format!("{name}.log"));
+        let (p, rx): (Proc, mpsc::Receiver<String>) = Proc::spawn(name, &mut cmd, &log);
+        self.procs.push(p);
+        let line = wait_line(&rx, "trellis-coordinator listening", LONG);
+        let endpoint = format!("http://{}", banner_field(&line, "grpc").unwrap());
+        (self.procs.len() - 1, endpoint)
+    }
+
+    fn worker(&mut self, endpoint: &str, env: &[(&str, &str)]) -> usize {
+        let i = self.next_worker;
+        self.next_worker += 1;
+        let mut cmd = Command::new(bin("trellis-worker"));
+        cmd.args(["--coordinator", endpoint, "--device", "cpu"])
+            .env(
+                "TRELLIS_SAMPLE_LOG",
+                self.path(&format!("samples-{i}.jsonl")),
+            );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log = self.path(&format!("worker-{i}.log"));
+        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    /// The steps (with their generation) worker `w` trained in epochs after `epoch`.
+    fn steps_after_epoch(&self, w: usize, epoch: u64) -> Vec<(u64, u64)> {
+        std::fs::read_to_string(self.path(&format!("samples-{w}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| u(&r["epoch"]) > epoch)
+            .map(|r| (u(&r["step"]), u(&r["generation"])))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.procs {
+                eprintln!(
+                    "----- {} ({}) -----\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.tail(40)
+                );
+            }
+        }
+    }
+}
+
+fn coordctl(endpoint: &str, args: &[&str]) -> Output {
+    run(
+        Command::new(bin("coordctl"))
+            .args(["--endpoint", endpoint])
+            .args(args),
+        Duration::from_secs(60),
+    )
+}
+
+fn status(endpoint: &str) -> Option<Value> {
+    let out = coordctl(endpoint, &["--output", "json", "status"]);
+    out.status.success().then(|| json(&out))
+}
+
+fn wait_status(endpoint: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + LONG;
+    let mut last = None;
+    loop {
+        if let Some(s) = status(endpoint) {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; last status: {}",
+                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[track_caller]
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a u64: {v}"))
+}
+
+fn phase(s: &Value) -> &str {
+    s["phase"].as_str().unwrap_or("")
+}
+
+/// Train losses by step; a step trained again after a rollback keeps its newest loss, and
+/// `count` says how often each step was reported.
+fn train_losses(endpoint: &str) -> (BTreeMap<u64, f64>, BTreeMap<u64, usize>) {
+    let loss = json(&coordctl(endpoint, &["--output", "json", "loss"]));
+    let (mut last, mut count) = (BTreeMap::new(), BTreeMap::new());
+    for p in loss["points"].as_array().unwrap() {
+        if let Some(l) = p["train_loss"].as_f64() {
+            last.insert(u(&p["step"]), l);
+            *count.entry(u(&p["step"])).or_default() += 1;
+        }
+    }
+    (last, count)
+}
+
+/// Start the job with two workers (`env` for both), train past step 30 (with `interval` 20,
+/// a checkpoint before the growth) and grow ×2 at the next step boundary. Returns (cluster,
+/// coordinator index, port, endpoint, growth step).
+fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u16, String, u64) {
+    let mut cl = Cluster::new(name);
+    let job = cl.path("job.toml");
+    std::fs::write(&job, spec(name, &cl.path("ckpt"), interval)).unwrap();
+    let port = free_port();
+    let (ci, ep) = cl.coordinator("coordinator-1", port, Some(&job));
+    cl.worker(&ep, env);
+    cl.worker(&ep, env);
+    wait_status(&ep, "training past step 30", |s| {
+        phase(s) == "training" && u(&s["step"]) >= 30
+    });
+    let out = coordctl(&ep, &["grow", "--factor", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = wait_status(&ep, "the growth's step", |s| {
+        s["growth_history"][0]["at_step"].as_u64().is_some()
+    });
+    let at = u(&s["growth_history"][0]["at_step"]);
+    (cl, ci, port, ep, at)
+}
+
+/// The grown model trains while its growth checkpoint is not yet durable (its write held).
+fn training_uncommitted(ep: &str, at: u64) -> Value {
+    let s = wait_status(
+        ep,
+        "the grown model training, its checkpoint unwritten",
+        |s| u(&s["generation"]) == 1 && !s["growth"].is_null() && u(&s["step"]) >= at + 3,
+    );
+    assert!(
+        !s["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| u(&c["step"]) == at),
+        "the growth checkpoint is not recorded while its write is held: {s}"
+    );
+    s
+}
+
+/// After a kill before the growth checkpoint was durable: generation 0 again, the growth rolled
+/// back, every rank restarted from the checkpoint before the growth.
+fn assert_rolled_back_to_the_old_generation(cl: &Cluster, ep: &str, mid: &Value, at: u64) {
+    let back = wait_status(ep, "training again after the rollback", |s| {
+        phase(s) == "training" && u(&s["epoch"]) > u(&mid["epoch"]) && u(&s["step"]) >= at + 2
+    });
+    assert_eq!(u(&back["generation"]), 0, "{back}");
+    assert_eq!(u(&back["layers"]), 2, "{back}");
+    assert_eq!(back["growth_history"][0]["phase"], "rolled_back", "{back}");
+    assert!(
+        back["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| u(&c["generation"]) == 0 && u(&c["layers"]) == 2),
+        "{back}"
+    );
+    // Restarted from the newest checkpoint before the growth (interval 20, the growth past 30).
+    let restore = back["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| u(&c["step"]))
+        .max()
+        .expect("a periodic checkpoint before the growth");
+    assert!(
+        restore >= 20 && restore < at,
+        "restore point {restore}, growth at {at}"
+    );
+    let steps = cl.steps_after_epoch(0, u(&mid["epoch"]));
+    let first = steps
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .expect("steps after the kill");
+    assert_eq!(first, restore + 1, "restarted from checkpoint {restore}");
+    assert!(steps.iter().all(|s| s.1 == 0), "{steps:?}");
+}
+
+/// After a kill once the growth committed: generation 1 at the growth step (checkpoint +
+/// plan), no checkpoint of the grown model needed, and the grown model's losses unchanged.
+fn assert_restored_checkpoint_plus_plan(
+    cl: &Cluster,
+    ep: &str,
+    before: &BTreeMap<u64, f64>,
+    epoch: u64,
+    at: u64,
+) {
+    let back = wait_status(ep, "the grown model training again", |s| {
+        phase(s) == "training" && u(&s["epoch"]) > epoch && u(&s["step"]) >= at + 6
+    });
+    assert_eq!(u(&back["generation"]), 1, "{back}");
+    assert_eq!(u(&back["layers"]), 4, "{back}");
+    assert_eq!(back["growth_history"][0]["phase"], "done", "{back}");
+    let steps = cl.steps_after_epoch(0, epoch);
+    let first = steps
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .expect("steps after the kill");
+    assert_eq!(
+        first,
+        at + 1,
+        "restarted at the growth step as generation 1 (checkpoint {at} + plan): {steps:?}"
+    );
+    assert!(steps.iter().all(|s| s.1 == 1), "{steps:?}");
+    // The grown model's steps trained again give the losses they gave the first time.
+    let (after, count) = train_losses(ep);
+    let again: Vec<u64> = (at + 1..=at + 5)
+        .filter(|s| count.get(s).copied().unwrap_or(0) >= 2)
+        .collect();
+    assert!(
+        !again.is_empty(),
+        "no grown step was trained twice: {count:?}"
+    );
+    for s in again {
+        assert_eq!(
+            before.get(&s).map(|x| x.to_bits()),
+            after.get(&s).map(|x| x.to_bits()),
+            "train loss of grown step {s} before and after the restore"
+        );
+    }
+}
+
+/// The only checkpoint is the growth's (generation 0 at the growth step): no checkpoint of the
+/// grown model was taken.
+fn assert_only_the_growth_checkpoint(s: &Value, at: u64) {
+    let c = s["checkpoints"].as_array().unwrap();
+    assert_eq!(c.len(), 1, "{s}");
+    assert_eq!(
+        (
+            u(&c[0]["step"]),
+            u(&c[0]["generation"]),
+            c[0]["reason"].as_str()
+        ),
+        (at, 0, Some("growth")),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_worker_killed_before_the_growth_checkpoint_is_durable_rolls_back_to_the_old_generation() {
+    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
+    let (mut cl, _, _, ep, at) = grown("gf-worker-writing", 20, &hold);
+    let mid = training_uncommitted(&ep, at);
+    // Worker 1 is rank 1 or rank 0; either way a rank of the group dies.
+    cl.procs[2].kill9();
+    cl.worker(&ep, &[]);
+    assert_rolled_back_to_the_old_generation(&cl, &ep, &mid, at);
+}
+
+#[test]
+fn a_coordinator_killed_before_the_growth_checkpoint_is_durable_recovers_the_old_generation() {
+    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
+    let (mut cl, ci, port, ep, at) = grown("gf-coord-writing", 20, &hold);
+    let mid = training_uncommitted(&ep, at);
+    cl.procs[ci].kill9();
+    let (_, ep2) = cl.coordinator("coordinator-2", port, None);
+    assert_rolled_back_to_the_old_generation(&cl, &ep2, &mid, at);
+}
+
+/// The committed growth's restore point is its checkpoint + plan: after the grown model trained
+/// a few steps (no checkpoint of it yet), a killed worker brings every rank back to generation 1
+/// at the growth step.
+#[test]
+fn a_worker_killed_after_the_growth_committed_restores_checkpoint_plus_plan() {
+    // No periodic checkpoints: the growth's restore point stays in force.
+    let (mut cl, _, _, ep, at) = grown("gf-worker-committed", 0, &[]);
+    let s = wait_status(
+        &ep,
+        "the growth committed and the grown model trained",
+        |s| s["growth_history"][0]["phase"] == "done" && u(&s["step"]) >= at + 6,
+    );
+    assert_only_the_growth_checkpoint(&s, at);
+    let (before, _) = train_losses(&ep);
+    cl.procs[2].kill9();
+    cl.worker(&ep, &[]);
+    assert_restored_checkpoint_plus_plan(&cl, &ep, &before, u(&s["epoch"]), at);
+}
+
+#[test]
+fn a_coordinator_killed_after_the_growth_committed_recovers_checkpoint_plus_plan() {
+    let (mut cl, ci, port, ep, at) = grown("gf-coord-committed", 0, &[]);
+    let s = wait_status(
+        &ep,
+        "the growth committed and the grown model trained",
+        |s| s["growth_history"][0]["phase"] == "done" && u(&s["step"]) >= at + 6,
+    );
+    assert_only_the_growth_checkpoint(&s, at);
+    let (before, _) = train_losses(&ep);
+    cl.procs[ci].kill9();
+    let (_, ep2) = cl.coordinator("coordinator-2", port, None);
+    assert_restored_checkpoint_plus_plan(&cl, &ep2, &before, u(&s["epoch"]), at);
+}
