@@ -89,9 +89,10 @@ fn flat_views(shapes: &[Vec<i64>], device: Device) -> Vec<Tensor> {
 /// [`crate::init::generation_seed`]`(seed, generation)` and the name,
 /// so every rank and every re-run of the same growth produce the same values.
 ///
-/// At memory speed: the grown weights (and the moments) are views of one new buffer each,
+/// At memory speed: the grown weights (and carried moments) are views of one new buffer each,
 /// every target is written once (a copy, a fill or its draw; nothing is initialised first and
-/// then overwritten), and nothing goes through the host.
+/// then overwritten), nothing goes through the host, and `reset` moments are not written at
+/// all before the first update writes them ([`AdamW::moments`]).
 pub fn apply(
     model: &Llama,
     optim: &AdamW,
@@ -151,46 +152,47 @@ pub fn apply(
     let stack_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let both: Vec<Vec<i64>> = shapes.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
-    let moments = tch::no_grad(|| -> Result<HashMap<String, Moments>> {
-        let mut views = flat_views(&both, device).into_iter();
-        let mut moments = HashMap::new();
-        for (i, (name, _, _)) in plan.tensors.iter().enumerate() {
-            let (mut exp_avg, mut exp_avg_sq) = (views.next().unwrap(), views.next().unwrap());
-            let from = match policy {
-                OptimizerPolicy::Reset => None,
-                OptimizerPolicy::Carry => plan.moment_source(i),
-            };
-            match from {
-                Some(from) => {
-                    let src = optim.moments.get(from).ok_or_else(|| {
-                        Error::Invalid(format!("optimizer has no moments for {from}"))
-                    })?;
-                    exp_avg.copy_(&src.exp_avg);
-                    exp_avg_sq.copy_(&src.exp_avg_sq);
+    let new_optim = match policy {
+        // Zero moments, allocated and written by the first update (`AdamW::moments`).
+        OptimizerPolicy::Reset => AdamW::fresh(optim.cfg),
+        OptimizerPolicy::Carry => {
+            let both: Vec<Vec<i64>> = shapes.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
+            let moments = tch::no_grad(|| {
+                let mut views = flat_views(&both, device).into_iter();
+                let mut moments = HashMap::new();
+                for (i, (name, _, _)) in plan.tensors.iter().enumerate() {
+                    let (mut exp_avg, mut exp_avg_sq) =
+                        (views.next().unwrap(), views.next().unwrap());
+                    // A source whose moments are not allocated yet has zero moments.
+                    match plan
+                        .moment_source(i)
+                        .and_then(|from| optim.moments.get(from))
+                    {
+                        Some(src) => {
+                            exp_avg.copy_(&src.exp_avg);
+                            exp_avg_sq.copy_(&src.exp_avg_sq);
+                        }
+                        None => {
+                            let _ = exp_avg.zero_();
+                            let _ = exp_avg_sq.zero_();
+                        }
+                    }
+                    moments.insert(
+                        name.clone(),
+                        Moments {
+                            exp_avg,
+                            exp_avg_sq,
+                        },
+                    );
                 }
-                None => {
-                    let _ = exp_avg.zero_();
-                    let _ = exp_avg_sq.zero_();
-                }
+                moments
+            });
+            AdamW {
+                cfg: optim.cfg,
+                step: optim.step,
+                moments,
             }
-            moments.insert(
-                name.clone(),
-                Moments {
-                    exp_avg,
-                    exp_avg_sq,
-                },
-            );
         }
-        Ok(moments)
-    })?;
-    let new_optim = AdamW {
-        cfg: optim.cfg,
-        step: match policy {
-            OptimizerPolicy::Reset => 0,
-            OptimizerPolicy::Carry => optim.step,
-        },
-        moments,
     };
     let optimizer_seconds = t1.elapsed().as_secs_f64();
     Ok((

@@ -72,6 +72,11 @@ pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Adam's step count `t` (number of updates applied since the last reset).
     pub step: u64,
+    /// The moments by parameter name. A parameter without an entry has zero moments that are
+    /// not allocated yet (a fresh optimizer after a `reset` growth, [`AdamW::fresh`]): its first
+    /// update writes them whole — `m = (1−β1)·g`, `v = (1−β2)·g²`, bit for bit what the update
+    /// from zero buffers gives — so a growth does not first fill twice the model's bytes with
+    /// zeros. [`AdamW::moments_of`] reads either kind.
     pub moments: HashMap<String, Moments>,
 }
 
@@ -81,6 +86,27 @@ pub fn decays(shape: &[i64]) -> bool {
 }
 
 impl AdamW {
+    /// Fresh state with the zero moments not allocated (see [`AdamW::moments`]), `t = 0`.
+    pub fn fresh(cfg: AdamWConfig) -> AdamW {
+        AdamW {
+            cfg,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// The moments of parameter `name` (`p`): shared with the optimizer, or zeros when they are
+    /// not allocated yet.
+    pub fn moments_of(&self, name: &str, p: &Tensor) -> Moments {
+        match self.moments.get(name) {
+            Some(m) => Moments {
+                exp_avg: m.exp_avg.shallow_clone(),
+                exp_avg_sq: m.exp_avg_sq.shallow_clone(),
+            },
+            None => tch::no_grad(|| Moments::zeros_like(p)),
+        }
+    }
+
     /// Fresh state: zero moments for every parameter, `t = 0`.
     pub fn new(cfg: AdamWConfig, params: &[(String, Tensor)]) -> AdamW {
         let moments = tch::no_grad(|| {
@@ -141,10 +167,6 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                let st = self
-                    .moments
-                    .get_mut(name)
-                    .unwrap_or_else(|| panic!("optimizer has no moments for {name}"));
                 if clip < 1.0 {
                     let _ = g.g_mul_scalar_(clip);
                 }
@@ -153,11 +175,32 @@ impl AdamW {
                 if c.weight_decay != 0.0 && decays(&p.size()) {
                     let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
-                // m ← β1 m + (1−β1) g
-                let _ = st.exp_avg.lerp_(&g, 1.0 - c.beta1);
-                // v ← β2 v + (1−β2) g²   (g becomes g²)
-                let _ = g.g_mul_(&g.shallow_clone());
-                let _ = st.exp_avg_sq.lerp_(&g, 1.0 - c.beta2);
+                let (w1, w2) = (1.0 - c.beta1, 1.0 - c.beta2);
+                if !self.moments.contains_key(name) && w1 < 0.5 && w2 < 0.5 {
+                    // Zero moments not allocated yet: `lerp(0, x, w)` is `0 + w·x` for w < 0.5
+                    // (libtorch's formula), i.e. `w·x` with −0 turned to +0: written directly.
+                    let exp_avg = (&g * w1) + 0.0;
+                    let _ = g.g_mul_(&g.shallow_clone());
+                    let exp_avg_sq = (&g * w2) + 0.0;
+                    self.moments.insert(
+                        name.clone(),
+                        Moments {
+                            exp_avg,
+                            exp_avg_sq,
+                        },
+                    );
+                } else {
+                    let st = self
+                        .moments
+                        .entry(name.clone())
+                        .or_insert_with(|| Moments::zeros_like(&p));
+                    // m ← β1 m + (1−β1) g
+                    let _ = st.exp_avg.lerp_(&g, w1);
+                    // v ← β2 v + (1−β2) g²   (g becomes g²)
+                    let _ = g.g_mul_(&g.shallow_clone());
+                    let _ = st.exp_avg_sq.lerp_(&g, w2);
+                }
+                let st = &self.moments[name];
                 // p ← p − step_size · m / (sqrt(v)/bc2_sqrt + ε)
                 //   = p + m / ((sqrt(v) + ε·bc2_sqrt) · (−1 / (step_size·bc2_sqrt)))
                 let _ = st.exp_avg_sq.sqrt_out(&g);
@@ -167,5 +210,64 @@ impl AdamW {
             }
         });
         norm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The first update of moments not allocated yet is bit for bit the update from zero
+    /// buffers (signed zeros included), for weights, moments and the next steps.
+    #[test]
+    fn unallocated_zero_moments_update_like_zero_buffers() {
+        tch::manual_seed(3);
+        let mk = || {
+            let w = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+            let b = Tensor::zeros([8], (Kind::Float, Device::Cpu));
+            vec![
+                ("w".to_string(), w.set_requires_grad(true)),
+                ("b".to_string(), b.set_requires_grad(true)),
+            ]
+        };
+        let (pa, pb) = (mk(), mk());
+        tch::no_grad(|| {
+            for ((_, a), (_, b)) in pa.iter().zip(&pb) {
+                b.shallow_clone().copy_(a);
+            }
+        });
+        let mut eager = AdamW::new(AdamWConfig::default(), &pa);
+        let mut lazy = AdamW::fresh(AdamWConfig::default());
+        for k in 0..3 {
+            let x = Tensor::randn([8], (Kind::Float, Device::Cpu));
+            for (params, opt) in [(&pa, &mut eager), (&pb, &mut lazy)] {
+                // A gradient with exact zeros and negative zeros in it.
+                let loss = (&params[0].1.matmul(&x)).relu().sum(Kind::Float)
+                    + (&params[1].1 * &x * (-0.0)).sum(Kind::Float);
+                loss.backward();
+                opt.step(params, 1e-2);
+                for (_, p) in params.iter() {
+                    let _ = p.grad().zero_();
+                }
+            }
+            for ((n, a), (_, b)) in pa.iter().zip(&pb) {
+                let same = |x: &Tensor, y: &Tensor| {
+                    let (x, y) = (x.flatten(0, -1), y.flatten(0, -1));
+                    let xv: Vec<f32> = Vec::try_from(&x).unwrap();
+                    let yv: Vec<f32> = Vec::try_from(&y).unwrap();
+                    xv.iter()
+                        .map(|v| v.to_bits())
+                        .eq(yv.iter().map(|v| v.to_bits()))
+                };
+                assert!(same(a, b), "step {k}: {n}");
+                let (ma, mb) = (&eager.moments[n], &lazy.moments[n]);
+                assert!(same(&ma.exp_avg, &mb.exp_avg), "step {k}: {n} exp_avg");
+                assert!(
+                    same(&ma.exp_avg_sq, &mb.exp_avg_sq),
+                    "step {k}: {n} exp_avg_sq"
+                );
+            }
+        }
     }
 }

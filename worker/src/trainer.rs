@@ -865,11 +865,7 @@ impl Trainer {
         let mut optim = Vec::new();
         for (name, p) in self.model.named_parameters() {
             model.push((name.clone(), snap(p)));
-            let m = self
-                .optim
-                .moments
-                .get(name)
-                .expect("moments for every parameter");
+            let m = self.optim.moments_of(name, p);
             optim.push((format!("{name}.exp_avg"), snap(&m.exp_avg)));
             optim.push((format!("{name}.exp_avg_sq"), snap(&m.exp_avg_sq)));
         }

@@ -63,8 +63,8 @@ fn gstack_x4_copies_every_tensor_bit_for_bit() {
     assert!(timings.total_seconds >= 0.0);
     // reset: fresh moments, t = 0.
     assert_eq!(gopt.step, 0);
-    for (name, _) in g.named_parameters() {
-        let mo = &gopt.moments[name];
+    for (name, t) in g.named_parameters() {
+        let mo = &gopt.moments_of(name, t);
         assert_eq!(mo.exp_avg.abs().max().double_value(&[]), 0.0, "{name}");
         assert_eq!(mo.exp_avg_sq.abs().max().double_value(&[]), 0.0, "{name}");
     }

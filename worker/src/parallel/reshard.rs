@@ -169,11 +169,14 @@ pub fn from_peers(
         let p = old
             .and_then(|o| o.model().parameter(&name))
             .map(|t| t.detach());
-        let m = old.and_then(|o| o.optimizer().moments.get(&name));
+        let m = old.and_then(|o| {
+            let p = o.model().parameter(&name)?;
+            Some(o.optimizer().moments_of(&name, p))
+        });
         let w = fetch(new, &name, &full, p.as_ref())?;
         let [n1, n2] = moment_names(&name);
-        let exp_avg = fetch(new, &n1, &full, m.map(|m| &m.exp_avg))?;
-        let exp_avg_sq = fetch(new, &n2, &full, m.map(|m| &m.exp_avg_sq))?;
+        let exp_avg = fetch(new, &n1, &full, m.as_ref().map(|m| &m.exp_avg))?;
+        let exp_avg_sq = fetch(new, &n2, &full, m.as_ref().map(|m| &m.exp_avg_sq))?;
         tensors.insert(name.clone(), w);
         moments.insert(
             name,
