@@ -130,6 +130,16 @@ impl Cluster {
         self.procs.len() - 1
     }
 
+    /// The growth step S: worker 0's first step of generation 1 is S + 1.
+    fn growth_step(&self) -> u64 {
+        let first = self
+            .steps_after_epoch(0, 0)
+            .into_iter()
+            .find(|s| s.1 == 1)
+            .expect("worker 0 trained the grown model");
+        first.0 - 1
+    }
+
     /// The steps (with their generation) worker `w` trained in epochs after `epoch`.
     fn steps_after_epoch(&self, w: usize, epoch: u64) -> Vec<(u64, u64)> {
         std::fs::read_to_string(self.path(&format!("samples-{w}.jsonl")))
@@ -217,8 +227,8 @@ fn train_losses(endpoint: &str) -> (BTreeMap<u64, f64>, BTreeMap<u64, usize>) {
 
 /// Start the job with two workers (`env` for both), train past step 30 (with `interval` 20,
 /// a checkpoint before the growth) and grow ×2 at the next step boundary. Returns (cluster,
-/// coordinator index, port, endpoint, growth step).
-fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u16, String, u64) {
+/// coordinator index, port, endpoint).
+fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u16, String) {
     let mut cl = Cluster::new(name);
     let job = cl.path("job.toml");
     std::fs::write(&job, spec(name, &cl.path("ckpt"), interval)).unwrap();
@@ -235,15 +245,16 @@ fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u1
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let s = wait_status(&ep, "the growth's step", |s| {
-        s["growth_history"][0]["at_step"].as_u64().is_some()
-    });
-    let at = u(&s["growth_history"][0]["at_step"]);
-    (cl, ci, port, ep, at)
+    (cl, ci, port, ep)
 }
 
 /// The grown model trains while its growth checkpoint is not yet durable (its write held).
-fn training_uncommitted(ep: &str, at: u64) -> Value {
+/// Returns the status and the growth step.
+fn training_uncommitted(cl: &Cluster, ep: &str) -> (Value, u64) {
+    wait_status(ep, "the grown model training", |s| {
+        u(&s["generation"]) == 1 && !s["growth"].is_null()
+    });
+    let at = cl.growth_step();
     let s = wait_status(
         ep,
         "the grown model training, its checkpoint unwritten",
@@ -257,7 +268,7 @@ fn training_uncommitted(ep: &str, at: u64) -> Value {
             .any(|c| u(&c["step"]) == at),
         "the growth checkpoint is not recorded while its write is held: {s}"
     );
-    s
+    (s, at)
 }
 
 /// After a kill before the growth checkpoint was durable: generation 0 again, the growth rolled
@@ -344,6 +355,16 @@ fn assert_restored_checkpoint_plus_plan(
     }
 }
 
+/// The growth committed and the grown model trained a few steps: the status and the growth step.
+fn committed_and_trained(cl: &Cluster, ep: &str) -> (Value, u64) {
+    wait_status(ep, "the growth committed", |s| {
+        s["growth_history"][0]["phase"] == "done"
+    });
+    let at = cl.growth_step();
+    let s = wait_status(ep, "the grown model trained", |s| u(&s["step"]) >= at + 6);
+    (s, at)
+}
+
 /// The only checkpoint is the growth's (generation 0 at the growth step): no checkpoint of the
 /// grown model was taken.
 fn assert_only_the_growth_checkpoint(s: &Value, at: u64) {
@@ -363,8 +384,8 @@ fn assert_only_the_growth_checkpoint(s: &Value, at: u64) {
 #[test]
 fn a_worker_killed_before_the_growth_checkpoint_is_durable_rolls_back_to_the_old_generation() {
     let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
-    let (mut cl, _, _, ep, at) = grown("gf-worker-writing", 20, &hold);
-    let mid = training_uncommitted(&ep, at);
+    let (mut cl, _, _, ep) = grown("gf-worker-writing", 20, &hold);
+    let (mid, at) = training_uncommitted(&cl, &ep);
     // Worker 1 is rank 1 or rank 0; either way a rank of the group dies.
     cl.procs[2].kill9();
     cl.worker(&ep, &[]);
@@ -374,8 +395,8 @@ fn a_worker_killed_before_the_growth_checkpoint_is_durable_rolls_back_to_the_old
 #[test]
 fn a_coordinator_killed_before_the_growth_checkpoint_is_durable_recovers_the_old_generation() {
     let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
-    let (mut cl, ci, port, ep, at) = grown("gf-coord-writing", 20, &hold);
-    let mid = training_uncommitted(&ep, at);
+    let (mut cl, ci, port, ep) = grown("gf-coord-writing", 20, &hold);
+    let (mid, at) = training_uncommitted(&cl, &ep);
     cl.procs[ci].kill9();
     let (_, ep2) = cl.coordinator("coordinator-2", port, None);
     assert_rolled_back_to_the_old_generation(&cl, &ep2, &mid, at);
@@ -387,12 +408,8 @@ fn a_coordinator_killed_before_the_growth_checkpoint_is_durable_recovers_the_old
 #[test]
 fn a_worker_killed_after_the_growth_committed_restores_checkpoint_plus_plan() {
     // No periodic checkpoints: the growth's restore point stays in force.
-    let (mut cl, _, _, ep, at) = grown("gf-worker-committed", 0, &[]);
-    let s = wait_status(
-        &ep,
-        "the growth committed and the grown model trained",
-        |s| s["growth_history"][0]["phase"] == "done" && u(&s["step"]) >= at + 6,
-    );
+    let (mut cl, _, _, ep) = grown("gf-worker-committed", 0, &[]);
+    let (s, at) = committed_and_trained(&cl, &ep);
     assert_only_the_growth_checkpoint(&s, at);
     let (before, _) = train_losses(&ep);
     cl.procs[2].kill9();
@@ -402,12 +419,8 @@ fn a_worker_killed_after_the_growth_committed_restores_checkpoint_plus_plan() {
 
 #[test]
 fn a_coordinator_killed_after_the_growth_committed_recovers_checkpoint_plus_plan() {
-    let (mut cl, ci, port, ep, at) = grown("gf-coord-committed", 0, &[]);
-    let s = wait_status(
-        &ep,
-        "the growth committed and the grown model trained",
-        |s| s["growth_history"][0]["phase"] == "done" && u(&s["step"]) >= at + 6,
-    );
+    let (mut cl, ci, port, ep) = grown("gf-coord-committed", 0, &[]);
+    let (s, at) = committed_and_trained(&cl, &ep);
     assert_only_the_growth_checkpoint(&s, at);
     let (before, _) = train_losses(&ep);
     cl.procs[ci].kill9();

@@ -104,6 +104,21 @@ pub fn apply(
     check(model, plan)?;
     let device = model.device();
     let t0 = Instant::now();
+    // The copies are memory-bound: one thread nearly saturates the bandwidth, and a second
+    // one spinning at every small kernel's barrier costs far more than it gives when the CPU is
+    // shared — as it is during a growth, with the growth checkpoint's writer running
+    // (docs/benchmarks.md, "Growth latency"). Restored on return.
+    struct Threads(i32);
+    impl Drop for Threads {
+        fn drop(&mut self) {
+            tch::set_num_threads(self.0);
+        }
+    }
+    let _threads = (device == Device::Cpu).then(|| {
+        let t = Threads(tch::get_num_threads());
+        tch::set_num_threads(1);
+        t
+    });
     // A TP shard grows its own slices: copies stay local (source and target are split alike),
     // fresh tensors are drawn whole (the TP = 1 stream) and sliced.
     let shard = model.shard;
