@@ -551,7 +551,7 @@ c_on = step_compute(grow["steps"], E["grow_step"] + 1)
 on_rows = [
     ("grow RPC answered (informational, part of the checkpoint phase)", E["t_answer"] - E["t_issue"], False),
     ("checkpoint of the small model until recorded (snapshot, then written in the background: not on the path to the grown steps)", tim["checkpoint_seconds"], False),
-    ("stack (G_stack on the worker, in memory)", tim["stack_seconds"], True),
+    ("stack (from the Grow, sent with the checkpoint: finishing the step in flight, snapshot, G_stack in memory)", tim["stack_seconds"], True),
     ("reshard (TP unchanged: no-op)", tim["reshard_seconds"], True),
     ("resume (fresh AdamW, schedule)", tim["resume_seconds"], True),
     ("first optimizer step of the grown model + report + watch lag", after_resume, True),

@@ -529,6 +529,16 @@ impl Domain {
                 }
             }
             Some(Txn::Growth(g)) => {
+                // The growth's step S is the step its Grow ran at: the growth record says it as
+                // soon as the ranks stack (its checkpoint, written in the background, may be
+                // recorded later).
+                if let AckKind::Phase(WorkerPhase::Stack) = kind {
+                    if g.grow_cmd() == Some(cmd) {
+                        if let Some(rec) = job.growths.get_mut(&g.generation) {
+                            rec.at_step = ack.step;
+                        }
+                    }
+                }
                 let ev = match kind {
                     AckKind::Assigned => Some(growth::Event::RankReady(rank)),
                     AckKind::Phase(phase) => Some(growth::Event::Phase { cmd, phase, rank }),
