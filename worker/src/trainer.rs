@@ -797,8 +797,9 @@ impl Trainer {
             std::fs::copy(&self.data.tokenizer_path, &tok).map_err(|e| {
                 Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e)
             })?;
-            // The Hugging Face files beside it (an imported checkpoint's), for the export.
-            if let Some(dir) = self.data.tokenizer_path.parent() {
+            // The Hugging Face files beside the job's `data.tokenizer` (an imported
+            // checkpoint's), for the export.
+            if let Some(dir) = self.spec.data.tokenizer.as_deref().and_then(Path::parent) {
                 for name in checkpoint::HF_SIDECARS {
                     let (from, to) = (dir.join(name), tmp.join(name));
                     if from.is_file() {

@@ -37,28 +37,27 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// An HF `config.json` for `cfg`.
+/// An HF `config.json` for `cfg` (the export's).
 pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim(),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "tie_word_embeddings": false,
-        "torch_dtype": "float32",
-    })
+    trellis_core::offline::hf_config(cfg)
+}
+
+/// `tiny_cfg` with everything issue #13 added: tied embeddings, `head_dim` 12 ≠ 32 / 4,
+/// rope_theta 500000 and llama3 scaling whose three frequency bands all occur at head_dim 12.
+pub fn tied_llama3_cfg(layers: usize, kv_heads: usize) -> ModelConfig {
+    ModelConfig {
+        tie_word_embeddings: true,
+        head_dim: Some(12),
+        rope_theta: 500000.0,
+        rope_scaling: Some(trellis_core::config::RopeScaling {
+            rope_type: trellis_core::config::RopeType::Llama3,
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..tiny_cfg(layers, kv_heads)
+    }
 }
 
 /// Write `model.safetensors` + `config.json` of `named` into `dir`.
