@@ -99,6 +99,7 @@ fn check_export(dir: &Path) -> serde_json::Value {
 
 fn assert_close(a: f64, b: f64, what: &str) {
     let rel = (a - b).abs() / b.abs();
+    eprintln!("{what}: trellis {a} vs transformers {b} (relative difference {rel:.1e})");
     assert!(
         rel < 1e-4,
         "{what}: trellis {a} vs transformers {b} (rel {rel:e})"

@@ -30,7 +30,7 @@ fn parity(layers: usize, kv_heads: usize, attn: &str) {
 }
 
 fn parity_of(cfg: trellis_core::config::ModelConfig, attn: &str) {
-    let (layers, kv_heads) = (cfg.num_hidden_layers, cfg.num_key_value_heads);
+    let kv_heads = cfg.num_key_value_heads;
     let model = Llama::init(&cfg, Device::Cpu, 7);
     let dir = tempfile::tempdir().unwrap();
     write_hf(dir.path(), &cfg, model.named_parameters());
