@@ -372,11 +372,16 @@ async fn wait_all(epochs: &[Arc<AtomicU64>], above: u64, limit: Duration) -> (Du
 }
 
 async fn storm(n: usize, round: usize) -> bool {
-    let bin = std::env::current_exe()
-        .ok()
-        .and_then(|p| Some(p.parent()?.parent()?.join("trellis-coordinator")))
+    // `TRELLIS_COORDINATOR=PATH` runs another build (e.g. to compare before and after a fix).
+    let bin = std::env::var_os("TRELLIS_COORDINATOR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| Some(p.parent()?.parent()?.join("trellis-coordinator")))
+        })
         .filter(|p| p.is_file())
-        .expect("trellis-coordinator is not built next to this example: run `cargo build --release -p trellis-coordinator --bins` first");
+        .expect("trellis-coordinator is not built next to this example: run `cargo build --release -p trellis-coordinator --bins` first (or set TRELLIS_COORDINATOR)");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("job.toml"),
