@@ -364,4 +364,78 @@ mod tests {
             .await
             .unwrap();
     }
+
+    /// A real fault: the store's volume (a 1 MiB tmpfs; root only) fills. The write is kept and
+    /// retried, never reported durable; once there is room it lands, with the newer value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_to_a_full_store_is_retried_and_never_reported_done_until_it_lands() {
+        use std::io::Write;
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            eprintln!("SKIPPED: mounting a small tmpfs needs root");
+            return;
+        }
+        let mnt = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1048576", "tmpfs"])
+            .arg(mnt.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: `mount -t tmpfs` failed (no CAP_SYS_ADMIN here?)");
+            return;
+        }
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.path().to_path_buf());
+        let store: Arc<dyn StateStore> = Arc::new(
+            trellis_store::EmbeddedStore::open(mnt.path().join("state"))
+                .await
+                .unwrap(),
+        );
+        let p = Persister::start(store.clone());
+        p.put("/k".into(), b"old".to_vec());
+        p.ticket().wait().await.unwrap();
+        let filler = mnt.path().join("filler");
+        {
+            let mut f = std::fs::File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 512]).is_ok() {}
+        }
+        p.put("/k".into(), vec![b'a'; 64 << 10]);
+        let t = p.ticket();
+        let e = t
+            .clone()
+            .wait_for(Duration::from_secs(2))
+            .await
+            .expect_err("a write to a full store must not be reported done");
+        assert!(e.to_string().contains("not yet persisted"), "{e}");
+        let prog = p.progress();
+        assert!(
+            prog.durable < t.seq() && prog.failing_since.is_some(),
+            "{prog:?}"
+        );
+        assert!(
+            prog.last_error
+                .as_deref()
+                .is_some_and(|m| m.contains("disk is not full")),
+            "{prog:?}"
+        );
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"old");
+        // A newer value enqueued meanwhile is merged into the retried write.
+        p.put("/k".into(), b"new".to_vec());
+        let t2 = p.ticket();
+        std::fs::remove_file(&filler).unwrap();
+        t.wait().await.unwrap();
+        t2.wait().await.unwrap();
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"new");
+        assert!(p.progress().failing_since.is_none());
+        p.close().await;
+    }
 }
