@@ -119,10 +119,17 @@ fn unhealthy(p: &Progress, store_down: Duration) -> Option<String> {
     })
 }
 
-/// gRPC health (`grpc.health.v1`, the overall service "" and both Trellis services): SERVING
-/// while the coordinator can answer and persist; NOT_SERVING while the state store has failed
-/// writes for `store_down` or longer, while the domain lock cannot be taken within
-/// [`LOCK_BOUND`], or once fenced off by another leader.
+/// The health service name that only says whether the process is alive and answering (its
+/// lock is free, it still leads): Kubernetes' liveness probe asks for it, so a store outage makes
+/// the coordinator unready (NOT_SERVING on "") but never gets it restarted, which would drop
+/// the state it has queued for the store.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// gRPC health (`grpc.health.v1`): the overall service "" and both Trellis services are
+/// SERVING while the coordinator can answer and persist; NOT_SERVING while state writes have
+/// failed for `store_down` or longer, while the domain lock cannot be taken within
+/// [`LOCK_BOUND`], or once fenced off by another leader. [`LIVENESS_SERVICE`] is NOT_SERVING
+/// only for the last two.
 async fn health_check(
     shared: Shared,
     progress: tokio::sync::watch::Receiver<Progress>,
@@ -130,45 +137,55 @@ async fn health_check(
     store_down: Duration,
 ) {
     use tonic_health::ServingStatus;
-    let mut serving = true;
+    let status = |ok: bool| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    let (mut ready, mut live) = (true, true);
     let mut iv = tokio::time::interval(Duration::from_millis(500));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         iv.tick().await;
-        let why = match tokio::time::timeout(LOCK_BOUND, shared.lock()).await {
-            Err(_) => Some(format!(
-                "the coordinator's state lock was not free within {} s",
-                LOCK_BOUND.as_secs()
-            )),
-            Ok(_guard) => unhealthy(&progress.borrow(), store_down),
+        let (why, alive) = match tokio::time::timeout(LOCK_BOUND, shared.lock()).await {
+            Err(_) => (
+                Some(format!(
+                    "the coordinator's state lock was not free within {} s",
+                    LOCK_BOUND.as_secs()
+                )),
+                false,
+            ),
+            Ok(_guard) => {
+                let p = progress.borrow();
+                (unhealthy(&p, store_down), p.fenced.is_none())
+            }
         };
-        if why.is_none() == serving {
+        if alive != live {
+            live = alive;
+            reporter
+                .set_service_status(LIVENESS_SERVICE, status(live))
+                .await;
+        }
+        if why.is_none() == ready {
             continue;
         }
-        serving = why.is_none();
-        let status = match &why {
-            Some(why) => {
-                warn!("health: NOT_SERVING: {why}");
-                ServingStatus::NotServing
-            }
-            None => {
-                info!("health: SERVING again");
-                ServingStatus::Serving
-            }
-        };
-        reporter.set_service_status("", status).await;
-        reporter
-            .set_service_status(
-                <pb::control_service_server::ControlServiceServer<ControlSvc> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
-        reporter
-            .set_service_status(
-                <pb::worker_service_server::WorkerServiceServer<WorkerSvc> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
+        ready = why.is_none();
+        match &why {
+            Some(why) => warn!("health: NOT_SERVING: {why}"),
+            None => info!("health: SERVING again"),
+        }
+        for name in [
+            "",
+            <pb::control_service_server::ControlServiceServer<ControlSvc> as tonic::server::NamedService>::NAME,
+            <pb::worker_service_server::WorkerServiceServer<WorkerSvc> as tonic::server::NamedService>::NAME,
+        ] {
+            reporter.set_service_status(name, status(ready)).await;
+        }
     }
 }
 

@@ -223,6 +223,11 @@ fn u(v: &Value) -> u64 {
 /// gRPC health of the whole server: `Some(true)` SERVING, `Some(false)` anything else, `None`
 /// no answer.
 fn serving(endpoint: &str) -> Option<bool> {
+    health(endpoint, "")
+}
+
+/// gRPC health of one service name ("" the whole server, "liveness" the liveness probe's).
+fn health(endpoint: &str, service: &str) -> Option<bool> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -238,7 +243,7 @@ fn serving(endpoint: &str) -> Option<bool> {
         let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
         let r = c
             .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
+                service: service.to_string(),
             })
             .await
             .ok()?;
@@ -442,6 +447,8 @@ fn an_etcd_outage_of_15s_mid_job_keeps_training_and_the_state_catches_up() {
     let t0 = Instant::now();
     let stopped_at = status(&c.endpoint).expect("status answers without etcd");
     let down = wait_health(&c.endpoint, false, Duration::from_secs(15));
+    // Unready, but alive: a liveness probe does not get it restarted (its queue would be lost).
+    assert_eq!(health(&c.endpoint, "liveness"), Some(true));
     // etcd has been stopped for seconds: what is listed is what was durable before.
     let before = listed(&c.endpoint);
     assert!(!before.is_empty());
