@@ -103,10 +103,13 @@ async fn grow_in_lockstep_and_bad_requests() {
     let e = c.pause(pb::PauseRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
+    // Done, and its checkpoint listed (the catalogue lists a checkpoint once its record is
+    // durable in the store, which may be just after the growth commits).
     let s = wait_status(&mut c, "growth done", 90, |s| {
         s.growth_history
             .first()
             .is_some_and(|g| g.phase == pb::GrowthPhase::Done as i32)
+            && s.checkpoints.iter().any(|c| c.reason == "growth")
     })
     .await;
     assert_eq!(s.generation, 1);
