@@ -608,12 +608,17 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_next_older_one_after_a_restart(
     let port = free_port();
     let store = format!("file:{}", cl.path("store").display());
     let c = cl.coordinator("coordinator-1", port, &store, Some(&job), &[]);
-    cl.worker(&c.endpoint, &[]);
-    cl.worker(&c.endpoint, &[]);
+    let workers = [cl.worker(&c.endpoint, &[]), cl.worker(&c.endpoint, &[])];
     let s = wait_status(&c.endpoint, "three committed checkpoints", LONG, |s| {
         s["checkpoints"].as_array().map_or(0, |a| a.len()) >= 3
     });
     cl.procs[c.idx].kill9();
+    // The workers go too: the restarted coordinator then waits for new ones on its restore
+    // point, and the checks below cannot race a fast job that re-commits the same steps (and
+    // replaces the unusable entry) within a second of the restart.
+    for w in workers {
+        cl.procs[w].kill9();
+    }
     let cks = s["checkpoints"].as_array().unwrap().clone();
     let (older, newest) = (&cks[cks.len() - 2], &cks[cks.len() - 1]);
     let bad_dir = std::path::PathBuf::from(newest["dir"].as_str().unwrap());
@@ -673,6 +678,8 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_next_older_one_after_a_restart(
         "set aside for inspection at {}",
         aside.display()
     );
+    cl.worker(&c2.endpoint, &[]);
+    cl.worker(&c2.endpoint, &[]);
     let done = wait_status(&c2.endpoint, "the job to finish", LONG, |x| {
         phase(x) == "done"
     });
