@@ -70,14 +70,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s://%s:%d" (ternary "https" "http" (eq (include "trellis.tls" .) "true")) (include "trellis.coordinatorHost" .) (int .Values.coordinator.grpcPort) -}}
 {{- end -}}
 
-{{/* The coordinator's probe: grpc.health.v1 natively, or a TCP check with mTLS. */}}
+{{/* The coordinator's probe, (dict "ctx" $ ["service" NAME]): grpc.health.v1 natively (for
+the service NAME when given), or a TCP check with mTLS (native gRPC probes cannot present a
+client certificate; the check then cannot tell a wedged coordinator from a healthy one). */}}
 {{- define "trellis.coordinatorProbe" -}}
-{{- if eq (include "trellis.tls" .) "true" -}}
+{{- $v := .ctx.Values -}}
+{{- if eq (include "trellis.tls" .ctx) "true" -}}
 tcpSocket:
-  port: {{ .Values.coordinator.grpcPort }}
+  port: {{ $v.coordinator.grpcPort }}
 {{- else -}}
 grpc:
-  port: {{ .Values.coordinator.grpcPort }}
+  port: {{ $v.coordinator.grpcPort }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
 {{- end -}}
 {{- end -}}
 
