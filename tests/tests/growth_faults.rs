@@ -1,7 +1,8 @@
 //! Issue 14: a worker or the coordinator killed (SIGKILL) at the points of the growth flow in
 //! which the growth checkpoint is written in the background while the grown model trains, over
-//! real processes on loopback (`trellis-coordinator` on the embedded store, two `trellis-worker`
-//! ranks, DP = 2, CPU, `coordctl`).
+//! real processes on loopback with mTLS (the shared harness, `trellis_tests::Cluster`:
+//! `trellis-coordinator` on the embedded store, two `trellis-worker` ranks, DP = 2, CPU,
+//! `coordctl`).
 //!
 //! - before the growth checkpoint is durable (the grown model already trains): the growth is
 //!   rolled back and the job restarts from the checkpoint before it, generation 0;
@@ -16,18 +17,15 @@
 //! `TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS` (hold the growth checkpoint's write).
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-use trellis_tests::{banner_field, bin, free_port, json, repo, run, wait_line, Proc};
-
-const LONG: Duration = Duration::from_secs(120);
+use std::path::Path;
+use trellis_tests::{
+    cache_dir, coordctl, free_port, json, phase, repo, u, wait_status, Cluster, Coord, Endpoint,
+    LONG,
+};
 
 /// `interval`: periodic checkpoints (0: none, so the growth's restore point stays in force).
 fn spec(name: &str, ckpt: &Path, interval: u64) -> String {
     let corpus = repo().join("corpus/tiny");
-    let cache = std::env::temp_dir().join("trellis-e2e-data-cache");
     format!(
         r#"[job]
 name = "{name}"
@@ -64,156 +62,42 @@ tp = 1
 "#,
         train = corpus.join("train.txt").display(),
         valid = corpus.join("valid.txt").display(),
-        cache = cache.display(),
+        cache = cache_dir().display(),
         ckpt = ckpt.display(),
     )
 }
 
-/// The processes of one test; on a failing test, prints every log's tail.
-struct Cluster {
-    dir: tempfile::TempDir,
-    procs: Vec<Proc>,
-    next_worker: usize,
+/// A coordinator on the test's embedded store `store/` (with the job when `job` is set).
+fn coordinator(cl: &mut Cluster, name: &str, port: u16, job: Option<&Path>) -> Coord {
+    let store = format!("file:{}", cl.path("store").display());
+    cl.coordinator(name, port, &store, job, &[])
 }
 
-impl Cluster {
-    fn new(name: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("trellis-e2e-{name}-"))
-            .tempdir()
-            .unwrap();
-        Cluster {
-            dir,
-            procs: Vec::new(),
-            next_worker: 0,
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// A coordinator on the embedded store `store/` (with the job when `job` is set); returns
-    /// (its process index, its endpoint).
-    fn coordinator(&mut self, name: &str, port: u16, job: Option<&Path>) -> (usize, String) {
-        let store = format!("file:{}", self.path("store").display());
-        let mut cmd = Command::new(bin("trellis-coordinator"));
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", "127.0.0.1:0", "--store", &store])
-            .args(["--heartbeat-ttl-secs", "3"]);
-        if let Some(j) = job {
-            cmd.arg("--job").arg(j);
-        }
-        let log = self.path(&format!("{name}.log"));
-        let (p, rx): (Proc, mpsc::Receiver<String>) = Proc::spawn(name, &mut cmd, &log);
-        self.procs.push(p);
-        let line = wait_line(&rx, "trellis-coordinator listening", LONG);
-        let endpoint = format!("http://{}", banner_field(&line, "grpc").unwrap());
-        (self.procs.len() - 1, endpoint)
-    }
-
-    fn worker(&mut self, endpoint: &str, env: &[(&str, &str)]) -> usize {
-        let i = self.next_worker;
-        self.next_worker += 1;
-        let mut cmd = Command::new(bin("trellis-worker"));
-        cmd.args(["--coordinator", endpoint, "--device", "cpu"])
-            .env(
-                "TRELLIS_SAMPLE_LOG",
-                self.path(&format!("samples-{i}.jsonl")),
-            );
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let log = self.path(&format!("worker-{i}.log"));
-        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
-        self.procs.push(p);
-        self.procs.len() - 1
-    }
-
-    /// The growth step S: worker 0's first step of generation 1 is S + 1.
-    fn growth_step(&self) -> u64 {
-        let first = self
-            .steps_after_epoch(0, 0)
-            .into_iter()
-            .find(|s| s.1 == 1)
-            .expect("worker 0 trained the grown model");
-        first.0 - 1
-    }
-
-    /// The steps (with their generation) worker `w` trained in epochs after `epoch`.
-    fn steps_after_epoch(&self, w: usize, epoch: u64) -> Vec<(u64, u64)> {
-        std::fs::read_to_string(self.path(&format!("samples-{w}.jsonl")))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|r| u(&r["epoch"]) > epoch)
-            .map(|r| (u(&r["step"]), u(&r["generation"])))
-            .collect()
-    }
+/// The steps (with their generation) worker `w` trained in epochs after `epoch`.
+fn steps_after_epoch(cl: &Cluster, w: usize, epoch: u64) -> Vec<(u64, u64)> {
+    cl.sample_log(w)
+        .into_iter()
+        .filter(|r| u(&r["epoch"]) > epoch)
+        .map(|r| (u(&r["step"]), u(&r["generation"])))
+        .collect()
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in &self.procs {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    p.tail(40)
-                );
-            }
-        }
-    }
+/// The growth step S: worker 0's first step of generation 1 is S + 1.
+fn growth_step(cl: &Cluster) -> u64 {
+    let first = steps_after_epoch(cl, 0, 0)
+        .into_iter()
+        .find(|s| s.1 == 1)
+        .expect("worker 0 trained the grown model");
+    first.0 - 1
 }
 
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    run(
-        Command::new(bin("coordctl"))
-            .args(["--endpoint", endpoint])
-            .args(args),
-        Duration::from_secs(60),
-    )
-}
-
-fn status(endpoint: &str) -> Option<Value> {
-    let out = coordctl(endpoint, &["--output", "json", "status"]);
-    out.status.success().then(|| json(&out))
-}
-
-fn wait_status(endpoint: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + LONG;
-    let mut last = None;
-    loop {
-        if let Some(s) = status(endpoint) {
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; last status: {}",
-                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
-                    .unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[track_caller]
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a u64: {v}"))
-}
-
-fn phase(s: &Value) -> &str {
-    s["phase"].as_str().unwrap_or("")
+fn wait(ep: &Endpoint, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_status(ep, what, LONG, pred)
 }
 
 /// Train losses by step; a step trained again after a rollback keeps its newest loss, and
 /// `count` says how often each step was reported.
-fn train_losses(endpoint: &str) -> (BTreeMap<u64, f64>, BTreeMap<u64, usize>) {
+fn train_losses(endpoint: &Endpoint) -> (BTreeMap<u64, f64>, BTreeMap<u64, usize>) {
     let loss = json(&coordctl(endpoint, &["--output", "json", "loss"]));
     let (mut last, mut count) = (BTreeMap::new(), BTreeMap::new());
     for p in loss["points"].as_array().unwrap() {
@@ -228,15 +112,16 @@ fn train_losses(endpoint: &str) -> (BTreeMap<u64, f64>, BTreeMap<u64, usize>) {
 /// Start the job with two workers (`env` for both), train past step 30 (with `interval` 20,
 /// a checkpoint before the growth) and grow ×2 at the next step boundary. Returns (cluster,
 /// coordinator index, port, endpoint).
-fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u16, String) {
+fn grown(name: &str, interval: u64, env: &[(&str, String)]) -> (Cluster, usize, u16, Endpoint) {
     let mut cl = Cluster::new(name);
     let job = cl.path("job.toml");
     std::fs::write(&job, spec(name, &cl.path("ckpt"), interval)).unwrap();
     let port = free_port();
-    let (ci, ep) = cl.coordinator("coordinator-1", port, Some(&job));
+    let c = coordinator(&mut cl, "coordinator-1", port, Some(&job));
+    let (ci, ep) = (c.idx, c.endpoint);
     cl.worker(&ep, env);
     cl.worker(&ep, env);
-    wait_status(&ep, "training past step 30", |s| {
+    wait(&ep, "training past step 30", |s| {
         phase(s) == "training" && u(&s["step"]) >= 30
     });
     let out = coordctl(&ep, &["grow", "--factor", "2"]);
@@ -250,12 +135,12 @@ fn grown(name: &str, interval: u64, env: &[(&str, &str)]) -> (Cluster, usize, u1
 
 /// The grown model trains while its growth checkpoint is not yet durable (its write held).
 /// Returns the status and the growth step.
-fn training_uncommitted(cl: &Cluster, ep: &str) -> (Value, u64) {
-    wait_status(ep, "the grown model training", |s| {
+fn training_uncommitted(cl: &Cluster, ep: &Endpoint) -> (Value, u64) {
+    wait(ep, "the grown model training", |s| {
         u(&s["generation"]) == 1 && !s["growth"].is_null()
     });
-    let at = cl.growth_step();
-    let s = wait_status(
+    let at = growth_step(cl);
+    let s = wait(
         ep,
         "the grown model training, its checkpoint unwritten",
         |s| u(&s["generation"]) == 1 && !s["growth"].is_null() && u(&s["step"]) >= at + 3,
@@ -273,8 +158,8 @@ fn training_uncommitted(cl: &Cluster, ep: &str) -> (Value, u64) {
 
 /// After a kill before the growth checkpoint was durable: generation 0 again, the growth rolled
 /// back, every rank restarted from the checkpoint before the growth.
-fn assert_rolled_back_to_the_old_generation(cl: &Cluster, ep: &str, mid: &Value, at: u64) {
-    let back = wait_status(ep, "training again after the rollback", |s| {
+fn assert_rolled_back_to_the_old_generation(cl: &Cluster, ep: &Endpoint, mid: &Value, at: u64) {
+    let back = wait(ep, "training again after the rollback", |s| {
         phase(s) == "training" && u(&s["epoch"]) > u(&mid["epoch"]) && u(&s["step"]) >= at + 2
     });
     assert_eq!(u(&back["generation"]), 0, "{back}");
@@ -300,7 +185,7 @@ fn assert_rolled_back_to_the_old_generation(cl: &Cluster, ep: &str, mid: &Value,
         restore >= 20 && restore < at,
         "restore point {restore}, growth at {at}"
     );
-    let steps = cl.steps_after_epoch(0, u(&mid["epoch"]));
+    let steps = steps_after_epoch(cl, 0, u(&mid["epoch"]));
     let first = steps
         .iter()
         .map(|s| s.0)
@@ -314,18 +199,18 @@ fn assert_rolled_back_to_the_old_generation(cl: &Cluster, ep: &str, mid: &Value,
 /// plan), no checkpoint of the grown model needed, and the grown model's losses unchanged.
 fn assert_restored_checkpoint_plus_plan(
     cl: &Cluster,
-    ep: &str,
+    ep: &Endpoint,
     before: &BTreeMap<u64, f64>,
     epoch: u64,
     at: u64,
 ) {
-    let back = wait_status(ep, "the grown model training again", |s| {
+    let back = wait(ep, "the grown model training again", |s| {
         phase(s) == "training" && u(&s["epoch"]) > epoch && u(&s["step"]) >= at + 6
     });
     assert_eq!(u(&back["generation"]), 1, "{back}");
     assert_eq!(u(&back["layers"]), 4, "{back}");
     assert_eq!(back["growth_history"][0]["phase"], "done", "{back}");
-    let steps = cl.steps_after_epoch(0, epoch);
+    let steps = steps_after_epoch(cl, 0, epoch);
     let first = steps
         .iter()
         .map(|s| s.0)
@@ -356,12 +241,12 @@ fn assert_restored_checkpoint_plus_plan(
 }
 
 /// The growth committed and the grown model trained a few steps: the status and the growth step.
-fn committed_and_trained(cl: &Cluster, ep: &str) -> (Value, u64) {
-    wait_status(ep, "the growth committed", |s| {
+fn committed_and_trained(cl: &Cluster, ep: &Endpoint) -> (Value, u64) {
+    wait(ep, "the growth committed", |s| {
         s["growth_history"][0]["phase"] == "done"
     });
-    let at = cl.growth_step();
-    let s = wait_status(ep, "the grown model trained", |s| u(&s["step"]) >= at + 6);
+    let at = growth_step(cl);
+    let s = wait(ep, "the grown model trained", |s| u(&s["step"]) >= at + 6);
     (s, at)
 }
 
@@ -383,7 +268,7 @@ fn assert_only_the_growth_checkpoint(s: &Value, at: u64) {
 
 #[test]
 fn a_worker_killed_before_the_growth_checkpoint_is_durable_rolls_back_to_the_old_generation() {
-    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
+    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000".to_string())];
     let (mut cl, _, _, ep) = grown("gf-worker-writing", 20, &hold);
     let (mid, at) = training_uncommitted(&cl, &ep);
     // Worker 1 is rank 1 or rank 0; either way a rank of the group dies.
@@ -394,11 +279,11 @@ fn a_worker_killed_before_the_growth_checkpoint_is_durable_rolls_back_to_the_old
 
 #[test]
 fn a_coordinator_killed_before_the_growth_checkpoint_is_durable_recovers_the_old_generation() {
-    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000")];
+    let hold = [("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS", "6000".to_string())];
     let (mut cl, ci, port, ep) = grown("gf-coord-writing", 20, &hold);
     let (mid, at) = training_uncommitted(&cl, &ep);
     cl.procs[ci].kill9();
-    let (_, ep2) = cl.coordinator("coordinator-2", port, None);
+    let ep2 = coordinator(&mut cl, "coordinator-2", port, None).endpoint;
     assert_rolled_back_to_the_old_generation(&cl, &ep2, &mid, at);
 }
 
@@ -424,6 +309,6 @@ fn a_coordinator_killed_after_the_growth_committed_recovers_checkpoint_plus_plan
     assert_only_the_growth_checkpoint(&s, at);
     let (before, _) = train_losses(&ep);
     cl.procs[ci].kill9();
-    let (_, ep2) = cl.coordinator("coordinator-2", port, None);
+    let ep2 = coordinator(&mut cl, "coordinator-2", port, None).endpoint;
     assert_restored_checkpoint_plus_plan(&cl, &ep2, &before, u(&s["epoch"]), at);
 }
