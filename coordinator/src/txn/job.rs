@@ -137,6 +137,23 @@ pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> G
 pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
     state.last_checkpoint = Some(rec.clone());
     state.stalled_rollbacks = 0;
+    state.checkpoint_error.clear();
+}
+
+/// A checkpoint was aborted (its files could not be written or committed, or it ran past its
+/// deadline). Not a training failure: no rollback, no epoch, and it never counts toward the
+/// stalled-rollback or failed-growth limits. Returns the status message.
+pub fn checkpoint_failed(state: &mut JobState, step: Step, why: &str, retry_secs: f64) -> String {
+    state.checkpoint_failures += 1;
+    state.checkpoint_error = format!("checkpoint step {step} failed: {why}");
+    let restore = state
+        .last_checkpoint
+        .as_ref()
+        .map_or("none yet".to_string(), |c| format!("step {}", c.step));
+    format!(
+        "{}; training goes on (restore point: {restore}), retrying in {retry_secs:.0} s",
+        state.checkpoint_error
+    )
 }
 
 /// A new epoch begins: ranks are assigned. During a growth's re-layout the phase stays.
@@ -258,6 +275,9 @@ mod tests {
             stalled_rollbacks: 0,
             last_rollback: None,
             failed_growths: vec![],
+            checkpoint_failures: 0,
+            checkpoint_error: String::new(),
+            evictions: 0,
             message: String::new(),
         }
     }
