@@ -504,6 +504,61 @@ async fn a_failing_commit_is_retried_without_a_rollback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growth_whose_checkpoint_cannot_be_written_is_aborted_and_the_old_generation_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.checkpoint_retry_max_secs = 0.2).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("nogrow", 2, 100000, 0, "")).await;
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = FakeConfig {
+        fail_write: Some(full.clone()),
+        ..fake(3)
+    };
+    let ep = format!("http://{}", co.grpc_addr);
+    let a0 = spawn_agent(ep.clone(), f.clone());
+    let a1 = spawn_agent(ep.clone(), f.clone());
+    wait_status(&mut c, "training", 30, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.step >= 5
+    })
+    .await;
+    c.grow(grow_req(2, "stack")).await.unwrap();
+    let s = wait_status(&mut c, "the growth aborted", 30, |s| {
+        s.growth_history
+            .iter()
+            .any(|g| g.phase == pb::GrowthPhase::RolledBack as i32 && g.error.contains("aborted"))
+            && s.phase == pb::JobPhase::Training as i32
+    })
+    .await;
+    let before = s.step;
+    // The old generation trains on: no rollback, no epoch, not a failed growth.
+    let s = wait_status(&mut c, "training on at generation 0", 30, |s| {
+        s.step > before + 20
+    })
+    .await;
+    assert_eq!(
+        (s.generation, s.layers, s.rollbacks, s.epoch),
+        (0, 2, 0, 1),
+        "{s:#?}"
+    );
+    let g = &s.growth_history[0];
+    assert!(
+        g.error.contains("No space left on device") && g.error.contains("generation 0"),
+        "{g:#?}"
+    );
+    // With space back, the same growth succeeds.
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    c.grow(grow_req(2, "stack")).await.unwrap();
+    let s = wait_status(&mut c, "the retried growth", 30, |s| {
+        s.generation == 1 && s.layers == 4
+    })
+    .await;
+    assert_eq!((s.rollbacks, s.epoch), (0, 1), "{s:#?}");
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_collected_only_after_a_newer_commit_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let co = coordinator(dir.path()).await;

@@ -111,8 +111,16 @@ impl Domain {
         // past the progress timeout, its heartbeats going on, gets its worker evicted.
         let timeout = self.progress_timeout();
         let mut evicted = Vec::new();
+        let stalled = &self.stalled;
         for (id, e) in self.workers.iter_mut() {
-            if e.lost || e.exited || e.tx.is_none() || !e.stuck_for(now, timeout) {
+            // Once evicted, a worker that reconnects still stuck stays idle (and unpicked)
+            // rather than being evicted again at every tick.
+            if e.lost
+                || e.exited
+                || e.tx.is_none()
+                || stalled.contains(id)
+                || !e.stuck_for(now, timeout)
+            {
                 continue;
             }
             let why = format!(

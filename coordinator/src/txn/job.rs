@@ -297,6 +297,48 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_checkpoint_counts_nothing_toward_failing_the_job() {
+        let mut s = state();
+        s.stalled_rollbacks = 2;
+        s.growth_failures = 2;
+        let msg = checkpoint_failed(
+            &mut s,
+            Step(20),
+            "rank 1 could not write it: disk full",
+            4.0,
+        );
+        assert_eq!(
+            (
+                s.rollbacks,
+                s.stalled_rollbacks,
+                s.growth_failures,
+                s.checkpoint_failures
+            ),
+            (0, 2, 2, 1)
+        );
+        assert!(
+            msg.contains("checkpoint step 20 failed") && msg.contains("retrying in 4 s"),
+            "{msg}"
+        );
+        assert!(s.checkpoint_error.contains("disk full"));
+        let rec = CheckpointRecord {
+            step: Step(30),
+            tokens: 0,
+            generation: Generation(0),
+            layers: 2,
+            data_cursor: 0,
+            dir: "/ck/j/step-30".into(),
+            reason: crate::txn::checkpoint::Reason::Periodic,
+            committed_at: 0.0,
+            next_growth_stage: 0,
+            layout: None,
+            unusable: None,
+        };
+        committed(&mut s, &rec);
+        assert!(s.checkpoint_error.is_empty(), "a commit clears the error");
+    }
+
+    #[test]
     fn clear_progress_resets_the_stall_count() {
         let mut s = state();
         s.step = Step(11);
