@@ -396,12 +396,10 @@ fn a_rank_whose_training_thread_hangs_is_evicted_and_an_idle_worker_replaces_it(
     eprintln!(
         "hung training thread at step {hang_at}: the group stalled at step {}; evicted {:.1}s \
          later (progress timeout {progress_timeout}s); {} rollback(s); finished at step {} with \
-         the spare; the hung worker reports {:?} for {:.0}s",
+         the spare; the hung worker now: {hung}",
         u(&stalled["step"]),
         detect.as_secs_f64(),
         u(&done["rollbacks"]),
         u(&done["step"]),
-        hung["progress_phase"],
-        hung["progress_seconds"].as_f64().unwrap_or(0.0)
     );
 }
