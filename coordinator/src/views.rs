@@ -90,7 +90,8 @@ impl Domain {
         }
         let mut sorted: Vec<f64> = times.iter().map(|t| t.1).collect();
         sorted.sort_by(f64::total_cmp);
-        let median = sorted[sorted.len() / 2];
+        // The lower median: with two ranks, the faster one is the reference.
+        let median = sorted[(sorted.len() - 1) / 2];
         if median <= 0.0 {
             return vec![];
         }

@@ -559,6 +559,53 @@ async fn a_growth_whose_checkpoint_cannot_be_written_is_aborted_and_the_old_gene
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_with_slow_steps_is_reported_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("slow", 2, 100000, 0, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let a0 = spawn_agent(ep.clone(), fake(2));
+    // Its own steps take 10x longer (the group waits for it in the lockstep agreement).
+    let a1 = spawn_agent(ep.clone(), fake(20));
+    let s = wait_status(&mut c, "one slow rank reported", 30, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.slow_ranks.len() == 1
+    })
+    .await;
+    let workers = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let slow = workers
+        .iter()
+        .find(|w| w.rank == s.slow_ranks[0] as i32)
+        .expect("the slow rank's worker");
+    assert!(slow.slowness > 1.5, "{workers:#?}");
+    // The gauge follows at the next membership tick.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = scrape(co.metrics_addr.unwrap()).await;
+        if text.lines().any(|l| l == "trellis_slow_ranks 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        text.lines().any(|l| l == "trellis_slow_ranks 1"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("slow"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_collected_only_after_a_newer_commit_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let co = coordinator(dir.path()).await;
