@@ -92,6 +92,9 @@ struct SimWorker {
     disconnected: bool,
     /// Fail the next command it executes (a rank's failure).
     fail_next: bool,
+    /// Fail the next checkpoint write or commit it executes like a full disk (a checkpoint
+    /// failure: the rank trains on).
+    disk_full: bool,
 }
 
 /// The disk: committed checkpoint directories and what they hold, per generation (a growth
@@ -130,6 +133,8 @@ enum Ev {
     Join,
     /// Worker `i` fails the next command it executes.
     Fail(usize),
+    /// Worker `i`'s next checkpoint write or commit fails with a full disk.
+    DiskFull(usize),
     Grow(usize),
     Pause,
     Resume,
@@ -149,6 +154,7 @@ fn event() -> impl Strategy<Value = Ev> {
         2 => (0..4usize).prop_map(Ev::Kill),
         1 => Just(Ev::Join),
         1 => (0..4usize).prop_map(Ev::Fail),
+        2 => (0..4usize).prop_map(Ev::DiskFull),
         2 => (2..4usize).prop_map(Ev::Grow),
         1 => Just(Ev::Pause),
         2 => Just(Ev::Resume),
@@ -164,6 +170,8 @@ fn opts() -> DomainOptions {
         heartbeat_ttl: Duration::from_secs(3600),
         // The disk is simulated (`Disk`): its checkpoints are records, not Trellis files.
         verify_checkpoints: false,
+        // A failed checkpoint is retried at once (the scheduler, not a clock, spaces events).
+        checkpoint_retry_max: Duration::ZERO,
         ..Default::default()
     }
 }
@@ -252,6 +260,7 @@ impl Sim {
             pending: None,
             disconnected: false,
             fail_next: false,
+            disk_full: false,
         });
     }
 
@@ -321,6 +330,23 @@ impl Sim {
             if !matches!(kind, pb::command::Kind::CommitCheckpoint(_)) {
                 w.hold = false;
             }
+            let ckpt_io = match &kind {
+                pb::command::Kind::Checkpoint(_) => Some("checkpoint"),
+                pb::command::Kind::CommitCheckpoint(_) => Some("commit"),
+                _ => None,
+            };
+            if let (true, Some(phase)) = (w.disk_full, ckpt_io) {
+                w.disk_full = false;
+                if let pb::command::Kind::Checkpoint(ck) = &kind {
+                    w.hold = ck.hold;
+                }
+                let mut a = ack(w, id, phase, None);
+                a.ok = false;
+                a.error = "No space left on device (os error 28)".into();
+                a.failure = pb::FailureKind::CheckpointIo as i32;
+                w.outbox.push_back(pb::worker_message::Kind::Ack(a));
+                continue;
+            }
             if w.fail_next && !matches!(kind, pb::command::Kind::Stop(_)) {
                 w.fail_next = false;
                 let mut a = ack(w, id, "checkpoint", None);
@@ -342,6 +368,11 @@ impl Sim {
                         .push_back(pb::worker_message::Kind::Ack(ack(w, id, "unpause", None)));
                 }
                 pb::command::Kind::Evaluate(_) | pb::command::Kind::Stop(_) => {}
+                pb::command::Kind::AbortCheckpoint(_) => {
+                    w.pending = None;
+                    w.outbox
+                        .push_back(pb::worker_message::Kind::Ack(ack(w, id, "abort", None)));
+                }
                 pb::command::Kind::Checkpoint(ck) => {
                     w.hold = ck.hold;
                     w.pending = Some(w.st);
@@ -364,6 +395,11 @@ impl Sim {
                     assert_eq!(snap.step, cc.step, "commit of the step the shards hold");
                     let dir = format!("{JOB_ROOT}/step-{}", snap.step);
                     self.disk.insert(disk_key(&dir, snap.generation), snap);
+                    // Rank 0's garbage collection after the commit: every older checkpoint
+                    // the coordinator's recorded catalogue does not keep. Invariant 2 then
+                    // checks that the restore point never went.
+                    self.disk
+                        .retain(|_, s| s.step >= cc.step || cc.keep_steps.contains(&s.step));
                     let w = &mut self.workers[i];
                     let r = pb::ack::Result::Commit(pb::CommitAck { dir });
                     w.outbox.push_back(pb::worker_message::Kind::Ack(ack(
@@ -455,12 +491,24 @@ impl Sim {
         let d = self.d();
         match m {
             pb::worker_message::Kind::Step(s) => d.step_report(id, session, s).await.unwrap(),
-            pb::worker_message::Kind::Ack(a) => d
-                .ack(id, session, trellis_coordinator::wire::ack(a))
-                .await
-                .unwrap(),
+            pb::worker_message::Kind::Ack(a) => {
+                // A checkpoint's I/O error is not a training failure: no rollback, no epoch.
+                let io = !a.ok && a.failure == pb::FailureKind::CheckpointIo as i32;
+                let before = d
+                    .job_state()
+                    .map(|s| (s.rollbacks, s.epoch, s.growth_failures));
+                d.ack(id, session, trellis_coordinator::wire::ack(a))
+                    .await
+                    .unwrap();
+                if io {
+                    let after = d
+                        .job_state()
+                        .map(|s| (s.rollbacks, s.epoch, s.growth_failures));
+                    assert_eq!(before, after, "a checkpoint I/O error rolled the job back");
+                }
+            }
             pb::worker_message::Kind::ValLoss(v) => d.val_loss(id, session, v),
-            pb::worker_message::Kind::Heartbeat(_) => d.heartbeat(id, session),
+            pb::worker_message::Kind::Heartbeat(hb) => d.heartbeat(id, session, &hb),
             pb::worker_message::Kind::Hello(_) => {}
         }
     }
@@ -558,6 +606,11 @@ impl Sim {
             Ev::Fail(i) => {
                 if let Some(w) = self.workers.get_mut(*i) {
                     w.fail_next = true;
+                }
+            }
+            Ev::DiskFull(i) => {
+                if let Some(w) = self.workers.get_mut(*i) {
+                    w.disk_full = true;
                 }
             }
             Ev::Grow(f) => {
@@ -703,6 +756,7 @@ fn ack(w: &SimWorker, cmd: u64, phase: &str, result: Option<pb::ack::Result>) ->
         "reshard" => pb::AckPhase::Reshard,
         "resume" => pb::AckPhase::Resume,
         "pause" => pb::AckPhase::Pause,
+        "abort" => pb::AckPhase::AbortCheckpoint,
         _ => pb::AckPhase::Unpause,
     };
     pb::Ack {
@@ -716,6 +770,7 @@ fn ack(w: &SimWorker, cmd: u64, phase: &str, result: Option<pb::ack::Result>) ->
         step: w.st.step,
         rank: w.rank.unwrap_or(0),
         result,
+        failure: 0,
     }
 }
 

@@ -137,6 +137,23 @@ pub fn restore_point(state: &mut JobState, model0: &ModelConfig, why: &str) -> G
 pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
     state.last_checkpoint = Some(rec.clone());
     state.stalled_rollbacks = 0;
+    state.checkpoint_error.clear();
+}
+
+/// A checkpoint was aborted (its files could not be written or committed, or it ran past its
+/// deadline). Not a training failure: no rollback, no epoch, and it never counts toward the
+/// stalled-rollback or failed-growth limits. Returns the status message.
+pub fn checkpoint_failed(state: &mut JobState, step: Step, why: &str, retry_secs: f64) -> String {
+    state.checkpoint_failures += 1;
+    state.checkpoint_error = format!("checkpoint step {step} failed: {why}");
+    let restore = state
+        .last_checkpoint
+        .as_ref()
+        .map_or("none yet".to_string(), |c| format!("step {}", c.step));
+    format!(
+        "{}; training goes on (restore point: {restore}), retrying in {retry_secs:.0} s",
+        state.checkpoint_error
+    )
 }
 
 /// A new epoch begins: ranks are assigned. During a growth's re-layout the phase stays.
@@ -258,6 +275,9 @@ mod tests {
             stalled_rollbacks: 0,
             last_rollback: None,
             failed_growths: vec![],
+            checkpoint_failures: 0,
+            checkpoint_error: String::new(),
+            evictions: 0,
             message: String::new(),
         }
     }
@@ -274,6 +294,48 @@ mod tests {
                 "rollback {i} at step {at}: {v:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_failed_checkpoint_counts_nothing_toward_failing_the_job() {
+        let mut s = state();
+        s.stalled_rollbacks = 2;
+        s.growth_failures = 2;
+        let msg = checkpoint_failed(
+            &mut s,
+            Step(20),
+            "rank 1 could not write it: disk full",
+            4.0,
+        );
+        assert_eq!(
+            (
+                s.rollbacks,
+                s.stalled_rollbacks,
+                s.growth_failures,
+                s.checkpoint_failures
+            ),
+            (0, 2, 2, 1)
+        );
+        assert!(
+            msg.contains("checkpoint step 20 failed") && msg.contains("retrying in 4 s"),
+            "{msg}"
+        );
+        assert!(s.checkpoint_error.contains("disk full"));
+        let rec = CheckpointRecord {
+            step: Step(30),
+            tokens: 0,
+            generation: Generation(0),
+            layers: 2,
+            data_cursor: 0,
+            dir: "/ck/j/step-30".into(),
+            reason: crate::txn::checkpoint::Reason::Periodic,
+            committed_at: 0.0,
+            next_growth_stage: 0,
+            layout: None,
+            unusable: None,
+        };
+        committed(&mut s, &rec);
+        assert!(s.checkpoint_error.is_empty(), "a commit clears the error");
     }
 
     #[test]
