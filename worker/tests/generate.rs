@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-const PROMPT: &str = "ROMEO:\nWhat";
+const PROMPT: &str = "First Citizen:\nBefore";
 const GROWTH: &str =
-    "[[growth]]\nat_step = 20\nfactor = 4\noperator = \"stack\"\nwarmup_steps = 2\n";
+    "[[growth]]\nat_step = 100\nfactor = 4\noperator = \"stack\"\nwarmup_steps = 2\n";
 
 fn run(args: &[&str]) -> Output {
     Command::new(worker_bin())
@@ -20,8 +20,8 @@ fn run(args: &[&str]) -> Output {
         .expect("trellis-worker runs")
 }
 
-/// Train `toml` into `out` (40 steps: 2 layers to step 20, then 8).
-fn train(dir: &Path, toml: &str, out: &Path) {
+/// Train `toml` into `out`.
+fn train_job(dir: &Path, toml: &str, out: &Path) {
     let job = dir.join(format!(
         "{}.toml",
         out.file_name().unwrap().to_string_lossy()
@@ -37,8 +37,11 @@ fn train(dir: &Path, toml: &str, out: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// One trained job shared by the tests of this file: checkpoints at step 20 (2 layers, just
-/// before the growth) and 40 (8 layers).
+/// One trained job shared by the tests of this file: checkpoints at step 100 (2 layers, just
+/// before the growth), 101 (8 layers, one step after it) and 160. The corpus is one short
+/// passage repeated, which the model learns well enough in 160 steps that its greedy text is
+/// varied (a model of this size trained briefly on varied text writes one token over and over,
+/// which would make the parity check weak) and its top logits far apart.
 fn trained() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -46,8 +49,20 @@ fn trained() -> &'static Path {
             .join(format!("trellis-generate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let toml = test_job_toml("gen", 40, GROWTH).replace("interval = 0", "interval = 20");
-        train(&root, &toml, &root.join("out"));
+        let (train, valid) = small_corpus();
+        let text = std::fs::read_to_string(&train).unwrap();
+        let passage = &text[..800];
+        let (mtrain, mvalid) = (root.join("train.txt"), root.join("valid.txt"));
+        std::fs::write(&mtrain, passage.repeat(150)).unwrap();
+        std::fs::write(&mvalid, passage.repeat(10)).unwrap();
+        let toml = test_job_toml("gen", 160, GROWTH)
+            .replace(&train.display().to_string(), &mtrain.display().to_string())
+            .replace(&valid.display().to_string(), &mvalid.display().to_string())
+            .replace(
+                "trellis-worker-data-cache",
+                &format!("trellis-worker-data-cache-gen-{}", std::process::id()),
+            );
+        train_job(&root, &toml, &root.join("out"));
         root.join("out/checkpoints/gen")
     })
 }
@@ -61,6 +76,8 @@ fn generate_json(ckpt: &Path, extra: &[&str]) -> Value {
         PROMPT,
         "--output",
         "json",
+        "--threads",
+        "1",
     ];
     args.extend_from_slice(extra);
     let o = run(&args);
@@ -137,13 +154,19 @@ fn check_greedy_parity(ckpt: &Path, hf: &Path, layers: u64, max_tokens: usize) -
 fn greedy_ids_match_transformers_before_and_after_growth() {
     let root = trained();
     let d = tempfile::tempdir().unwrap();
-    let before = check_greedy_parity(&root.join("step-20"), &d.path().join("hf-20"), 2, 32);
-    let after = check_greedy_parity(&root.join("step-40"), &d.path().join("hf-40"), 8, 32);
-    assert!(!ids(&before["ids"]).is_empty() && !ids(&after["ids"]).is_empty());
+    let mut distinct = std::collections::BTreeSet::new();
+    for (step, layers) in [(100, 2), (101, 8), (160, 8)] {
+        let hf = d.path().join(format!("hf-{step}"));
+        let g = check_greedy_parity(&root.join(format!("step-{step}")), &hf, layers, 40);
+        distinct.extend(ids(&g["ids"]));
+    }
+    // A meaningful comparison: the greedy paths use many different tokens.
+    assert!(distinct.len() >= 10, "only {} distinct ids", distinct.len());
+    let after = generate_json(&root.join("step-160"), &["--max-tokens", "32"]);
     // The job's checkpoint directory means its latest checkpoint.
     let latest = generate_json(root, &["--max-tokens", "32"]);
     assert_eq!(latest["ids"], after["ids"]);
-    assert_eq!(latest["step"], 40);
+    assert_eq!(latest["step"], 160);
 }
 
 #[test]
@@ -164,7 +187,7 @@ t.post_processor = processors.TemplateProcessing(
 t.save(sys.argv[2])
 "#,
         &[
-            root.join("step-20/tokenizer.json").to_str().unwrap(),
+            root.join("step-100/tokenizer.json").to_str().unwrap(),
             bos_tok.to_str().unwrap(),
         ],
     );
@@ -179,7 +202,7 @@ t.save(sys.argv[2])
             &format!("trellis-worker-data-cache-genbos-{}", std::process::id()),
         );
     let out = d.path().join("out");
-    train(d.path(), &toml, &out);
+    train_job(d.path(), &toml, &out);
     let ckpt = out.join("checkpoints/genbos/step-20");
     let ours = check_greedy_parity(&ckpt, &d.path().join("hf"), 2, 16);
     let tok: Value =
@@ -198,7 +221,7 @@ t.save(sys.argv[2])
 
 #[test]
 fn the_same_seed_gives_the_same_text_and_text_output_streams_it() {
-    let ckpt = trained().join("step-40");
+    let ckpt = trained().join("step-160");
     let sample = |seed: &str| {
         generate_json(
             &ckpt,
@@ -236,6 +259,8 @@ fn the_same_seed_gives_the_same_text_and_text_output_streams_it() {
         "5",
         "--max-tokens",
         "48",
+        "--threads",
+        "1",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
@@ -248,7 +273,7 @@ fn the_same_seed_gives_the_same_text_and_text_output_streams_it() {
 
 #[test]
 fn bad_input_is_one_line_and_exit_2() {
-    let ckpt = trained().join("step-20");
+    let ckpt = trained().join("step-100");
     let c = ckpt.to_str().unwrap();
     let long = "word ".repeat(400);
     let d = tempfile::tempdir().unwrap();
@@ -281,6 +306,10 @@ fn bad_input_is_one_line_and_exit_2() {
         (
             vec!["--checkpoint", c, "--prompt", "x", "--output", "yaml"],
             "--output yaml",
+        ),
+        (
+            vec!["--checkpoint", c, "--prompt", "x", "--threads", "0"],
+            "--threads 0",
         ),
     ];
     for (args, needle) in cases {
