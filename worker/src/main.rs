@@ -551,7 +551,7 @@ fn main() -> ExitCode {
         ),
         (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after, &cli.tls),
         (None, None) => Err(anyhow::anyhow!(
-            "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
+            "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...`, `trellis-worker generate ...` or `trellis-worker --coordinator URL`"
         )
         .context("usage")),
     };
