@@ -7,7 +7,8 @@
 //! it keeps the world size and changes DP only when it re-plans). The workers' sample logs
 //! (`TRELLIS_SAMPLE_LOG`: ids and the source of each) show that no sample id is skipped or read
 //! twice relative to the committed restore points, and the observed mixture proportions match
-//! the weights within a bound computed from the sampler's design (printed).
+//! the weights within a bound computed from the sampler's design (printed). Last, `trellis-worker
+//! generate` reads the TP = 2 checkpoint the job ended with.
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -385,6 +386,32 @@ fn a_mixture_resumes_after_kill_9_and_a_dp_change_reading_every_sample_once() {
             );
         }
     }
+    // 5. `generate` reads the checkpoint the job ended with, written by two TP ranks.
+    let last = cl.path(&format!("ckpt/mix/step-{max_steps}"));
+    assert!(
+        last.join("model-tp1-of-2.safetensors").exists(),
+        "a TP = 2 checkpoint"
+    );
+    let out = run(
+        Command::new(bin("trellis-worker"))
+            .args(["generate", "--output", "json", "--max-tokens", "16"])
+            .args(["--prompt", "First Citizen:", "--checkpoint"])
+            .arg(&last),
+        LONG,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g = json(&out);
+    assert_eq!(
+        (u(&g["step"]), u(&g["num_hidden_layers"])),
+        (max_steps, 8),
+        "{g}"
+    );
+    assert!(!g["ids"].as_array().unwrap().is_empty(), "{g}");
+
     let n = max_steps * GB;
     eprintln!(
         "mixture over real processes: killed at step {} (restored from {restored}), DP 2 -> 1 at growth step {grow_at}, \
