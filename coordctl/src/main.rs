@@ -269,16 +269,31 @@ enum CheckpointCmd {
         /// Where to write the grown checkpoint (must not exist yet).
         out_dir: PathBuf,
     },
-    /// Export a checkpoint as a Hugging Face LlamaForCausalLM directory.
+    /// Export a checkpoint as a Hugging Face LlamaForCausalLM directory (AutoModelForCausalLM
+    /// and AutoTokenizer load it).
     Export {
-        /// Output directory: config.json, model.safetensors (+ tokenizer.json when known).
+        /// Output directory: config.json, model.safetensors (or shards + index),
+        /// generation_config.json, and the tokenizer files when the checkpoint has a tokenizer.
         #[arg(long, value_name = "OUT_DIR", required = true)]
         hf: PathBuf,
         /// Weights dtype: fp32 (exact) or bf16 (rounded to nearest; checkpoints stay fp32).
         #[arg(long, default_value = "fp32", value_parser = parse_dtype)]
         dtype: trellis_core::offline::ExportDtype,
+        /// Largest weights file before sharding (5GB, 500MB, 2GiB, bytes), as transformers.
+        #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
+        max_shard_size: u64,
         /// A committed checkpoint directory (`…/step-N`).
         in_dir: PathBuf,
+    },
+    /// Import a Hugging Face LlamaForCausalLM directory as a step-0 checkpoint (no server, no
+    /// libtorch) that `[checkpoint] init_from` starts a job from.
+    Import {
+        /// The Hugging Face directory: config.json, model.safetensors or
+        /// model.safetensors.index.json (bf16, fp16 or fp32), tokenizer files.
+        #[arg(long, value_name = "IN_DIR", required = true)]
+        hf: PathBuf,
+        /// Where to write the checkpoint (must not exist yet, or be empty).
+        out_dir: PathBuf,
     },
 }
 
@@ -322,6 +337,10 @@ fn parse_factor(s: &str) -> Result<usize, String> {
 
 fn parse_operator(s: &str) -> Result<Operator, String> {
     Operator::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    trellis_core::hf::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> Result<trellis_core::offline::ExportDtype, String> {
@@ -473,8 +492,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             in_dir,
             out_dir,
         }) => return offline_grow(format, op, *seed, in_dir, out_dir),
-        Command::Checkpoint(CheckpointCmd::Export { hf, in_dir, dtype }) => {
-            return export(format, hf, in_dir, *dtype)
+        Command::Checkpoint(CheckpointCmd::Export {
+            hf,
+            in_dir,
+            dtype,
+            max_shard_size,
+        }) => {
+            let opts = trellis_core::offline::ExportOptions {
+                dtype: *dtype,
+                max_shard_size: *max_shard_size,
+            };
+            return export(format, hf, in_dir, &opts);
+        }
+        Command::Checkpoint(CheckpointCmd::Import { hf, out_dir }) => {
+            return import(format, hf, out_dir)
         }
         Command::Certs(c) => return certs::run(format, c),
         _ => {}
@@ -920,10 +951,10 @@ fn export(
     format: Format,
     hf: &Path,
     input: &Path,
-    dtype: trellis_core::offline::ExportDtype,
+    opts: &trellis_core::offline::ExportOptions,
 ) -> anyhow::Result<()> {
     existing_dir(input, "IN_DIR")?;
-    trellis_core::offline::export_hf_as(input, hf, dtype)?;
+    trellis_core::offline::export_hf_with(input, hf, opts)?;
     let state = trainer_state(input)?;
     let v = output::ExportView {
         input: input.display().to_string(),
@@ -933,4 +964,20 @@ fn export(
         files: files_in(hf)?,
     };
     render(format, &v, output::export_table)
+}
+
+fn import(format: Format, hf: &Path, out: &Path) -> anyhow::Result<()> {
+    let r = trellis_core::import::import_hf(hf, out)?;
+    let v = output::ImportView {
+        input: hf.display().to_string(),
+        output: out.display().to_string(),
+        layers: r.config.num_hidden_layers,
+        parameters: r.parameters,
+        source_dtypes: r.source_dtypes.into_iter().collect(),
+        tie_word_embeddings: r.config.tie_word_embeddings,
+        skipped: r.skipped,
+        tokenizer: r.tokenizer,
+        files: files_in(out)?,
+    };
+    render(format, &v, output::import_table)
 }

@@ -239,6 +239,19 @@ pub struct ExportView {
     pub files: Vec<FileView>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportView {
+    pub input: String,
+    pub output: String,
+    pub layers: usize,
+    pub parameters: u64,
+    pub source_dtypes: Vec<String>,
+    pub tie_word_embeddings: bool,
+    pub skipped: Vec<String>,
+    pub tokenizer: bool,
+    pub files: Vec<FileView>,
+}
+
 // ------------------------------------------------------------------------------------------
 // proto -> view
 // ------------------------------------------------------------------------------------------
@@ -933,6 +946,33 @@ pub fn export_table(v: &ExportView) -> String {
         v.layers,
         fmt_count(v.parameters as f64)
     );
+    files_lines(&mut out, &v.files);
+    out
+}
+
+pub fn import_table(v: &ImportView) -> String {
+    let mut out = format!(
+        "imported {} → {} (step 0, fp32 from {}): {} layers, {} parameters{}{}\n",
+        v.input,
+        v.output,
+        v.source_dtypes.join("+"),
+        v.layers,
+        fmt_count(v.parameters as f64),
+        if v.tie_word_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        },
+        if v.tokenizer {
+            ""
+        } else {
+            "; no tokenizer.json: give the job's [data] tokenizer"
+        }
+    );
+    if !v.skipped.is_empty() {
+        out.push_str(&format!("not imported: {}\n", v.skipped.join(", ")));
+    }
+    out.push_str("wrote:\n");
     files_lines(&mut out, &v.files);
     out
 }

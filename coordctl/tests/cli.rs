@@ -446,6 +446,9 @@ fn tiny_config() -> ModelConfig {
         max_position_embeddings: 32,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        head_dim: None,
+        rope_scaling: None,
     }
 }
 
@@ -697,7 +700,8 @@ fn export_hf_writes_config_weights_and_tokenizer() {
     ]));
     assert_eq!(v["layers"], 2);
     assert_eq!(v["parameters"], tiny_config().num_parameters());
-    assert_eq!(v["files"].as_array().unwrap().len(), 3);
+    // config, weights, tokenizer.json and the tokenizer/generation configs made for it.
+    assert_eq!(v["files"].as_array().unwrap().len(), 5);
 
     // --dtype bf16: half the weight bytes, torch_dtype bfloat16; an unknown dtype is exit 2.
     let hf3 = tmp.path().join("hf3");
@@ -736,6 +740,104 @@ fn export_hf_writes_config_weights_and_tokenizer() {
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("fp32 or bf16"), "{}", r.stderr);
+}
+
+/// `checkpoint import --hf`: an HF directory (here: the export of a checkpoint) comes back as a
+/// step-0 checkpoint with the same weights; what cannot be imported is one line, exit 2.
+#[test]
+fn import_hf_round_trips_an_export_and_refuses_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tiny_checkpoint(tmp.path(), true);
+    let hf = tmp.path().join("hf");
+    let r = coordctl(&[
+        "checkpoint",
+        "export",
+        "--hf",
+        hf.to_str().unwrap(),
+        "--max-shard-size",
+        "2KB",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(hf.join("model.safetensors.index.json").is_file());
+    let out = tmp.path().join("imported");
+    let v = json(&coordctl(&[
+        "checkpoint",
+        "import",
+        "--output",
+        "json",
+        "--hf",
+        hf.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(v["layers"], 2);
+    assert_eq!(v["parameters"], tiny_config().num_parameters());
+    assert_eq!(v["source_dtypes"], serde_json::json!(["F32"]));
+    assert_eq!(v["tokenizer"], true);
+    let (a, b) = (
+        checkpoint::Checkpoint::open(&input).unwrap(),
+        checkpoint::Checkpoint::open(&out).unwrap(),
+    );
+    assert_eq!(b.state.step, 0);
+    assert_eq!(b.state.model, a.state.model);
+    for (name, _) in tiny_config().tensor_shapes() {
+        assert_eq!(
+            a.read_full(&name).unwrap(),
+            b.read_full(&name).unwrap(),
+            "{name}"
+        );
+    }
+
+    // Refusals: an existing non-empty output, another architecture, a missing directory.
+    let r = coordctl(&[
+        "checkpoint",
+        "import",
+        "--hf",
+        hf.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    let e = assert_error(&r, 2, "import into a non-empty dir");
+    assert!(e.contains("exists and is not empty"), "{e}");
+    let conf = hf.join("config.json");
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("LlamaForCausalLM", "Qwen2ForCausalLM");
+    std::fs::write(&conf, text).unwrap();
+    let r = coordctl(&[
+        "checkpoint",
+        "import",
+        "--hf",
+        hf.to_str().unwrap(),
+        tmp.path().join("q").to_str().unwrap(),
+    ]);
+    let e = assert_error(&r, 2, "another architecture");
+    assert!(
+        e.contains(
+            "architectures is [\"Qwen2ForCausalLM\"]; only LlamaForCausalLM can be imported"
+        ),
+        "{e}"
+    );
+    assert!(!tmp.path().join("q").exists());
+    let r = coordctl(&[
+        "checkpoint",
+        "import",
+        "--hf",
+        tmp.path().join("nope").to_str().unwrap(),
+        tmp.path().join("n").to_str().unwrap(),
+    ]);
+    let e = assert_error(&r, 2, "missing input");
+    assert!(e.contains("is not a directory"), "{e}");
+    let r = coordctl(&[
+        "checkpoint",
+        "export",
+        "--max-shard-size",
+        "5XB",
+        "--hf",
+        tmp.path().join("x").to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is not a size"), "{}", r.stderr);
 }
 
 #[test]

@@ -173,19 +173,9 @@ pub async fn init_checkpoint(
     let st = ck.state;
     if st.model.with_layers(model0.num_hidden_layers) != *model0 {
         return Err(Error::InvalidArgument(format!(
-            "checkpoint.init_from {}: its model (hidden {}, ffn {}, heads {}/{}, vocab {}) differs from the \
-             [model] section (hidden {}, ffn {}, heads {}/{}, vocab {}); make [model] describe the checkpoint's model",
+            "checkpoint.init_from {}: its model differs from the [model] section ({}); make [model] describe the checkpoint's model",
             dir.display(),
-            st.model.hidden_size,
-            st.model.intermediate_size,
-            st.model.num_attention_heads,
-            st.model.num_key_value_heads,
-            st.model.vocab_size,
-            model0.hidden_size,
-            model0.intermediate_size,
-            model0.num_attention_heads,
-            model0.num_key_value_heads,
-            model0.vocab_size,
+            st.model.with_layers(model0.num_hidden_layers).diff(model0),
         )));
     }
     if st.step >= spec.train.max_steps {

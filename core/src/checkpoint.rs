@@ -29,6 +29,13 @@ pub const MANIFEST: &str = "manifest.json";
 pub const TRAINER_STATE: &str = "trainer_state.json";
 /// An optional tokenizer a writer may copy into the checkpoint dir before [`finalize`].
 pub const TOKENIZER: &str = "tokenizer.json";
+/// Hugging Face files kept beside `tokenizer.json` when a checkpoint is imported, carried by
+/// growth and copied into exports (each optional).
+pub const HF_SIDECARS: &[&str] = &[
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
 /// The pointer file `<job_root>/latest`.
 pub const LATEST: &str = "latest";
 /// The only dtype written and read.
@@ -371,7 +378,7 @@ pub fn file_digest(path: &Path) -> Result<(u64, String)> {
     Ok((size, hex::encode(hasher.finalize())))
 }
 
-fn fsync_path(path: &Path) -> Result<()> {
+pub(crate) fn fsync_path(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(format!("cannot fsync {}", path.display()), e))

@@ -18,6 +18,9 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    /// `coordctl checkpoint import --hf` refused its input.
+    #[error("cannot import {path}: {message}")]
+    Import { path: PathBuf, message: String },
     #[error("layout: {0}")]
     Layout(String),
     #[error("plot: {0}")]

@@ -43,6 +43,13 @@ pub struct ModelSection {
     pub num_attention_heads: Option<usize>,
     pub num_key_value_heads: Option<usize>,
     pub max_position_embeddings: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rope_theta: Option<f64>,
+    pub rms_norm_eps: Option<f64>,
+    pub tie_word_embeddings: Option<bool>,
+    /// `[model.rope_scaling]`: `rope_type = "llama3"`, `factor`, `low_freq_factor`,
+    /// `high_freq_factor`, `original_max_position_embeddings`.
+    pub rope_scaling: Option<crate::config::RopeScaling>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -624,9 +631,25 @@ impl JobSpec {
         if let Some(v) = m.max_position_embeddings {
             cfg.max_position_embeddings = v;
         }
+        if let Some(v) = m.head_dim {
+            cfg.head_dim = Some(v);
+        }
+        if let Some(v) = m.rope_theta {
+            cfg.rope_theta = v;
+        }
+        if let Some(v) = m.rms_norm_eps {
+            cfg.rms_norm_eps = v;
+        }
+        if let Some(v) = m.tie_word_embeddings {
+            cfg.tie_word_embeddings = v;
+        }
+        if let Some(v) = m.rope_scaling {
+            cfg.rope_scaling = Some(v);
+        }
         if cfg.max_position_embeddings < self.data.seq_len {
             cfg.max_position_embeddings = self.data.seq_len;
         }
+        let cfg = cfg.canonical();
         cfg.validate()?;
         Ok(cfg)
     }

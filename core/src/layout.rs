@@ -62,13 +62,15 @@ pub fn memory_per_rank(
 ) -> MemoryEstimate {
     let tp = tp.max(1) as u64;
     let h = cfg.hidden_size as u64;
+    let q = cfg.q_dim() as u64;
     let kv = cfg.kv_dim() as u64;
     let f = cfg.intermediate_size as u64;
     let v = cfg.vocab_size as u64;
     let l = cfg.num_hidden_layers as u64;
     let heads = cfg.num_attention_heads as u64;
-    let split_per_layer = 2 * h * h + 2 * h * kv + 3 * h * f;
-    let replicated = 2 * v * h + h + l * 2 * h;
+    let split_per_layer = 2 * h * q + 2 * h * kv + 3 * h * f;
+    // The embedding (and the head, unless tied to it) and every norm.
+    let replicated = cfg.embedding_matrices() * v * h + h + l * 2 * h;
     let params = (l * split_per_layer).div_ceil(tp) + replicated;
     let weights = F32 * params;
     let grads = F32 * params;

@@ -1,9 +1,9 @@
 //! Offline checkpoint tools (no libtorch): grow a checkpoint with a [`GrowthPlan`] and export a
 //! Hugging Face `LlamaForCausalLM` directory. `coordctl checkpoint grow` and
-//! `coordctl checkpoint export --hf` call these.
+//! `coordctl checkpoint export --hf` call these (`import --hf`: [`crate::import`]).
 use crate::checkpoint::{
     self, finalize_into, moment_names, Checkpoint, GrowthRecord, HostTensor, MaskState, ShardKind,
-    TrainerState, TOKENIZER,
+    TrainerState, HF_SIDECARS, TOKENIZER,
 };
 use crate::config::ModelConfig;
 use crate::growth::{plan, GrowthPlan, GrowthSpec, Operator, OptimizerPolicy, TensorSource};
@@ -118,7 +118,7 @@ impl Default for ResetSchedule {
     }
 }
 
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
@@ -131,7 +131,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn check_out_dir(in_dir: &Path, out_dir: &Path) -> Result<()> {
+pub(crate) fn check_out_dir(in_dir: &Path, out_dir: &Path) -> Result<()> {
     if same_dir(in_dir, out_dir) {
         return Err(Error::Checkpoint {
             path: out_dir.to_path_buf(),
@@ -176,7 +176,8 @@ pub fn grow_checkpoint(
 /// * `trainer_state.json`: generation + 1, the new model config, a [`GrowthRecord`] appended,
 ///   for `random` with a ramp a [`MaskState`] starting now; step, tokens, data cursor, layout and
 ///   `next_growth_stage` unchanged;
-/// * the same TP layout as the input, and its `tokenizer.json` if it has one.
+/// * the same TP layout as the input, and its `tokenizer.json` (and the HF tokenizer /
+///   generation configs an import kept) if it has them.
 pub fn grow_checkpoint_with(
     in_dir: &Path,
     out_dir: &Path,
@@ -275,8 +276,10 @@ pub fn grow_checkpoint_with(
     std::fs::create_dir_all(&tmp)
         .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
     let result = (|| {
-        if ck.has_file(TOKENIZER) {
-            copy_file(&ck.dir.join(TOKENIZER), &tmp.join(TOKENIZER))?;
+        for name in std::iter::once(TOKENIZER).chain(HF_SIDECARS.iter().copied()) {
+            if ck.has_file(name) {
+                copy_file(&ck.dir.join(name), &tmp.join(name))?;
+            }
         }
         let m: Vec<(&str, &HostTensor)> = model.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let o: Vec<(&str, &HostTensor)> = optim.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -290,7 +293,7 @@ pub fn grow_checkpoint_with(
     Ok(plan)
 }
 
-fn copy_file(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| {
         Error::io(
             format!("cannot copy {} to {}", from.display(), to.display()),
@@ -299,43 +302,16 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
     })
 }
 
-/// The Hugging Face `config.json` of a `LlamaForCausalLM` with config `cfg`.
+/// The Hugging Face `config.json` of a `LlamaForCausalLM` with config `cfg` (no special
+/// tokens known; [`export_hf`] fills them from the tokenizer).
 pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim(),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": null,
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "mlp_bias": false,
-        "tie_word_embeddings": false,
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "use_cache": true,
-        "bos_token_id": null,
-        "eos_token_id": null,
-        "pad_token_id": null,
-        "torch_dtype": "float32",
-    })
+    crate::hf::config_json(cfg, &crate::hf::SpecialTokens::default(), "float32")
 }
 
-/// Export the checkpoint at `in_dir` as a Hugging Face directory at `out_dir` (created if
-/// missing; existing export files are replaced): `config.json` (LlamaConfig),
-/// `model.safetensors` (full, unsharded tensors with HF names, F32) and `tokenizer.json` if the
-/// checkpoint has one. Optimizer moments are not exported.
+/// Export the checkpoint at `in_dir` as a Hugging Face directory at `out_dir` with fp32 weights
+/// and the default shard size. See [`export_hf_with`].
 pub fn export_hf(in_dir: &Path, out_dir: &Path) -> Result<()> {
-    export_hf_as(in_dir, out_dir, ExportDtype::F32)
+    export_hf_with(in_dir, out_dir, &ExportOptions::default())
 }
 
 /// The dtype of an export's weights (checkpoints always hold fp32 masters).
@@ -362,10 +338,82 @@ impl ExportDtype {
             ExportDtype::Bf16 => "bfloat16",
         }
     }
+    fn bytes(self) -> u64 {
+        match self {
+            ExportDtype::F32 => 4,
+            ExportDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// How [`export_hf_with`] writes the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportOptions {
+    pub dtype: ExportDtype,
+    /// Above this many bytes of weights, `model-0000i-of-0000n.safetensors` shards with a
+    /// `model.safetensors.index.json` (as `transformers`' `max_shard_size`); a tensor larger
+    /// than it gets a shard of its own.
+    pub max_shard_size: u64,
+}
+
+/// `transformers`' default `max_shard_size` ("5GB").
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            dtype: ExportDtype::F32,
+            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
+        }
+    }
 }
 
 /// [`export_hf`] with the weights in `dtype`.
 pub fn export_hf_as(in_dir: &Path, out_dir: &Path, dtype: ExportDtype) -> Result<()> {
+    export_hf_with(
+        in_dir,
+        out_dir,
+        &ExportOptions {
+            dtype,
+            ..ExportOptions::default()
+        },
+    )
+}
+
+/// Name of shard `i` (0-based) of `n`, as `transformers` names them.
+fn shard_name(i: usize, n: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+}
+
+fn is_weight_file(name: &str) -> bool {
+    name == "model.safetensors"
+        || name == INDEX
+        || (name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-"))
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    let json = serde_json::to_vec_pretty(v)
+        .map_err(|e| Error::InvalidConfig(format!("cannot serialise {name}: {e}")))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    checkpoint::write_file_synced(&tmp, &json)?;
+    rename(&tmp, &dir.join(name))
+}
+
+/// Export the checkpoint at `in_dir` as a Hugging Face directory at `out_dir` (created if
+/// missing; earlier export files there are replaced) that `AutoConfig`,
+/// `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load:
+///
+/// * the weights with HF names in `opts.dtype`: `model.safetensors`, or shards and
+///   `model.safetensors.index.json` above `opts.max_shard_size`; a tied model has no
+///   `lm_head.weight`. Read and written one shard at a time; optimizer moments are not exported;
+/// * `config.json` (LlamaConfig: head_dim, tie_word_embeddings, rope_theta / rope_scaling, the
+///   tokenizer's BOS / EOS ids);
+/// * `tokenizer.json`, and `tokenizer_config.json` / `special_tokens_map.json` /
+///   `generation_config.json`: the checkpoint's own (kept from an import) or made from the
+///   tokenizer's special tokens ([`crate::hf::special_tokens`]).
+pub fn export_hf_with(in_dir: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<()> {
     let ck = Checkpoint::open(in_dir)?;
     if same_dir(in_dir, out_dir) {
         return Err(Error::Checkpoint {
@@ -374,31 +422,125 @@ pub fn export_hf_as(in_dir: &Path, out_dir: &Path, dtype: ExportDtype) -> Result
                 .into(),
         });
     }
+    if opts.max_shard_size == 0 {
+        return Err(Error::InvalidConfig(
+            "--max-shard-size must be positive".into(),
+        ));
+    }
     std::fs::create_dir_all(out_dir)
         .map_err(|e| Error::io(format!("cannot create {}", out_dir.display()), e))?;
-    let mut tensors = Vec::new();
-    for (name, _) in ck.state.model.tensor_shapes() {
-        let t = ck.read_full(&name)?;
-        tensors.push((name, t));
-    }
-    let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let st_tmp = out_dir.join(".model.safetensors.tmp");
-    match dtype {
-        ExportDtype::F32 => {
-            checkpoint::write_safetensors(&st_tmp, &refs)?;
+    let cfg = &ck.state.model;
+
+    // Shards: consecutive tensors while they fit (transformers' rule).
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut filled = 0u64;
+    for (name, shape) in cfg.tensor_shapes() {
+        let bytes = shape.iter().product::<usize>() as u64 * opts.dtype.bytes();
+        let current = shards.last_mut().expect("never empty");
+        if !current.is_empty() && filled + bytes > opts.max_shard_size {
+            shards.push(Vec::new());
+            filled = 0;
         }
-        ExportDtype::Bf16 => checkpoint::write_safetensors_bf16(&st_tmp, &refs)?,
+        shards.last_mut().expect("never empty").push((name, shape));
+        filled += bytes;
     }
-    rename(&st_tmp, &out_dir.join("model.safetensors"))?;
-    let mut config = hf_config(&ck.state.model);
-    config["torch_dtype"] = serde_json::Value::from(dtype.torch_name());
-    let json = serde_json::to_vec_pretty(&config)
-        .map_err(|e| Error::InvalidConfig(format!("cannot serialise config.json: {e}")))?;
-    let cfg_tmp = out_dir.join(".config.json.tmp");
-    checkpoint::write_file_synced(&cfg_tmp, &json)?;
-    rename(&cfg_tmp, &out_dir.join("config.json"))?;
-    if ck.has_file(TOKENIZER) {
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    let mut written = std::collections::BTreeSet::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            shard_name(i, n)
+        };
+        let mut tensors = Vec::with_capacity(shard.len());
+        for (name, shape) in shard {
+            tensors.push((name.as_str(), ck.read_full(name)?));
+            total += shape.iter().product::<usize>() as u64 * opts.dtype.bytes();
+            weight_map.insert(name.clone(), serde_json::Value::from(file.clone()));
+        }
+        let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        let tmp = out_dir.join(format!(".{file}.tmp"));
+        match opts.dtype {
+            ExportDtype::F32 => {
+                checkpoint::write_safetensors(&tmp, &refs)?;
+            }
+            ExportDtype::Bf16 => checkpoint::write_safetensors_bf16(&tmp, &refs)?,
+        }
+        rename(&tmp, &out_dir.join(&file))?;
+        written.insert(file);
+    }
+    if n > 1 {
+        write_json(
+            out_dir,
+            INDEX,
+            &serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+        )?;
+        written.insert(INDEX.to_string());
+    }
+    // Weight files of an earlier export with another sharding would confuse from_pretrained.
+    let rd = std::fs::read_dir(out_dir)
+        .map_err(|e| Error::io(format!("cannot list {}", out_dir.display()), e))?;
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if is_weight_file(&name) && !written.contains(&name) {
+            std::fs::remove_file(ent.path()).map_err(|e| {
+                Error::io(format!("cannot remove stale {}", ent.path().display()), e)
+            })?;
+        }
+    }
+
+    // The tokenizer and what HF needs to know about its special tokens.
+    let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+        if !ck.has_file(name) {
+            return Ok(None);
+        }
+        let p = ck.dir.join(name);
+        let bytes =
+            std::fs::read(&p).map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Checkpoint {
+                path: p.clone(),
+                message: format!("not valid JSON: {e}"),
+            })
+    };
+    let tok = read_json(TOKENIZER)?;
+    let tok_cfg = read_json(HF_SIDECARS[0])?;
+    let specials = tok
+        .as_ref()
+        .map(|t| crate::hf::special_tokens(t, tok_cfg.as_ref()))
+        .unwrap_or_default();
+    let config = crate::hf::config_json(cfg, &specials, opts.dtype.torch_name());
+    write_json(out_dir, "config.json", &config)?;
+    if tok.is_some() {
         copy_file(&ck.dir.join(TOKENIZER), &out_dir.join(TOKENIZER))?;
+        for name in HF_SIDECARS {
+            if ck.has_file(name) {
+                copy_file(&ck.dir.join(name), &out_dir.join(name))?;
+            }
+        }
+        if !ck.has_file("tokenizer_config.json") {
+            write_json(
+                out_dir,
+                "tokenizer_config.json",
+                &crate::hf::tokenizer_config_json(cfg, &specials),
+            )?;
+        }
+        if !ck.has_file("generation_config.json") {
+            write_json(
+                out_dir,
+                "generation_config.json",
+                &crate::hf::generation_config_json(&specials),
+            )?;
+        }
+    } else {
+        write_json(
+            out_dir,
+            "generation_config.json",
+            &crate::hf::generation_config_json(&specials),
+        )?;
     }
     Ok(())
 }

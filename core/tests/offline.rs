@@ -460,3 +460,128 @@ fn a_bf16_export_rounds_to_nearest_and_transformers_loads_it() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A tied, explicit-head_dim, llama3-scaled model: grown it stays tied; exported, config.json
+/// says all of it and names the tokenizer's BOS/EOS ids; a small `max_shard_size` shards the
+/// weights with an index as transformers does, and a later unsharded export replaces them.
+#[test]
+fn a_tied_llama3_model_grows_tied_and_exports_sharded() {
+    use trellis_core::config::{names, RopeScaling, RopeType};
+    use trellis_core::offline::{export_hf_with, ExportDtype, ExportOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig {
+        head_dim: Some(6),
+        tie_word_embeddings: true,
+        rope_theta: 500000.0,
+        rope_scaling: Some(RopeScaling {
+            rope_type: RopeType::Llama3,
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        }),
+        ..gqa(2)
+    };
+    let src_dir = input(dir.path(), &cfg, 2, false);
+    let grown = dir.path().join("grown");
+    grow_checkpoint(
+        &src_dir,
+        &grown,
+        &spec(Operator::Stack, 2, OptimizerPolicy::Carry),
+        1,
+    )
+    .unwrap();
+    let ck = Checkpoint::open(&grown).unwrap();
+    assert_eq!(ck.state.model, cfg.with_layers(4));
+    assert!(!ck.manifest.tensors.contains_key(names::LM_HEAD));
+    assert!(!ck.manifest.tensors.contains_key("lm_head.weight.exp_avg"));
+    let src = Checkpoint::open(&src_dir).unwrap();
+    assert_eq!(
+        ck.read_full(names::EMBED).unwrap(),
+        src.read_full(names::EMBED).unwrap()
+    );
+
+    // A Llama-3-style tokenizer.json: BOS from the post-processor, EOS by name.
+    let tok = serde_json::json!({
+        "added_tokens": [
+            {"id": 38, "content": "<|begin_of_text|>", "special": true},
+            {"id": 39, "content": "<|end_of_text|>", "special": true}],
+        "post_processor": {"type": "TemplateProcessing", "single": [
+            {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}}]},
+        "model": {"type": "BPE", "vocab": {}},
+    });
+    let with_tok = dir.path().join("tok");
+    {
+        let tmp = trellis_core::checkpoint::tmp_dir(&with_tok, 50);
+        let r =
+            trellis_core::checkpoint::write_full(&tmp, 1, &model_tensors(&cfg, 1), &[]).unwrap();
+        std::fs::write(tmp.join("tokenizer.json"), tok.to_string()).unwrap();
+        trellis_core::checkpoint::finalize(&tmp, &state(&cfg, 50, 1), &[r]).unwrap();
+    }
+    let ck_dir = with_tok.join("step-50");
+    let out = dir.path().join("hf");
+    let opts = ExportOptions {
+        dtype: ExportDtype::Bf16,
+        max_shard_size: 1000, // the embedding (40×16 bf16 = 1280 B) gets a shard of its own
+    };
+    export_hf_with(&ck_dir, &out, &opts).unwrap();
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(p)).unwrap()).unwrap()
+    };
+    let conf = read("config.json");
+    assert_eq!(conf["tie_word_embeddings"], true);
+    assert_eq!(conf["head_dim"], 6);
+    assert_eq!(conf["rope_theta"], 500000.0);
+    assert_eq!(conf["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(conf["rope_scaling"]["original_max_position_embeddings"], 16);
+    assert_eq!(conf["rope_parameters"]["rope_theta"], 500000.0);
+    assert_eq!(
+        (conf["bos_token_id"].clone(), conf["eos_token_id"].clone()),
+        (38.into(), 39.into())
+    );
+    assert_eq!(conf["torch_dtype"], "bfloat16");
+    let tc = read("tokenizer_config.json");
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(tc["bos_token"], "<|begin_of_text|>");
+    assert_eq!(tc["eos_token"], "<|end_of_text|>");
+    assert_eq!(read("generation_config.json")["eos_token_id"], 39);
+
+    let index = read("model.safetensors.index.json");
+    let map = index["weight_map"].as_object().unwrap();
+    let names_in_map: std::collections::BTreeSet<&str> = map.keys().map(|k| k.as_str()).collect();
+    let want: std::collections::BTreeSet<String> =
+        cfg.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names_in_map,
+        want.iter()
+            .map(|s| s.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    let files: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
+    let n = files.len();
+    assert!(n > 2, "{files:?}");
+    let mut total = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        let bytes = std::fs::read(out.join(f)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            assert_eq!(map[&name], *f);
+            total += view.data().len() as u64;
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"], total);
+    assert!(!out.join("model.safetensors").exists());
+
+    // Unsharded again: the shards and the index of the earlier export are gone.
+    export_hf(&ck_dir, &out).unwrap();
+    assert!(out.join("model.safetensors").is_file());
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("model"))
+        .collect();
+    assert_eq!(left, ["model.safetensors"]);
+}

@@ -30,6 +30,9 @@ fn cfg() -> ModelConfig {
         max_position_embeddings: 128,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        head_dim: None,
+        rope_scaling: None,
     }
 }
 

@@ -48,6 +48,9 @@ fn main() {
         max_position_embeddings: 512,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        head_dim: None,
+        rope_scaling: None,
     };
     let mut m = Llama::init(&cfg, Device::Cpu, 1);
     m.precision = prec;

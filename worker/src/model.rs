@@ -4,8 +4,10 @@
 //! Parameter names are Hugging Face `LlamaForCausalLM`'s: modules are built on
 //! `p / "model" / "layers" / i / "self_attn" / "q_proj"` and own a `weight` (no biases), so the
 //! VarStore's names are exactly the HF names. The math follows `transformers`' eager/sdpa code
-//! (RMSNorm in fp32, `rotate_half` RoPE with theta from the config, GQA, causal SDPA),
-//! so logits match `transformers` to float tolerance (tested).
+//! (RMSNorm in fp32, `rotate_half` RoPE with theta and Llama 3 `rope_scaling` from the config,
+//! GQA, an explicit `head_dim`, causal SDPA), so logits match `transformers` to float tolerance
+//! (tested). With `tie_word_embeddings` the head multiplies with the embedding tensor itself:
+//! there is no `lm_head.weight` parameter, and the embedding's gradient collects both uses.
 //!
 //! Speed: q/k/v and gate/up run as one GEMM each over their concatenated weights (the
 //! parameters stay separate, with HF names), and GQA runs inside SDPA (`enable_gqa`) instead of
@@ -29,7 +31,7 @@
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use trellis_core::checkpoint::{shard_dim, shard_range};
-use trellis_core::config::{ModelConfig, PrecisionChoice};
+use trellis_core::config::{ModelConfig, PrecisionChoice, RopeScaling, RopeType};
 
 /// Which tensor-parallel slice of the model one instance holds (`tp = 1`: the whole model).
 /// The split rule is the checkpoint's ([`shard_dim`]/[`shard_range`]): column-parallel
@@ -215,7 +217,8 @@ impl RmsNorm {
     }
 }
 
-/// Rotary tables (`cos`, `sin`, each `[positions, head_dim]`), HF's default RoPE.
+/// Rotary tables (`cos`, `sin`, each `[positions, head_dim]`): HF's default RoPE, or Llama 3's
+/// scaled frequencies when the config has `rope_scaling`.
 #[derive(Debug)]
 pub struct Rope {
     cos: Tensor,
@@ -223,7 +226,26 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, positions: usize, theta: f64, device: Device) -> Rope {
+    /// The tables of `cfg` (its head width, `rope_theta`, `rope_scaling`).
+    pub fn for_config(cfg: &ModelConfig, device: Device) -> Rope {
+        let inv = Rope::inv_freq(
+            cfg.head_dim(),
+            cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
+            device,
+        );
+        Rope::from_inv_freq(&inv, cfg.max_position_embeddings)
+    }
+
+    /// The inverse frequencies `[head_dim / 2]` (fp32), computed with the same fp32 operations
+    /// in the same order as `transformers` (`_compute_default_rope_parameters` and
+    /// `_compute_llama3_parameters`), so the tables agree bit for bit.
+    pub fn inv_freq(
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        device: Device,
+    ) -> Tensor {
         let exps = Tensor::arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))
             .to_kind(Kind::Float)
             / head_dim as f64;
@@ -231,6 +253,33 @@ impl Rope {
             .to_device(device)
             .pow(&exps)
             .reciprocal();
+        let Some(r) = scaling else {
+            return inv_freq;
+        };
+        match r.rope_type {
+            RopeType::Llama3 => {
+                let old = r.original_max_position_embeddings as f64;
+                let low_wavelen = old / r.low_freq_factor;
+                let high_wavelen = old / r.high_freq_factor;
+                // `2 * math.pi / inv_freq`: a Python float over an fp32 tensor.
+                let wavelen = (&inv_freq).reciprocal() * (2.0 * std::f64::consts::PI);
+                let divided = &inv_freq / r.factor;
+                let low = wavelen.gt(low_wavelen);
+                let scaled = divided.where_self(&low, &inv_freq);
+                let smooth = ((wavelen.reciprocal() * old) - r.low_freq_factor)
+                    / (r.high_freq_factor - r.low_freq_factor);
+                // `(1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama`, in
+                // Python's left-to-right order.
+                let smoothed =
+                    (smooth.ones_like() - &smooth) * &scaled / r.factor + &smooth * &scaled;
+                let medium = wavelen.lt(high_wavelen).logical_not() * low.logical_not();
+                smoothed.where_self(&medium, &scaled)
+            }
+        }
+    }
+
+    fn from_inv_freq(inv_freq: &Tensor, positions: usize) -> Rope {
+        let device = inv_freq.device();
         let pos = Tensor::arange(positions as i64, (Kind::Int64, device)).to_kind(Kind::Float);
         let freqs = pos.unsqueeze(1).matmul(&inv_freq.unsqueeze(0)); // [pos, d/2]
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
@@ -528,13 +577,16 @@ impl Llama {
             .map(|i| Block::new(&p / "layers" / i, cfg, tp, src))
             .collect();
         let norm = RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, src);
-        let lm_head = Linear::new(&root / "lm_head", cfg.hidden_size, cfg.vocab_size, src);
-        let rope = Rope::new(
-            cfg.head_dim(),
-            cfg.max_position_embeddings,
-            cfg.rope_theta,
-            device,
-        );
+        // Tied: the head multiplies with the embedding itself (one parameter, whose gradient
+        // collects both uses).
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear {
+                weight: embed_tokens.shallow_clone(),
+            }
+        } else {
+            Linear::new(&root / "lm_head", cfg.hidden_size, cfg.vocab_size, src)
+        };
+        let rope = Rope::for_config(cfg, device);
         let vars = vs.variables();
         let params = cfg
             .tensor_shapes()

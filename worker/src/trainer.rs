@@ -78,26 +78,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// Explain how two configs differ, field by field.
-fn config_diff(a: &ModelConfig, b: &ModelConfig) -> String {
-    let (ja, jb) = (
-        serde_json::to_value(a).unwrap(),
-        serde_json::to_value(b).unwrap(),
-    );
-    let mut out = Vec::new();
-    if let (Some(ma), Some(mb)) = (ja.as_object(), jb.as_object()) {
-        for (k, va) in ma {
-            if mb.get(k) != Some(va) {
-                out.push(format!(
-                    "{k} {} vs {}",
-                    va,
-                    mb.get(k).unwrap_or(&serde_json::Value::Null)
-                ));
-            }
-        }
-    }
-    out.join(", ")
-}
-
 /// Load a checkpoint's model (and, if present, optimizer) state, verifying every shape.
 /// Returns (model, optimizer moments or `None` if the checkpoint has none).
 pub fn load_model(
@@ -829,6 +809,21 @@ impl Trainer {
             std::fs::copy(&self.data.tokenizer_path, &tok).map_err(|e| {
                 Error::io(format!("cannot copy the tokenizer to {}", tok.display()), e)
             })?;
+            // The Hugging Face files beside the job's `data.tokenizer` (an imported
+            // checkpoint's), for the export.
+            if let Some(dir) = self.spec.data.tokenizer.as_deref().and_then(Path::parent) {
+                for name in checkpoint::HF_SIDECARS {
+                    let (from, to) = (dir.join(name), tmp.join(name));
+                    if from.is_file() {
+                        std::fs::copy(&from, &to).map_err(|e| {
+                            Error::io(
+                                format!("cannot copy {} to {}", from.display(), to.display()),
+                                e,
+                            )
+                        })?;
+                    }
+                }
+            }
         }
         self.tp_comm.barrier()?;
         let mut model = Vec::new();
@@ -903,6 +898,11 @@ impl Trainer {
         let mut ck = Checkpoint::open(ckpt_dir)?;
         if init {
             ck.state.next_growth_stage = 0;
+            if ck.state.step == 0 {
+                // A step-0 checkpoint (an import) brings weights only: the job trains with its
+                // own [train] schedule.
+                ck.state.schedule = self.schedule.clone();
+            }
         }
         let st = &ck.state;
         let dir = ckpt_dir.display();
@@ -935,7 +935,7 @@ impl Trainer {
         if as_job != initial {
             return Err(Error::Invalid(format!(
                 "checkpoint {dir} has a different model config than the job ({}); use a checkpoint of this job or fix the [model] section",
-                config_diff(&st.model, &initial)
+                st.model.diff(&initial)
             )));
         }
         if st.next_growth_stage > self.spec.growth.len() {

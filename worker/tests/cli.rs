@@ -216,23 +216,6 @@ fn corrupt_or_mismatched_checkpoints_are_refused_with_exit_2() {
     assert!(stderr_line(&o).contains("optim-tp0-of-1.safetensors"));
 }
 
-const HF_LOSS: &str = r#"
-import sys, json, torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-d, text, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])
-m = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-tok = PreTrainedTokenizerFast(tokenizer_file=d + "/tokenizer.json")
-ids = tok(open(text, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
-total, count, start = 0.0, 0, 0
-with torch.no_grad():
-    while start + 1 < len(ids):
-        w = torch.tensor(ids[start:start + seq + 1])[None]
-        logits = m(input_ids=w[:, :-1]).logits
-        l = torch.nn.functional.cross_entropy(logits[0], w[0, 1:], reduction="sum")
-        total += l.item(); count += w.shape[1] - 1; start += seq
-print(json.dumps({"loss": total / count, "tokens": count}))
-"#;
-
 #[test]
 fn eval_matches_transformers_on_the_hf_export_before_and_after_growth() {
     let d = tempfile::tempdir().unwrap();
@@ -243,35 +226,13 @@ fn eval_matches_transformers_on_the_hf_export_before_and_after_growth() {
     let root = out.join("checkpoints").join("hfx");
     for (step, layers) in [(6, 2), (8, 8)] {
         let ckpt = root.join(format!("step-{step}"));
-        let o = run(&[
-            "eval",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "32",
-            "--output",
-            "json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let ours: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(ours["num_hidden_layers"], layers);
+        let (a, tokens, l) = worker_eval_loss(&ckpt, &text, 32);
+        assert_eq!(l, layers);
         let hf = d.path().join(format!("hf-{step}"));
         trellis_core::offline::export_hf(&ckpt, &hf).unwrap();
-        let theirs: serde_json::Value = serde_json::from_str(
-            run_python(
-                HF_LOSS,
-                &[hf.to_str().unwrap(), text.to_str().unwrap(), "32"],
-            )
-            .trim(),
-        )
-        .unwrap();
-        assert_eq!(ours["tokens"], theirs["tokens"], "tokenization differs");
-        let (a, b) = (
-            ours["loss"].as_f64().unwrap(),
-            theirs["loss"].as_f64().unwrap(),
-        );
+        // Loaded with AutoModelForCausalLM + AutoTokenizer from the export alone.
+        let (b, hf_tokens) = hf_eval_loss(&hf, &text, 32);
+        assert_eq!(tokens, hf_tokens, "tokenization differs");
         assert!(
             (a - b).abs() < 1e-4,
             "step {step}: trellis-worker eval {a} vs transformers {b}"

@@ -26,7 +26,11 @@ print(json.dumps({"loss": loss.item()}))
 "#;
 
 fn parity(layers: usize, kv_heads: usize, attn: &str) {
-    let cfg = tiny_cfg(layers, kv_heads);
+    parity_of(tiny_cfg(layers, kv_heads), attn)
+}
+
+fn parity_of(cfg: trellis_core::config::ModelConfig, attn: &str) {
+    let kv_heads = cfg.num_key_value_heads;
     let model = Llama::init(&cfg, Device::Cpu, 7);
     let dir = tempfile::tempdir().unwrap();
     write_hf(dir.path(), &cfg, model.named_parameters());
@@ -80,4 +84,11 @@ fn logits_loss_and_grads_match_transformers_sdpa_gqa() {
 #[test]
 fn logits_loss_and_grads_match_transformers_eager_mha() {
     parity(3, 4, "eager");
+}
+
+/// Tied embeddings (one tensor, its gradient the sum of both uses), head_dim ≠ hidden/heads,
+/// rope_theta 500000 with llama3 scaling, GQA; 40 positions cover all three frequency bands.
+#[test]
+fn logits_loss_and_grads_match_transformers_tied_llama3_head_dim() {
+    parity_of(tied_llama3_cfg(2, 2), "sdpa");
 }

@@ -255,6 +255,12 @@ fn tp4_gradients_match_single_device_mha() {
     direct_parity(tiny_cfg(1, 4), false, 4);
 }
 
+#[test]
+fn tp2_gradients_match_single_device_tied_llama3_head_dim() {
+    // The tied embedding is replicated: its gradient (embedding + head) agrees on every rank.
+    direct_parity(tied_llama3_cfg(2, 2), true, 2);
+}
+
 /// Gradients and losses of `steps` trainer steps at DP × TP vs one rank (the same global batch).
 fn trainer_parity(spec: JobSpec, dp: usize, tp: usize, steps: usize, grow_at: Option<u64>) {
     trainer_parity_tol(spec, dp, tp, steps, grow_at, FP32)
@@ -354,6 +360,17 @@ fn trainer_tp2_matches_one_rank() {
 #[test]
 fn trainer_dp2_tp2_matches_one_rank() {
     trainer_parity(test_spec("dp2tp2", 20, ""), 2, 2, 3, None);
+}
+
+#[test]
+fn trainer_dp2_tp2_matches_one_rank_tied_llama3_head_dim() {
+    let mut spec = test_spec("dp2tp2tied", 20, "");
+    let cfg = tied_llama3_cfg(2, 2);
+    spec.model.tie_word_embeddings = Some(true);
+    spec.model.head_dim = cfg.head_dim;
+    spec.model.rope_theta = Some(cfg.rope_theta);
+    spec.model.rope_scaling = cfg.rope_scaling;
+    trainer_parity(spec, 2, 2, 3, None);
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub fn tiny(layers: usize) -> ModelConfig {
         max_position_embeddings: 64,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        head_dim: None,
+        rope_scaling: None,
     }
 }
 

@@ -37,28 +37,27 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// An HF `config.json` for `cfg`.
+/// An HF `config.json` for `cfg` (the export's).
 pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim(),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "tie_word_embeddings": false,
-        "torch_dtype": "float32",
-    })
+    trellis_core::offline::hf_config(cfg)
+}
+
+/// `tiny_cfg` with everything issue #13 added: tied embeddings, `head_dim` 12 ≠ 32 / 4,
+/// rope_theta 500000 and llama3 scaling whose three frequency bands all occur at head_dim 12.
+pub fn tied_llama3_cfg(layers: usize, kv_heads: usize) -> ModelConfig {
+    ModelConfig {
+        tie_word_embeddings: true,
+        head_dim: Some(12),
+        rope_theta: 500000.0,
+        rope_scaling: Some(trellis_core::config::RopeScaling {
+            rope_type: trellis_core::config::RopeType::Llama3,
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..tiny_cfg(layers, kv_heads)
+    }
 }
 
 /// Write `model.safetensors` + `config.json` of `named` into `dir`.
@@ -76,6 +75,71 @@ pub fn write_hf(dir: &Path, cfg: &ModelConfig, named: &[(String, Tensor)]) {
     .unwrap();
 }
 
+/// Python: the mean next-token loss of the Hugging Face directory `argv[1]` on the text file
+/// `argv[2]` in windows of `argv[3]` tokens, as `trellis-worker eval` computes it, with the
+/// model and tokenizer loaded the way any `transformers` user loads them
+/// (`AutoModelForCausalLM`, `AutoTokenizer`; fp32). Prints `{"loss", "tokens"}`.
+pub const HF_EVAL_LOSS: &str = r#"
+import sys, json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d, text, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(d)
+ids = tok(open(text, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+total, count, start = 0.0, 0, 0
+with torch.no_grad():
+    while start + 1 < len(ids):
+        w = torch.tensor(ids[start:start + seq + 1])[None]
+        logits = m(input_ids=w[:, :-1]).logits
+        l = torch.nn.functional.cross_entropy(logits[0], w[0, 1:], reduction="sum")
+        total += l.item(); count += w.shape[1] - 1; start += seq
+print(json.dumps({"loss": total / count, "tokens": count}))
+"#;
+
+/// [`HF_EVAL_LOSS`] on `dir`: (loss, tokens).
+pub fn hf_eval_loss(dir: &Path, text: &Path, seq: usize) -> (f64, u64) {
+    let v: serde_json::Value = serde_json::from_str(
+        run_python(
+            HF_EVAL_LOSS,
+            &[
+                dir.to_str().unwrap(),
+                text.to_str().unwrap(),
+                &seq.to_string(),
+            ],
+        )
+        .trim(),
+    )
+    .unwrap();
+    (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+}
+
+/// `trellis-worker eval` of checkpoint `dir` on `text` in windows of `seq`: (loss, tokens,
+/// layers).
+pub fn worker_eval_loss(dir: &Path, text: &Path, seq: usize) -> (f64, u64, u64) {
+    let o = Command::new(worker_bin())
+        .args([
+            "eval",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq-len",
+            &seq.to_string(),
+            "--output",
+            "json",
+        ])
+        .output()
+        .expect("trellis-worker runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (
+        v["loss"].as_f64().unwrap(),
+        v["tokens"].as_u64().unwrap(),
+        v["num_hidden_layers"].as_u64().unwrap(),
+    )
+}
+
 /// A small config for tests.
 pub fn tiny_cfg(layers: usize, kv_heads: usize) -> ModelConfig {
     ModelConfig {
@@ -88,6 +152,9 @@ pub fn tiny_cfg(layers: usize, kv_heads: usize) -> ModelConfig {
         max_position_embeddings: 64,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        head_dim: None,
+        rope_scaling: None,
     }
 }
 
