@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build test demo bench bench-growth paper-mini fmt clean-runs gpu-check gpu-check-stage
+.PHONY: setup build test demo bench bench-growth bench-storm paper-mini fmt clean-runs gpu-check gpu-check-stage
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,13 @@ bench: build
 # checkpoint.init_from, 3 -> 12 layers (142.6M parameters) on CPU; runs/bench-growth/ (docs/benchmarks.md)
 bench-growth: build
 	@$(ENV) && bench/growth_latency.sh
+
+# Connection storm (issue 10): 500 simulated workers open sessions at once, then reconnect after
+# a coordinator kill -9 + restart; 5 rounds in a row, fails on any session lost (docs/benchmarks.md)
+STORM_WORKERS ?= 500
+STORM_ROUNDS ?= 5
+bench-storm: build
+	@$(ENV) && cargo run $(CARGO_FLAGS) -p trellis-coordinator --example control_plane -- storm $(STORM_WORKERS) $(STORM_ROUNDS)
 
 # The G_stack paper in miniature (issue #6): baseline vs G_stack (+ ablations with ONLY=all).
 # make paper-mini CORPUS=DIR SCALE=cpu [SEEDS=2] [ONLY=main] [ABL_SEEDS=1]  (docs/results.md);

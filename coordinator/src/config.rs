@@ -41,6 +41,9 @@ pub struct CoordinatorConfig {
     /// At recovery, verify the restore point's files and hashes and fall back to an older
     /// checkpoint when it is unusable (needs the checkpoint volume mounted; default true).
     pub verify_checkpoints: bool,
+    /// gRPC health turns NOT_SERVING once state writes have failed for this long (the store is
+    /// unreachable or full); SERVING again when they succeed.
+    pub store_down_secs: f64,
     /// Leader election (etcd stores): the leader's lease TTL. A standby coordinator takes over
     /// about this long after the leader dies.
     pub leader_ttl_secs: u64,
@@ -76,6 +79,7 @@ impl Default for CoordinatorConfig {
             checkpoint_root: None,
             run_dir: None,
             verify_checkpoints: true,
+            store_down_secs: 10.0,
             leader_ttl_secs: 5,
             tls_cert: None,
             tls_key: None,

@@ -6,6 +6,8 @@
 //!   events and carries out their effects over a `StateStore` (persist before acting).
 //! - [`plan`]: admission checks and layout planning; [`views`]: status encoding;
 //!   [`wire`]: worker and operator messages decoded at the edge.
+//! - [`persist`]: the one writer of state to the store (queued, in order, retried), so that
+//!   no store I/O happens under the domain lock.
 //! - [`loss`]: the loss watcher (history, EMA, NaN / spike / plateau).
 //! - [`service`]: thin tonic handlers; [`server`]: wiring (gRPC + health + reflection +
 //!   `/metrics`).
@@ -16,6 +18,7 @@ pub mod domain;
 pub mod error;
 pub mod loss;
 pub mod metrics;
+pub mod persist;
 pub mod plan;
 pub mod security;
 pub mod server;

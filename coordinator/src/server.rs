@@ -5,6 +5,7 @@ use crate::domain::{Domain, DomainOptions};
 use crate::error::{Error, Result};
 use crate::loss::WatcherConfig;
 use crate::metrics::Metrics;
+use crate::persist::Progress;
 use crate::security;
 use crate::service::{ControlSvc, Shared, WorkerSvc};
 use std::net::SocketAddr;
@@ -73,6 +74,121 @@ fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     trellis_telemetry::grpc_server_span(req)
 }
 
+/// The gRPC listen backlog. `TcpListener::bind` uses 128: when hundreds of workers reconnect
+/// at once (a coordinator restart) the accept queue overflows and their session opens fail
+/// with connection resets (docs/benchmarks.md, connection storm). The kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = match a {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
+/// How long the health check waits for the domain lock before it reports NOT_SERVING.
+const LOCK_BOUND: Duration = Duration::from_secs(5);
+
+/// Why the coordinator cannot answer now, if it cannot.
+fn unhealthy(p: &Progress, store_down: Duration) -> Option<String> {
+    if let Some(why) = &p.fenced {
+        return Some(format!("not the leader: {why}"));
+    }
+    let since = p.failing_since?;
+    (since.elapsed() >= store_down).then(|| {
+        format!(
+            "state writes have failed for {:.0} s: {}",
+            since.elapsed().as_secs_f64(),
+            p.last_error.as_deref().unwrap_or("unknown error")
+        )
+    })
+}
+
+/// The health service name that only says whether the process is alive and answering (its
+/// lock is free, it still leads): Kubernetes' liveness probe asks for it, so a store outage makes
+/// the coordinator unready (NOT_SERVING on "") but never gets it restarted, which would drop
+/// the state it has queued for the store.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// gRPC health (`grpc.health.v1`): the overall service "" and both Trellis services are
+/// SERVING while the coordinator can answer and persist; NOT_SERVING while state writes have
+/// failed for `store_down` or longer, while the domain lock cannot be taken within
+/// [`LOCK_BOUND`], or once fenced off by another leader. [`LIVENESS_SERVICE`] is NOT_SERVING
+/// only for the last two.
+async fn health_check(
+    shared: Shared,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    reporter: tonic_health::server::HealthReporter,
+    store_down: Duration,
+) {
+    use tonic_health::ServingStatus;
+    let status = |ok: bool| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    let (mut ready, mut live) = (true, true);
+    let mut iv = tokio::time::interval(Duration::from_millis(500));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        iv.tick().await;
+        let (why, alive) = match tokio::time::timeout(LOCK_BOUND, shared.lock()).await {
+            Err(_) => (
+                Some(format!(
+                    "the coordinator's state lock was not free within {} s",
+                    LOCK_BOUND.as_secs()
+                )),
+                false,
+            ),
+            Ok(_guard) => {
+                let p = progress.borrow();
+                (unhealthy(&p, store_down), p.fenced.is_none())
+            }
+        };
+        if alive != live {
+            live = alive;
+            reporter
+                .set_service_status(LIVENESS_SERVICE, status(live))
+                .await;
+        }
+        if why.is_none() == ready {
+            continue;
+        }
+        ready = why.is_none();
+        match &why {
+            Some(why) => warn!("health: NOT_SERVING: {why}"),
+            None => info!("health: SERVING again"),
+        }
+        for name in [
+            "",
+            <pb::control_service_server::ControlServiceServer<ControlSvc> as tonic::server::NamedService>::NAME,
+            <pb::worker_service_server::WorkerServiceServer<WorkerSvc> as tonic::server::NamedService>::NAME,
+        ] {
+            reporter.set_service_status(name, status(ready)).await;
+        }
+    }
+}
+
 pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
     DomainOptions {
         heartbeat_ttl: Duration::from_secs_f64(cfg.heartbeat_ttl_secs.max(0.1)),
@@ -99,14 +215,12 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     let shared: Shared = Arc::new(Mutex::new(domain));
     let tls = security::server_tls(cfg)?;
     let confinement = security::confinement(cfg, tls.is_some())?.map(Arc::new);
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot listen on {} for gRPC: {e}; pick another --listen address",
-                cfg.listen
-            ))
-        })?;
+    let listener = listen(&cfg.listen).await.map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot listen on {} for gRPC: {e}; pick another --listen address",
+            cfg.listen
+        ))
+    })?;
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -133,6 +247,9 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
             } else {
                 d.submit(&text, &base).await?;
             }
+            let ticket = d.ticket();
+            drop(d);
+            ticket.wait().await?;
         } else {
             info!(
                 "the store already holds a job; --job {} ignored",
@@ -197,6 +314,13 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     reporter
         .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerSvc>>()
         .await;
+    let progress = shared.lock().await.persist_watch();
+    tasks.push(tokio::spawn(health_check(
+        shared.clone(),
+        progress,
+        reporter,
+        Duration::from_secs_f64(cfg.store_down_secs.max(0.1)),
+    )));
     // Reflection in both versions: `grpc.reflection.v1` and the `v1alpha` older clients ask for.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()

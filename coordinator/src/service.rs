@@ -16,6 +16,25 @@ use trellis_proto::v1 as pb;
 
 pub type Shared = Arc<Mutex<Domain>>;
 
+/// How long a call that promises durability (submit, grow, pause, resume) waits for its state
+/// to reach the store, after releasing the domain lock, before answering UNAVAILABLE (the write
+/// stays queued and is retried).
+pub const DURABLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Run `f` under the domain lock, then — lock released — wait until what it changed is durable.
+async fn durably<T>(
+    shared: &Shared,
+    f: impl AsyncFnOnce(&mut Domain) -> crate::Result<T>,
+) -> Result<T, Status> {
+    let (out, ticket) = {
+        let mut d = shared.lock().await;
+        let out = f(&mut d).await?;
+        (out, d.ticket())
+    };
+    ticket.wait_for(DURABLE_WAIT).await?;
+    Ok(out)
+}
+
 fn job_id(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
@@ -38,11 +57,7 @@ impl pb::control_service_server::ControlService for ControlSvc {
             c.check_spec(&r.spec_toml, &r.base_dir)?;
         }
         Ok(Response::new(
-            self.0
-                .lock()
-                .await
-                .submit(&r.spec_toml, &r.base_dir)
-                .await?,
+            durably(&self.0, async |d| d.submit(&r.spec_toml, &r.base_dir).await).await?,
         ))
     }
 
@@ -74,15 +89,19 @@ impl pb::control_service_server::ControlService for ControlSvc {
         // than refuse the operator's growth.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match self
-                .0
-                .lock()
-                .await
-                .grow(job_id(&r.job_id), req.clone())
-                .await
-            {
+            let (res, ticket) = {
+                let mut d = self.0.lock().await;
+                let res = d.grow(job_id(&r.job_id), req.clone()).await;
+                (res, d.ticket())
+            };
+            match res {
                 Err(Error::Busy(_)) if tokio::time::Instant::now() < deadline => {}
-                res => return Ok(Response::new(res?)),
+                Err(e) => return Err(e.into()),
+                // Accepted: answer once the growth record is durable.
+                Ok(resp) => {
+                    ticket.wait_for(DURABLE_WAIT).await?;
+                    return Ok(Response::new(resp));
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -92,12 +111,8 @@ impl pb::control_service_server::ControlService for ControlSvc {
         &self,
         r: Request<pb::PauseRequest>,
     ) -> Result<Response<pb::PauseResponse>, Status> {
-        let command_id = self
-            .0
-            .lock()
-            .await
-            .pause(job_id(&r.get_ref().job_id))
-            .await?;
+        let id = job_id(&r.get_ref().job_id);
+        let command_id = durably(&self.0, async |d| d.pause(id).await).await?;
         Ok(Response::new(pb::PauseResponse { command_id }))
     }
 
@@ -105,12 +120,8 @@ impl pb::control_service_server::ControlService for ControlSvc {
         &self,
         r: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::ResumeResponse>, Status> {
-        let command_id = self
-            .0
-            .lock()
-            .await
-            .resume(job_id(&r.get_ref().job_id))
-            .await?;
+        let id = job_id(&r.get_ref().job_id);
+        let command_id = durably(&self.0, async |d| d.resume(id).await).await?;
         Ok(Response::new(pb::ResumeResponse { command_id }))
     }
 

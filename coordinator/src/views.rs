@@ -54,7 +54,12 @@ impl Domain {
                 all.sort_by_key(|g| (g.generation, g.at_step));
                 all.into_iter().map(growth_event).collect()
             },
-            checkpoints: job.checkpoints.iter().map(ckpt_info).collect(),
+            checkpoints: job
+                .checkpoints
+                .iter()
+                .filter(|c| self.checkpoint_durable(job, c.step))
+                .map(ckpt_info)
+                .collect(),
             workers: Some(self.workers_summary(job.world())),
             message: s.message.clone(),
             loss_anomalies: s.anomalies,
@@ -120,10 +125,11 @@ impl Domain {
     }
 
     pub fn checkpoints(&self, job_id: Option<&str>) -> Result<Vec<pb::CheckpointInfo>> {
-        Ok(self
-            .job_for(job_id)?
+        let job = self.job_for(job_id)?;
+        Ok(job
             .checkpoints
             .iter()
+            .filter(|c| self.checkpoint_durable(job, c.step))
             .map(ckpt_info)
             .collect())
     }

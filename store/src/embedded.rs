@@ -4,10 +4,15 @@
 //! - `LOCK`: held with an exclusive `flock` while the store is open (one process per DIR);
 //! - `state.log`: an append-only log of framed records (`u32 len | u64 FNV-1a | payload`).
 //!   Every write appends one record and `fdatasync`s before it is acknowledged, then is applied
-//!   in memory. On open the log is replayed (a torn record at the tail, left by a crash in the
-//!   middle of an append, is dropped: it was never acknowledged) and rewritten as a compact
-//!   snapshot (temp file, fsync, rename, fsync DIR). The log is compacted the same way when it
-//!   grows past four times its last snapshot.
+//!   in memory. On open the log is replayed and rewritten as a compact snapshot (temp file,
+//!   fsync, rename, fsync DIR). The log is compacted the same way when it grows past four times
+//!   its last snapshot.
+//!
+//! Faults fail closed. An append that fails (disk full, I/O error) is cut off the log again and
+//! the write fails; nothing is applied. If even the cut fails, every later write fails until a
+//! cut succeeds. At replay, a torn record at the very end (a crash in the middle of an append:
+//! never acknowledged) is dropped with a warning; a damaged record with valid records after it
+//! is a hard error naming its byte offset: acknowledged state is never silently skipped.
 //!
 //! Leases survive a restart with a fresh TTL (as in etcd after a leader change).
 use crate::{election, Compare, Error, Leadership, LeaseId, Op, Result, StateStore, Versioned};
@@ -59,6 +64,8 @@ struct State {
     log_path: PathBuf,
     log_bytes: u64,
     compact_at: u64,
+    /// A failed append could not be cut off the log: every write fails until it is.
+    broken: bool,
     _lock: File,
 }
 
@@ -367,13 +374,28 @@ impl State {
         }
     }
 
-    /// Durably append, then apply.
+    /// Durably append, then apply. Fails closed: an append that fails (ENOSPC, EIO) is cut off
+    /// the log again (truncated to the last acknowledged length) and nothing is applied; if the
+    /// cut itself fails, the store refuses every write until a later write's cut succeeds, so
+    /// nothing is ever acknowledged after a record that may be half on disk.
     fn commit(&mut self, rec: Record) -> Result<()> {
+        self.repair()?;
         let frame = rec.encode();
-        self.log
+        if let Err(e) = self
+            .log
             .write_all(&frame)
             .and_then(|_| self.log.sync_data())
-            .map_err(io("append to", &self.log_path))?;
+        {
+            if let Err(cut) = self.cut() {
+                tracing::error!(path = %self.log_path.display(), error = %cut, "store log cannot be cut back after a failed append; refusing writes until it can");
+                self.broken = true;
+            }
+            return Err(Error::Io {
+                what: "append to",
+                path: self.log_path.clone(),
+                source: e,
+            });
+        }
         self.log_bytes += frame.len() as u64;
         self.apply(rec, Instant::now());
         if self.log_bytes > self.compact_at {
@@ -382,6 +404,27 @@ impl State {
                 tracing::warn!(error = %e, "store compaction failed");
             }
         }
+        Ok(())
+    }
+
+    /// Truncate the log to its last acknowledged length and make that durable.
+    fn cut(&mut self) -> std::io::Result<()> {
+        self.log.set_len(self.log_bytes)?;
+        self.log.sync_all()
+    }
+
+    /// After a failed cut: try again before any new write; refuse the write while it fails.
+    fn repair(&mut self) -> Result<()> {
+        if !self.broken {
+            return Ok(());
+        }
+        self.cut().map_err(|e| Error::Io {
+            what: "cut back the unacknowledged tail of",
+            path: self.log_path.clone(),
+            source: e,
+        })?;
+        tracing::info!(path = %self.log_path.display(), "store log cut back to its last acknowledged record; writes accepted again");
+        self.broken = false;
         Ok(())
     }
 
@@ -474,9 +517,15 @@ fn write_snapshot(dir: &Path, snapshot: &[u8]) -> Result<(File, u64)> {
     let path = dir.join(LOG);
     {
         let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(snapshot)
-            .and_then(|_| f.sync_all())
-            .map_err(io("write", &tmp))?;
+        if let Err(e) = f.write_all(snapshot).and_then(|_| f.sync_all()) {
+            // Give the space back (a full disk is the usual cause).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Io {
+                what: "write",
+                path: tmp,
+                source: e,
+            });
+        }
     }
     std::fs::rename(&tmp, &path).map_err(io("rename snapshot to", &path))?;
     fsync_dir(dir)?;
@@ -485,6 +534,21 @@ fn write_snapshot(dir: &Path, snapshot: &[u8]) -> Result<(File, u64)> {
         .open(&path)
         .map_err(io("open", &path))?;
     Ok((log, snapshot.len() as u64))
+}
+
+/// The payload of a whole, checksum-valid frame starting at byte `at` of `data`.
+fn frame_at(data: &[u8], at: usize) -> Option<&[u8]> {
+    let rest = data.get(at..)?;
+    if rest.len() < 12 {
+        return None;
+    }
+    let len = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
+    let sum = u64::from_le_bytes(rest[4..12].try_into().ok()?);
+    if len > MAX_RECORD || rest.len() < 12 + len {
+        return None;
+    }
+    let payload = &rest[12..12 + len];
+    (fnv1a(payload) == sum).then_some(payload)
 }
 
 fn load(dir: &Path, lock: File) -> Result<State> {
@@ -515,30 +579,30 @@ fn load(dir: &Path, lock: File) -> Result<State> {
         log_path: path.clone(),
         log_bytes: 0,
         compact_at: MIN_COMPACT_BYTES,
+        broken: false,
         _lock: lock,
     };
     let mut at = 0usize;
     while at < data.len() {
-        let rest = &data[at..];
-        if rest.len() < 12 {
+        let Some(payload) = frame_at(&data, at) else {
+            // Only a torn tail (a crash in the middle of an unacknowledged append) may be cut;
+            // a bad record with good records after it is damage to acknowledged state.
+            if let Some(next) = (at + 1..data.len()).find(|&i| frame_at(&data, i).is_some()) {
+                return Err(Error::Corrupt {
+                    path,
+                    detail: format!(
+                        "the record at byte {at} is damaged (bad length or checksum) and valid \
+                         records follow it at byte {next}"
+                    ),
+                });
+            }
             break;
-        }
-        let mut lb = [0u8; 4];
-        lb.copy_from_slice(&rest[..4]);
-        let len = u32::from_le_bytes(lb) as usize;
-        let mut hb = [0u8; 8];
-        hb.copy_from_slice(&rest[4..12]);
-        if len > MAX_RECORD || rest.len() < 12 + len {
-            break;
-        }
-        let payload = &rest[12..12 + len];
-        if fnv1a(payload) != u64::from_le_bytes(hb) {
-            break;
-        }
+        };
         let rec = Record::decode(payload).map_err(|detail| Error::Corrupt {
             path: path.clone(),
             detail: format!("record at byte {at}: {detail}"),
         })?;
+        let len = payload.len();
         st.apply(rec, now);
         at += 12 + len;
     }

@@ -159,6 +159,11 @@ impl EtcdServer {
         format!("etcd:{}", self.client_url)
     }
 
+    /// The server's process id (e.g. to SIGSTOP it: an etcd outage that keeps its data).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kill the server now (e.g. to test an unreachable store).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -86,6 +86,7 @@ impl Domain {
 
     /// Periodic: heartbeat TTL, gauges.
     pub async fn tick(&mut self) -> Result<()> {
+        self.after_durable();
         let now = Instant::now();
         let ttl = self.opts.heartbeat_ttl;
         let mut expired = Vec::new();

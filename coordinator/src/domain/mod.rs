@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::loss::{AnomalyKind, LossWatcher, WatcherConfig};
 use crate::metrics::Metrics;
+use crate::persist::{Persister, Progress, Ticket};
 use crate::plan::{growth_layout, init_checkpoint, model_config, submitted_layout};
 use crate::state::*;
 use crate::txn::checkpoint::{self, CheckpointTxn, Committed, Reason, ShardAck};
@@ -162,6 +163,8 @@ pub(crate) struct Job {
     persisted_at: Instant,
     /// The first loss-history chunk not yet written complete to the store.
     loss_flushed: u64,
+    /// Checkpoint records enqueued but not yet durable: (step, persister sequence number).
+    unconfirmed: Vec<(Step, u64)>,
     last_commit: Option<Instant>,
     /// The loss watcher reported a plateau since the last trigger check.
     plateau_seen: bool,
@@ -196,6 +199,7 @@ impl Job {
             mfu: 0.0,
             persisted_at: Instant::now(),
             loss_flushed: 0,
+            unconfirmed: Vec::new(),
             last_commit: None,
             plateau_seen: false,
             tracker: None,
@@ -244,7 +248,12 @@ impl Job {
 }
 
 pub struct Domain {
+    /// Read at recovery only; every write goes through `persist` (no store I/O under the lock).
     store: Arc<dyn StateStore>,
+    persist: Persister,
+    /// The job is done, but its final state is not durable yet: stop the workers once the
+    /// persister has written up to this sequence number (and say why).
+    stop_when_durable: Option<(u64, String)>,
     opts: DomainOptions,
     metrics: Arc<Metrics>,
     pub(crate) job: Option<Job>,
@@ -274,6 +283,8 @@ impl Domain {
     ) -> Result<Domain> {
         let (changed, _) = watch::channel(0);
         let mut d = Domain {
+            persist: Persister::start(store.clone()),
+            stop_when_durable: None,
             store,
             opts,
             metrics,
@@ -285,7 +296,57 @@ impl Domain {
             token_nonce: 0,
         };
         d.recover().await?;
+        // What recovery wrote (a restore point set aside, growths rolled back) is durable
+        // before the coordinator serves.
+        d.ticket().wait().await?;
         Ok(d)
+    }
+
+    /// A promise that every state change made so far is durable: take it under the lock,
+    /// await it after dropping the lock ([`Ticket::wait`]).
+    pub fn ticket(&self) -> Ticket {
+        self.persist.ticket()
+    }
+
+    /// Where the state writes stand (health, tests).
+    pub fn persist_progress(&self) -> Progress {
+        self.persist.progress()
+    }
+
+    /// Follow the state writes (the health check watches it without taking the lock).
+    pub fn persist_watch(&self) -> watch::Receiver<Progress> {
+        self.persist.watch()
+    }
+
+    /// Stop the persister and wait until it has released the store (a simulated crash keeps
+    /// only what is durable: await [`Domain::ticket`] first to keep everything).
+    pub async fn close(self) {
+        self.persist.close().await;
+    }
+
+    /// Work that waited for the persister (called from the ticker).
+    fn after_durable(&mut self) {
+        let durable = self.persist.durable();
+        if let Some(job) = self.job.as_mut() {
+            job.unconfirmed.retain(|(_, seq)| *seq > durable);
+        }
+        if self
+            .stop_when_durable
+            .as_ref()
+            .is_some_and(|(seq, _)| *seq <= durable)
+        {
+            let (_, why) = self.stop_when_durable.take().expect("checked");
+            self.stop_all(&why);
+        }
+    }
+
+    /// Whether the checkpoint record of `step` is in the store (a record not yet written is not
+    /// listed: only durable checkpoints are shown as committed).
+    pub(crate) fn checkpoint_durable(&self, job: &Job, step: Step) -> bool {
+        let durable = self.persist.durable();
+        !job.unconfirmed
+            .iter()
+            .any(|(s, seq)| *s == step && *seq > durable)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -321,9 +382,7 @@ impl Domain {
         let Some(job) = self.job.as_mut() else {
             return Ok(());
         };
-        self.store
-            .put(&keys::job_state(&job.id), json(&job.state))
-            .await?;
+        self.persist.put(keys::job_state(&job.id), json(&job.state));
         job.persisted_at = Instant::now();
         self.persist_loss().await
     }
@@ -348,12 +407,10 @@ impl Domain {
             }
         }
         for (k, chunk) in chunks {
-            self.store
-                .put(
-                    &keys::loss(&job.id, Step(k * LOSS_CHUNK_STEPS)),
-                    json(&chunk),
-                )
-                .await?;
+            self.persist.put(
+                keys::loss(&job.id, Step(k * LOSS_CHUNK_STEPS)),
+                json(&chunk),
+            );
         }
         job.loss_flushed = newest;
         Ok(())
@@ -362,7 +419,7 @@ impl Domain {
     async fn persist_growth(&self, gen: Generation) -> Result<()> {
         let job = self.job.as_ref().ok_or_else(no_job)?;
         if let Some(g) = job.growths.get(&gen) {
-            self.store.put(&keys::growth(&job.id, gen), json(g)).await?;
+            self.persist.put(keys::growth(&job.id, gen), json(g));
         }
         Ok(())
     }
@@ -503,9 +560,8 @@ impl Domain {
                 ..c.clone()
             };
             if c.reason != Reason::InitFrom {
-                self.store
-                    .put(&keys::checkpoint(&job.id, c.step), json(&marked))
-                    .await?;
+                self.persist
+                    .put(keys::checkpoint(&job.id, c.step), json(&marked));
             }
             let job = self.job.as_mut().expect("a job");
             for x in job.checkpoints.iter_mut().filter(|x| x.step == c.step) {
@@ -619,8 +675,8 @@ impl Domain {
             state.parameters = cfg.num_parameters();
             state.last_checkpoint = Some(c);
         }
-        self.store.put(&keys::job_spec(&id), json(&record)).await?;
-        self.store.put(&keys::job_state(&id), json(&state)).await?;
+        self.persist.put(keys::job_spec(&id), json(&record));
+        self.persist.put(keys::job_state(&id), json(&state));
         info!(job_id = %id, world, layers = state.layers, "job submitted");
         let loss = LossWatcher::new(self.opts.watcher.clone());
         let mut job = Job::new(id.clone(), record, spec, model0, state, loss);

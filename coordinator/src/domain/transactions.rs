@@ -807,10 +807,11 @@ impl Domain {
             layout: Some(job.state.layout.clone()),
             unusable: None,
         };
-        self.store
-            .put(&keys::checkpoint(&job.id, rec.step), json(&rec))
-            .await?;
+        self.persist
+            .put(keys::checkpoint(&job.id, rec.step), json(&rec));
+        let seq = self.persist.ticket().seq();
         let job = self.job.as_mut().expect("a job");
+        job.unconfirmed.push((rec.step, seq));
         job.checkpoints.retain(|x| x.step != rec.step);
         job.checkpoints.push(rec.clone());
         job.checkpoints.sort_by_key(|c| c.step);
@@ -836,7 +837,7 @@ impl Domain {
         });
         let id = job.id.clone();
         for p in &pruned {
-            self.store.delete(&keys::checkpoint(&id, p.step)).await?;
+            self.persist.delete(keys::checkpoint(&id, p.step));
         }
         let job = self.job.as_mut().expect("a job");
         job.last_commit = Some(Instant::now());
@@ -874,7 +875,9 @@ impl Domain {
             job::transition(&mut job.state, Phase::Done, msg);
             info!(job_id = %job.id, "{}", job.state.message);
             self.persist_state().await?;
-            self.stop_all("the job is done");
+            // The workers exit on Stop: only once the final state is durable, so that a
+            // coordinator restarted now does not wait for them at an older restore point.
+            self.stop_when_durable = Some((self.persist.ticket().seq(), "the job is done".into()));
         } else {
             self.persist_state().await?;
         }

@@ -1,0 +1,543 @@
+//! Store faults over real processes (issue 10, acceptance 3 and 5): the embedded store's volume
+//! fills mid-job, and a real etcd stops for 15 s mid-job. `trellis-coordinator`, one
+//! `trellis-worker` (libtorch, CPU), `coordctl`, gRPC health, and a real etcd / tmpfs.
+//!
+//! What both show: the job keeps training while its state cannot be written; a checkpoint is
+//! listed as committed (`coordctl checkpoint list`) only once its record is in the store, so
+//! nothing listed is lost by a `kill -9`; health is NOT_SERVING while writes fail and SERVING
+//! after; the state catches up when the store returns; the job finishes.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use trellis_tests::{banner_field, bin, free_port, json, repo, run, wait_line, Proc};
+
+const LONG: Duration = Duration::from_secs(180);
+
+// ------------------------------------------------------------------------------------------
+// Harness (the few helpers these tests need, as in tests/coordinator.rs)
+// ------------------------------------------------------------------------------------------
+
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join("trellis-e2e-data-cache")
+}
+
+/// A tiny one-rank job: checkpoints every `interval` steps, none collected (keep 1000), so
+/// every checkpoint ever listed must still be listed after a restart.
+fn spec(name: &str, max_steps: u64, interval: u64, ckpt: &Path) -> String {
+    let corpus = repo().join("corpus/tiny");
+    format!(
+        r#"[job]
+name = "{name}"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[data]
+train = "{train}"
+valid = "{valid}"
+vocab_size = 512
+seq_len = 32
+cache_dir = "{cache}"
+
+[train]
+precision = "fp32"
+global_batch = 4
+max_steps = {max_steps}
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = 1000
+eval_sequences = 8
+threads = 1
+
+[checkpoint]
+dir = "{ckpt}"
+interval = {interval}
+keep = 1000
+
+[parallel]
+dp = 1
+tp = 1
+"#,
+        train = corpus.join("train.txt").display(),
+        valid = corpus.join("valid.txt").display(),
+        cache = cache_dir().display(),
+        ckpt = ckpt.display(),
+    )
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+struct Coord {
+    idx: usize,
+    endpoint: String,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("trellis-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        Cluster {
+            dir,
+            procs: Vec::new(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A coordinator on `store` whose health turns NOT_SERVING after 2 s of failed writes.
+    fn coordinator(
+        &mut self,
+        name: &str,
+        port: u16,
+        store: &str,
+        job: Option<&Path>,
+        extra: &[&str],
+    ) -> Coord {
+        let config = self.path("coordinator.toml");
+        std::fs::write(&config, "store_down_secs = 2\n").unwrap();
+        let mut cmd = Command::new(bin("trellis-coordinator"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "", "--store", store])
+            .args(["--heartbeat-ttl-secs", "5"])
+            .args(extra);
+        if let Some(j) = job {
+            cmd.arg("--job").arg(j);
+        }
+        let log = self.path(&format!("{name}.log"));
+        let (p, rx): (Proc, mpsc::Receiver<String>) = Proc::spawn(name, &mut cmd, &log);
+        self.procs.push(p);
+        let line = wait_line(&rx, "trellis-coordinator listening", LONG);
+        Coord {
+            idx: self.procs.len() - 1,
+            endpoint: format!("http://{}", banner_field(&line, "grpc").unwrap()),
+        }
+    }
+
+    fn worker(&mut self, endpoint: &str) {
+        let i = self.procs.len();
+        let mut cmd = Command::new(bin("trellis-worker"));
+        cmd.args(["--coordinator", endpoint, "--device", "cpu"]);
+        let log = self.path(&format!("worker-{i}.log"));
+        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
+        self.procs.push(p);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.procs {
+                eprintln!(
+                    "----- {} ({}) -----\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.tail(40)
+                );
+            }
+        }
+    }
+}
+
+fn coordctl(endpoint: &str, args: &[&str]) -> Output {
+    run(
+        Command::new(bin("coordctl"))
+            .args(["--endpoint", endpoint, "--output", "json"])
+            .args(args),
+        Duration::from_secs(60),
+    )
+}
+
+fn status(endpoint: &str) -> Option<Value> {
+    let out = coordctl(endpoint, &["status"]);
+    out.status.success().then(|| json(&out))
+}
+
+fn wait_status(
+    endpoint: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(s) = status(endpoint) {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; last status: {}",
+                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The steps `coordctl checkpoint list` shows as committed.
+fn listed(endpoint: &str) -> Vec<u64> {
+    let out = coordctl(endpoint, &["checkpoint", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    let arr = v
+        .as_array()
+        .or_else(|| v["checkpoints"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    arr.iter().map(|c| u(&c["step"])).collect()
+}
+
+fn phase(s: &Value) -> &str {
+    s["phase"].as_str().unwrap_or("")
+}
+
+#[track_caller]
+fn u(v: &Value) -> u64 {
+    match v.as_u64() {
+        Some(x) => x,
+        None => panic!("not a u64: {v}"),
+    }
+}
+
+/// gRPC health of the whole server: `Some(true)` SERVING, `Some(false)` anything else, `None`
+/// no answer.
+fn serving(endpoint: &str) -> Option<bool> {
+    health(endpoint, "")
+}
+
+/// gRPC health of one service name ("" the whole server, "liveness" the liveness probe's).
+fn health(endpoint: &str, service: &str) -> Option<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .ok()?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .ok()?;
+        let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+        let r = c
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?;
+        Some(
+            r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        )
+    })
+}
+
+fn wait_health(endpoint: &str, want: bool, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if serving(endpoint) == Some(want) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "health not {} within {timeout:?}",
+            if want { "SERVING" } else { "NOT_SERVING" }
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A tmpfs of `bytes` on a fresh directory, unmounted on drop; `None` with the reason printed
+/// when this process may not mount one.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(bytes: u64) -> Option<Tmpfs> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            eprintln!(
+                "SKIPPED: filling a store volume needs a small tmpfs, and mounting one needs root"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: `mount -t tmpfs` failed (no CAP_SYS_ADMIN here?)");
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// Fill the volume of `path` (one file) until the disk is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0x5au8; 64 << 10];
+    while f.write_all(&block).is_ok() {}
+    let small = vec![0x5au8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+// ------------------------------------------------------------------------------------------
+// Acceptance 3: the embedded store's volume fills mid-job, then has room again; kill -9
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_full_store_volume_mid_job_then_kill9_loses_no_listed_checkpoint_and_the_job_finishes() {
+    let Some(fs) = Tmpfs::mount(64 << 20) else {
+        return;
+    };
+    let mut cl = Cluster::new("store-full");
+    let max_steps = 1500;
+    let job = cl.path("job.toml");
+    std::fs::write(&job, spec("storefull", max_steps, 25, &cl.path("ckpt"))).unwrap();
+    let store = format!("file:{}", fs.0.path().join("state").display());
+    let port = free_port();
+    let c = cl.coordinator("coordinator-1", port, &store, Some(&job), &[]);
+    cl.worker(&c.endpoint);
+    wait_status(&c.endpoint, "training with two checkpoints", LONG, |s| {
+        phase(s) == "training" && s["checkpoints"].as_array().map_or(0, |a| a.len()) >= 2
+    });
+
+    // The volume is full: training goes on, no new checkpoint is listed (its record cannot be
+    // written), health says NOT_SERVING.
+    let filler = fs.0.path().join("filler");
+    fill(&filler);
+    let down = wait_health(&c.endpoint, false, Duration::from_secs(30));
+    // Writes have failed for seconds now: what is listed is what was durable before.
+    let before = listed(&c.endpoint);
+    let full_at = status(&c.endpoint).unwrap();
+    let during = wait_status(
+        &c.endpoint,
+        "training on, 3 checkpoint intervals",
+        LONG,
+        |s| u(&s["step"]) >= u(&full_at["step"]) + 75,
+    );
+    assert_eq!(phase(&during), "training", "{during}");
+    let listed_full = listed(&c.endpoint);
+    assert_eq!(
+        listed_full, before,
+        "a checkpoint was listed as committed while its record could not be written"
+    );
+    let log = std::fs::read_to_string(&cl.procs[c.idx].log).unwrap_or_default();
+    assert!(
+        log.contains("state write failed") && log.contains("disk is not full"),
+        "the coordinator says why writes fail"
+    );
+
+    // Room again: health comes back and the checkpoints committed meanwhile are listed.
+    std::fs::remove_file(&filler).unwrap();
+    let up = wait_health(&c.endpoint, true, Duration::from_secs(30));
+    let caught_up = wait_status(&c.endpoint, "the catalogue catching up", LONG, |s| {
+        s["checkpoints"].as_array().map_or(0, |a| a.len()) > listed_full.len()
+    });
+    let last = listed(&c.endpoint);
+    assert!(
+        before.iter().all(|s| last.contains(s)),
+        "{before:?} {last:?}"
+    );
+
+    // kill -9 and restart: every checkpoint listed before the kill is still there.
+    cl.procs[c.idx].kill9();
+    let c2 = cl.coordinator("coordinator-2", port, &store, None, &[]);
+    let after = listed(&c2.endpoint);
+    for s in &last {
+        assert!(
+            after.contains(s),
+            "checkpoint step {s} was listed as committed before the kill and is gone: before \
+             {last:?}, after {after:?}"
+        );
+    }
+    let done = wait_status(&c2.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done"
+    });
+    assert_eq!(u(&done["step"]), max_steps, "{done}");
+    eprintln!(
+        "store volume full at step {}: trained on to step {} with {} checkpoint(s) listed, \
+         health NOT_SERVING after {:.1}s, SERVING {:.1}s after room returned, catalogue caught \
+         up to {} entries; after kill -9 all {} listed checkpoints recovered; done at {}",
+        u(&full_at["step"]),
+        u(&during["step"]),
+        listed_full.len(),
+        down.as_secs_f64(),
+        up.as_secs_f64(),
+        caught_up["checkpoints"].as_array().unwrap().len(),
+        last.len(),
+        u(&done["step"])
+    );
+    drop(cl);
+    drop(fs);
+}
+
+// ------------------------------------------------------------------------------------------
+// Acceptance 5: etcd stopped for 15 s mid-job
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn an_etcd_outage_of_15s_mid_job_keeps_training_and_the_state_catches_up() {
+    let etcd = match trellis_store::testing::EtcdServer::start() {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    };
+    let mut cl = Cluster::new("etcd-outage");
+    let max_steps = 2500;
+    let job = cl.path("job.toml");
+    std::fs::write(&job, spec("outage", max_steps, 25, &cl.path("ckpt"))).unwrap();
+    // The leader rides through an outage shorter than 5/12 of its lease TTL: it gives up after
+    // 2/3 of the TTL without a keep-alive, and keep-alives go every TTL/4 (docs/operations.md).
+    let c = cl.coordinator(
+        "coordinator",
+        free_port(),
+        &etcd.spec(),
+        Some(&job),
+        &["--leader-ttl-secs", "60"],
+    );
+    cl.worker(&c.endpoint);
+    let s0 = wait_status(&c.endpoint, "training with a checkpoint", LONG, |s| {
+        phase(s) == "training" && !s["checkpoints"].as_array().unwrap().is_empty()
+    });
+
+    signal(etcd.pid(), "STOP");
+    let t0 = Instant::now();
+    let stopped_at = status(&c.endpoint).expect("status answers without etcd");
+    let down = wait_health(&c.endpoint, false, Duration::from_secs(15));
+    // Unready, but alive: a liveness probe does not get it restarted (its queue would be lost).
+    assert_eq!(health(&c.endpoint, "liveness"), Some(true));
+    // etcd has been stopped for seconds: what is listed is what was durable before.
+    let before = listed(&c.endpoint);
+    assert!(!before.is_empty());
+    let mut during = stopped_at.clone();
+    while t0.elapsed() < Duration::from_secs(15) {
+        // The coordinator answers from memory (no store I/O under its lock) and training goes on.
+        during = status(&c.endpoint).expect("status answers during the outage");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let listed_during = listed(&c.endpoint);
+    signal(etcd.pid(), "CONT");
+    let outage = t0.elapsed();
+    assert!(
+        u(&during["step"]) >= u(&stopped_at["step"]) + 50,
+        "training stalled during the outage: step {} -> {}",
+        u(&stopped_at["step"]),
+        u(&during["step"])
+    );
+    assert_eq!(
+        listed_during, before,
+        "a checkpoint was listed as committed while etcd was down"
+    );
+
+    let up = wait_health(&c.endpoint, true, Duration::from_secs(60));
+    wait_status(&c.endpoint, "the catalogue catching up", LONG, |s| {
+        s["checkpoints"].as_array().map_or(0, |a| a.len()) > listed_during.len()
+    });
+    // What the coordinator lists is in etcd (listed only once durable).
+    let shown = listed(&c.endpoint);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (in_store, state_step) = rt.block_on(async {
+        let store = trellis_store::StoreSpec::parse(&etcd.spec())
+            .unwrap()
+            .open()
+            .await
+            .unwrap();
+        let id = trellis_core::ids::JobId("outage".into());
+        let steps: Vec<u64> = store
+            .list(&trellis_store::keys::checkpoints_prefix(&id))
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| trellis_store::keys::parse_checkpoint(&id, k).map(|s| s.0))
+            .collect();
+        let state = store
+            .get(&trellis_store::keys::job_state(&id))
+            .await
+            .unwrap()
+            .expect("the job state is in etcd");
+        let state: Value = serde_json::from_slice(&state.value).unwrap();
+        (steps, u(&state["step"]))
+    });
+    for s in &shown {
+        assert!(
+            in_store.contains(s),
+            "checkpoint step {s} listed but not in etcd ({in_store:?})"
+        );
+    }
+    for s in &before {
+        assert!(
+            in_store.contains(s),
+            "step {s} lost from etcd: {in_store:?}"
+        );
+    }
+    assert!(
+        state_step > u(&during["step"]),
+        "the job state in etcd caught up: step {state_step}, trained to {} during the outage",
+        u(&during["step"])
+    );
+    let done = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done"
+    });
+    assert_eq!(u(&done["step"]), max_steps, "{done}");
+    eprintln!(
+        "etcd SIGSTOPped {:.1}s at step {} (job at step {} then): trained to step {} meanwhile; \
+         health NOT_SERVING after {:.1}s, SERVING {:.1}s after SIGCONT; etcd holds {} \
+         checkpoints and state step {state_step}; done at {}",
+        outage.as_secs_f64(),
+        u(&stopped_at["step"]),
+        u(&s0["step"]),
+        u(&during["step"]),
+        down.as_secs_f64(),
+        up.as_secs_f64(),
+        in_store.len(),
+        u(&done["step"])
+    );
+    drop(cl);
+    drop(etcd);
+}
