@@ -648,14 +648,21 @@ fn form_group(
             resolve(a)
         })
         .collect::<std::result::Result<Vec<_>, BoxError>>()?;
-    Ok(Box::new(TcpRing::new(
+    let mut opts = trellis_comm::ring::RingOptions::new(timeout);
+    // Benchmark hook (bench/tls_cost.sh): TRELLIS_BENCH_RING_MAC=0 leaves the per-message MACs
+    // out to measure their cost; the handshake stays authenticated.
+    if std::env::var("TRELLIS_BENCH_RING_MAC").is_ok_and(|v| v == "0") {
+        warn!("TRELLIS_BENCH_RING_MAC=0: ring messages are not authenticated (benchmark only)");
+        opts.message_mac = false;
+    }
+    Ok(Box::new(TcpRing::with_options(
         me,
         members.len(),
         listener.try_clone()?,
         peers,
         // The ring key: secret as long as the coordinator's token is (sent over its session).
         &trellis_comm::ring::derive_key(&format!("{token}/{kind}/{index}")),
-        timeout,
+        opts,
     )?))
 }
 

@@ -11,6 +11,8 @@
 //! | `operator.crt`, `.key` | a client certificate with role operator (name `operator`) |
 //! | `viewer.crt`, `.key` | a client certificate with role viewer (name `viewer`) |
 //! | `worker-ID.crt`, `.key` | worker `ID`'s client certificate |
+//! | `etcd-server.crt`, `.key` | etcd's client-port certificate (`etcd`): its hosts |
+//! | `etcd-client.crt`, `.key` | the coordinator's client certificate towards etcd (`etcd`) |
 //!
 //! Validity: the CA 10 years, every other certificate 1 year, both from one hour ago (clock
 //! skew between machines).
@@ -33,6 +35,10 @@ pub const CA_KEY: &str = "ca.key";
 pub const COORDINATOR: &str = "coordinator";
 pub const OPERATOR: &str = "operator";
 pub const VIEWER: &str = "viewer";
+/// etcd's server certificate (`certs etcd`).
+pub const ETCD_SERVER: &str = "etcd-server";
+/// The coordinator's client certificate towards etcd (`certs etcd`).
+pub const ETCD_CLIENT: &str = "etcd-client";
 /// The coordinator certificate's URI SAN (it is not a client identity).
 pub const COORDINATOR_URI: &str = "trellis://coordinator";
 
@@ -275,6 +281,54 @@ fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
             e,
         )
     })
+}
+
+/// Write etcd's certificates in `dir`, signed by the CA there: `etcd-server.crt/.key` (etcd's
+/// client-port certificate: serverAuth and clientAuth — etcd's gateway dials itself with it —,
+/// DNS/IP SANs `localhost`, `127.0.0.1` and every entry of `hosts`) and `etcd-client.crt/.key`
+/// (the coordinator's clientAuth certificate towards etcd; etcd ignores its URI SAN). Refuses
+/// if any of these files exists. Returns the files written.
+pub fn etcd(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>> {
+    let stems = [ETCD_SERVER, ETCD_CLIENT].map(|s| pair(dir, s));
+    let all: Vec<&Path> = stems
+        .iter()
+        .flat_map(|(c, k)| [c.as_path(), k.as_path()])
+        .collect();
+    refuse_existing(&all)?;
+    let issuer = load_ca(dir)?;
+    let mut sans = Vec::new();
+    for h in ["localhost", "127.0.0.1"]
+        .into_iter()
+        .chain(hosts.iter().map(String::as_str))
+    {
+        let san = host_san(h)?;
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let mut p = CertificateParams::default();
+    p.distinguished_name = subject("trellis-etcd");
+    p.subject_alt_names = sans;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    validity(&mut p, LEAF_DAYS);
+    let key = KeyPair::generate().map_err(|e| cert_err("cannot generate a key", e))?;
+    let cert = p
+        .signed_by(&key, &issuer)
+        .map_err(|e| cert_err("cannot sign etcd's certificate", e))?;
+    let mut files = write_pair(dir, ETCD_SERVER, (cert.pem(), key.serialize_pem()))?.to_vec();
+    let client = issue(
+        &issuer,
+        "trellis-coordinator",
+        vec![uri_san(COORDINATOR_URI.into())?],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    files.extend(write_pair(dir, ETCD_CLIENT, client)?);
+    Ok(files)
 }
 
 /// Write `worker-ID.crt` / `.key` in `dir`, signed by the CA there. Returns the files written.

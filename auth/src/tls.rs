@@ -62,8 +62,22 @@ pub fn server_tls(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerTls
 
 /// The client side of mTLS: trust only `ca`, present `cert` / `key`.
 pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig> {
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(certificates(ca, "--ca")?)
-        .identity(identity(cert, key, "--cert", "--key")?)
-        .timeout(HANDSHAKE_TIMEOUT))
+    client_tls_for(ca, Some((cert, key)), ["--ca", "--cert", "--key"])
+}
+
+/// A client config for another TLS server (etcd): trust only `ca`, and present `cert` / `key`
+/// when given (servers that require client certificates). Errors name the files by `flags`
+/// (CA, certificate, key).
+pub fn client_tls_for(
+    ca: &Path,
+    pair: Option<(&Path, &Path)>,
+    flags: [&str; 3],
+) -> Result<ClientTlsConfig> {
+    let mut c = ClientTlsConfig::new()
+        .ca_certificate(certificates(ca, flags[0])?)
+        .timeout(HANDSHAKE_TIMEOUT);
+    if let Some((cert, key)) = pair {
+        c = c.identity(identity(cert, key, flags[1], flags[2])?);
+    }
+    Ok(c)
 }

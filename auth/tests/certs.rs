@@ -129,6 +129,50 @@ fn worker_certificate_is_signed_by_the_ca_in_dir() {
 }
 
 #[test]
+fn etcd_certificates_name_its_hosts_and_are_signed_by_the_ca() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    certs::init(dir, &[]).unwrap();
+    let hosts = vec!["*.etcd.ns.svc".to_string(), "etcd.ns.svc".to_string()];
+    let files = certs::etcd(dir, &hosts).unwrap();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "etcd-server.crt",
+            "etcd-server.key",
+            "etcd-client.crt",
+            "etcd-client.key"
+        ]
+    );
+    let s = sans(&dir.join("etcd-server.crt"));
+    for want in [
+        "dns:localhost",
+        "ip:127.0.0.1",
+        "dns:*.etcd.ns.svc",
+        "dns:etcd.ns.svc",
+    ] {
+        assert!(s.contains(&want.to_string()), "{want} not in {s:?}");
+    }
+    let ca = der(&dir.join("ca.crt"));
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
+    for f in ["etcd-server.crt", "etcd-client.crt"] {
+        let d = der(&dir.join(f));
+        let (_, c) = x509_parser::parse_x509_certificate(&d).unwrap();
+        c.verify_signature(Some(ca.public_key()))
+            .unwrap_or_else(|e| panic!("{f} not signed by ca.key: {e:?}"));
+        let eku = c.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth, "{f}: clientAuth");
+        assert_eq!(eku.server_auth, f == "etcd-server.crt", "{f}: serverAuth");
+    }
+    let e = certs::etcd(dir, &[]).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
 fn refusals_are_one_clear_line() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();

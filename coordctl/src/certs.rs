@@ -20,6 +20,17 @@ pub enum CertsCmd {
         #[arg(long = "host", value_name = "H")]
         hosts: Vec<String>,
     },
+    /// Write etcd's server certificate (etcd-server.crt/.key: serverAuth + clientAuth) and the
+    /// coordinator's client certificate towards etcd (etcd-client.crt/.key) into DIR, signed
+    /// by the CA there, for etcd with client TLS (--client-cert-auth). Never overwrites.
+    Etcd {
+        /// The directory of `certs init`.
+        dir: PathBuf,
+        /// A host name or IP address the coordinator reaches etcd at (repeat for more; `*.`
+        /// allowed first, e.g. `*.etcd.NS.svc`); localhost and 127.0.0.1 are always in it.
+        #[arg(long = "host", value_name = "H")]
+        hosts: Vec<String>,
+    },
     /// Write worker ID's client certificate (worker-ID.crt/.key) into DIR, signed by the CA
     /// there (ca.crt, ca.key from `certs init`).
     Worker {
@@ -48,6 +59,7 @@ pub fn run(format: Format, cmd: &CertsCmd) -> anyhow::Result<()> {
     let (dir, files) = match cmd {
         CertsCmd::Init { dir, hosts } => (dir, trellis_auth::certs::init(dir, hosts)),
         CertsCmd::Worker { id, dir } => (dir, trellis_auth::certs::worker(id, dir)),
+        CertsCmd::Etcd { dir, hosts } => (dir, trellis_auth::certs::etcd(dir, hosts)),
     };
     let files = files.map_err(|e| Failure::invalid(e.to_string()))?;
     let name = |p: &Path| {

@@ -100,8 +100,8 @@ fn one_line(s: &str) -> String {
 (or TRELLIS_CA, TRELLIS_CERT, TRELLIS_KEY); a viewer certificate may only read (status, workers, \
 loss, watch, checkpoint list, plan).\n\
 Exit codes: 0 ok, 1 the coordinator refused (including PERMISSION_DENIED, a call the certificate's \
-role may not make, and a failed TLS handshake: no or untrusted certificate), 2 usage or invalid \
-input, 3 unreachable (retry)."
+role may not make, RESOURCE_EXHAUSTED, a coordinator limit such as its --max-watch-streams, and a \
+failed TLS handshake: no or untrusted certificate), 2 usage or invalid input, 3 unreachable (retry)."
 )]
 struct Cli {
     /// Coordinator gRPC endpoint.
@@ -155,7 +155,7 @@ enum Command {
     Checkpoint(CheckpointCmd),
     /// The growth-timing guideline (how many tokens to train the small model), with its range.
     Plan(PlanArgs),
-    /// Certificates for mTLS, offline: `certs init DIR`, `certs worker ID DIR`.
+    /// Certificates for mTLS, offline: `certs init DIR`, `certs worker ID DIR`, `certs etcd DIR`.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
 }

@@ -52,11 +52,24 @@ pub struct CoordinatorConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// TLS to etcd (`https://` store URLs): the CA that signed etcd's server certificate, and
+    /// this coordinator's client certificate and key when etcd requires client certificates.
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
     /// Serve gRPC without TLS on a non-loopback address (unauthenticated; logs a warning).
     pub insecure: bool,
     /// Directories every path of a submitted job spec must stay inside (with
     /// `checkpoint_root`); required with TLS. None on plaintext loopback: paths are not confined.
     pub allowed_roots: Vec<PathBuf>,
+    /// Largest gRPC message the coordinator decodes or encodes, bytes (a bigger request is
+    /// refused with RESOURCE_EXHAUSTED naming this key).
+    pub max_message_bytes: usize,
+    /// Most workers the registry holds: a new worker id beyond it takes the place of a
+    /// disconnected one without a rank, or is refused (RESOURCE_EXHAUSTED) when all are live.
+    pub max_workers: usize,
+    /// Most concurrent `Watch` streams (one more is refused with RESOURCE_EXHAUSTED).
+    pub max_watch_streams: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -84,8 +97,14 @@ impl Default for CoordinatorConfig {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
             insecure: false,
             allowed_roots: Vec::new(),
+            max_message_bytes: 64 << 20,
+            max_workers: 1024,
+            max_watch_streams: 64,
         }
     }
 }

@@ -19,6 +19,9 @@ pub enum Error {
     /// Retryable in a moment: a short transaction (a checkpoint commit) is in the way.
     #[error("{0}")]
     Busy(String),
+    /// A configured limit (docs/security.md#limits) is reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("state store: {0}")]
     Store(#[from] trellis_store::Error),
     #[error("{0}")]
@@ -46,6 +49,7 @@ impl From<Error> for tonic::Status {
                 trellis_core::Error::Layout(_) => Code::FailedPrecondition,
                 _ => Code::Internal,
             },
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -12,10 +12,13 @@
 //! - [`service`]: thin tonic handlers; [`server`]: wiring (gRPC + health + reflection +
 //!   `/metrics`).
 //! - [`error`]: the crate's one error enum and its one conversion to `tonic::Status`.
+//! - [`security`]: mTLS, the plaintext rule, allowed roots; [`limits`]: message size, worker
+//!   and `Watch` stream bounds.
 
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod limits;
 pub mod loss;
 pub mod metrics;
 pub mod persist;

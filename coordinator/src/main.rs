@@ -1,6 +1,7 @@
 //! `trellis-coordinator [--config FILE] [--listen ADDR] [--store file:DIR | etcd:URL[,URL…]]
 //! [--metrics-listen ADDR] [--job FILE] [--tls-cert F --tls-key F --client-ca F | --insecure]
-//! [--allowed-root DIR]...`
+//! [--etcd-ca F [--etcd-cert F --etcd-key F]]
+//! [--allowed-root DIR]... [--max-message-bytes N] [--max-workers N] [--max-watch-streams N]`
 use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
@@ -54,6 +55,15 @@ struct Cli {
     /// mTLS: the CA that client certificates must be signed by (ca.crt).
     #[arg(long)]
     client_ca: Option<PathBuf>,
+    /// TLS to etcd (https:// store URLs): the CA that signed etcd's server certificate.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// TLS to etcd: this coordinator's client certificate (PEM), when etcd requires one.
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// TLS to etcd: the client certificate's private key (PEM).
+    #[arg(long, requires_all = ["etcd_cert", "etcd_ca"])]
+    etcd_key: Option<PathBuf>,
     /// Serve gRPC without TLS on a non-loopback address (anyone who reaches it can do
     /// anything; logs a warning at every start).
     #[arg(long)]
@@ -65,6 +75,16 @@ struct Cli {
     /// Where metrics.jsonl and TensorBoard event files go (default: the job's checkpoint dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Largest gRPC message decoded or encoded, bytes (default 64 MiB).
+    #[arg(long)]
+    max_message_bytes: Option<usize>,
+    /// Most registered workers (default 1024): a new id beyond it replaces a disconnected
+    /// worker without a rank, or is refused.
+    #[arg(long)]
+    max_workers: Option<usize>,
+    /// Most concurrent Watch streams (default 64).
+    #[arg(long)]
+    max_watch_streams: Option<usize>,
 }
 
 fn main() {
@@ -123,10 +143,28 @@ fn run() -> anyhow::Result<()> {
     if let Some(v) = cli.client_ca {
         cfg.client_ca = Some(v);
     }
+    if let Some(v) = cli.etcd_ca {
+        cfg.etcd_ca = Some(v);
+    }
+    if let Some(v) = cli.etcd_cert {
+        cfg.etcd_cert = Some(v);
+    }
+    if let Some(v) = cli.etcd_key {
+        cfg.etcd_key = Some(v);
+    }
     cfg.insecure |= cli.insecure;
     cfg.allowed_roots.extend(cli.allowed_roots);
     if let Some(v) = cli.run_dir {
         cfg.run_dir = Some(v);
+    }
+    if let Some(v) = cli.max_message_bytes {
+        cfg.max_message_bytes = v;
+    }
+    if let Some(v) = cli.max_workers {
+        cfg.max_workers = v;
+    }
+    if let Some(v) = cli.max_watch_streams {
+        cfg.max_watch_streams = v;
     }
     // Logs (text/JSON) + OTLP span export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
     // flushes the exporter when `run` returns.
@@ -134,7 +172,8 @@ fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let spec = trellis_store::StoreSpec::parse(&cfg.store)?;
-        let store = spec.open().await?;
+        let etcd_tls = trellis_coordinator::security::etcd_tls(&cfg, &spec)?;
+        let store = spec.open_with(etcd_tls).await?;
         // Leader election (etcd): only the leader opens the job and listens; a standby blocks
         // here, not listening (workers given several endpoints skip it), until the leader's
         // lease expires. The embedded store needs none: its directory lock already admits one

@@ -9,6 +9,7 @@ use tonic::transport::ServerTlsConfig;
 use tracing::warn;
 use trellis_core::job::JobSpec;
 use trellis_core::paths::AllowedRoots;
+use trellis_store::{EtcdTls, StoreSpec};
 
 /// The `--tls-cert`/`--tls-key`/`--client-ca` server config (all three or none).
 pub fn server_tls(cfg: &CoordinatorConfig) -> Result<Option<ServerTlsConfig>> {
@@ -23,6 +24,51 @@ pub fn server_tls(cfg: &CoordinatorConfig) -> Result<Option<ServerTlsConfig>> {
                 .into(),
         )),
     }
+}
+
+/// TLS to etcd from `--etcd-ca` (and `--etcd-cert`/`--etcd-key` for client certificates):
+/// required for `https://` store URLs, refused with `http://` ones; `None` for other stores.
+pub fn etcd_tls(cfg: &CoordinatorConfig, store: &StoreSpec) -> Result<Option<EtcdTls>> {
+    let given = cfg.etcd_ca.is_some() || cfg.etcd_cert.is_some() || cfg.etcd_key.is_some();
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    let StoreSpec::Etcd(urls) = store else {
+        return match given {
+            true => bad(format!(
+                "--etcd-ca/--etcd-cert/--etcd-key are for an etcd store, but --store is {store}"
+            )),
+            false => Ok(None),
+        };
+    };
+    let https = urls.iter().filter(|u| u.starts_with("https://")).count();
+    if https != 0 && https != urls.len() {
+        return bad(format!(
+            "--store {store} mixes http:// and https:// etcd URLs: use https:// for all of them              (with --etcd-ca) or none"
+        ));
+    }
+    match (&cfg.etcd_ca, &cfg.etcd_cert, &cfg.etcd_key) {
+        (None, None, None) if https > 0 => bad(format!(
+            "--store {store} uses TLS: give --etcd-ca (the CA that signed etcd's server              certificate), and --etcd-cert/--etcd-key if etcd requires client certificates"
+        )),
+        (None, None, None) => Ok(None),
+        (Some(_), _, _) if https == 0 => bad(format!(
+            "--etcd-ca is given but --store {store} has http:// URLs: use https:// URLs for TLS"
+        )),
+        (Some(ca), None, None) => Ok(Some(tls_for(ca, None)?)),
+        (Some(ca), Some(c), Some(k)) => Ok(Some(tls_for(ca, Some((c, k)))?)),
+        _ => bad(
+            "TLS to etcd: --etcd-cert and --etcd-key go together, and with --etcd-ca (etcd_ca,              etcd_cert, etcd_key in the config file)"
+                .into(),
+        ),
+    }
+}
+
+fn tls_for(ca: &Path, pair: Option<(&PathBuf, &PathBuf)>) -> Result<EtcdTls> {
+    trellis_auth::tls::client_tls_for(
+        ca,
+        pair.map(|(c, k)| (c.as_path(), k.as_path())),
+        ["--etcd-ca", "--etcd-cert", "--etcd-key"],
+    )
+    .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// Plaintext gRPC only on loopback, unless `--insecure` (then a warning at every start).
@@ -217,6 +263,40 @@ mod tests {
         };
         let e = server_tls(&cfg).unwrap_err().to_string();
         assert!(e.contains("--client-ca"), "{e}");
+    }
+
+    #[test]
+    fn etcd_tls_flags_match_the_store_urls() {
+        let https = StoreSpec::parse("etcd:https://127.0.0.1:2379").unwrap();
+        let http = StoreSpec::parse("etcd:http://127.0.0.1:2379").unwrap();
+        let file = StoreSpec::parse("file:/tmp/x").unwrap();
+        let none = CoordinatorConfig::default();
+        assert!(etcd_tls(&none, &http).unwrap().is_none());
+        assert!(etcd_tls(&none, &file).unwrap().is_none());
+        let e = etcd_tls(&none, &https).unwrap_err().to_string();
+        assert!(e.contains("--etcd-ca"), "{e}");
+        let ca = CoordinatorConfig {
+            etcd_ca: Some("/nonexistent/ca.crt".into()),
+            ..Default::default()
+        };
+        let e = etcd_tls(&ca, &http).unwrap_err().to_string();
+        assert!(e.contains("https://"), "{e}");
+        let e = etcd_tls(&ca, &file).unwrap_err().to_string();
+        assert!(e.contains("etcd store"), "{e}");
+        let e = etcd_tls(&ca, &https).unwrap_err().to_string();
+        assert!(
+            e.contains("--etcd-ca") && e.contains("/nonexistent/ca.crt"),
+            "{e}"
+        );
+        let half = CoordinatorConfig {
+            etcd_cert: Some("c.crt".into()),
+            ..ca
+        };
+        let e = etcd_tls(&half, &https).unwrap_err().to_string();
+        assert!(e.contains("--etcd-key"), "{e}");
+        let mixed = StoreSpec::parse("etcd:https://a:1,http://b:2").unwrap();
+        let e = etcd_tls(&none, &mixed).unwrap_err().to_string();
+        assert!(e.contains("mixes"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use crate::config::CoordinatorConfig;
 use crate::domain::{Domain, DomainOptions};
 use crate::error::{Error, Result};
+use crate::limits::{Limits, MessageLimitLayer};
 use crate::loss::WatcherConfig;
 use crate::metrics::Metrics;
 use crate::persist::Progress;
@@ -205,6 +206,7 @@ pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
         checkpoint_root: cfg.checkpoint_root.clone(),
         run_dir: cfg.run_dir.clone(),
         verify_checkpoints: cfg.verify_checkpoints,
+        max_workers: cfg.max_workers,
     }
 }
 
@@ -213,6 +215,7 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     let metrics = Arc::new(Metrics::new());
     let domain = Domain::open(store, domain_options(cfg), metrics.clone()).await?;
     let shared: Shared = Arc::new(Mutex::new(domain));
+    let limits = Limits::new(cfg)?;
     let tls = security::server_tls(cfg)?;
     let confinement = security::confinement(cfg, tls.is_some())?.map(Arc::new);
     let listener = listen(&cfg.listen).await.map_err(|e| {
@@ -334,12 +337,20 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let (stx, srx) = tokio::sync::oneshot::channel::<()>();
+    let max_msg = limits.max_message_bytes;
     let control = pb::control_service_server::ControlServiceServer::new(ControlSvc(
         shared.clone(),
         confinement,
-    ));
+        limits,
+    ))
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
     let workers = pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(shared.clone()))
-        .max_decoding_message_size(64 << 20);
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let hint = MessageLimitLayer {
+        max_message_bytes: max_msg,
+    };
     // TCP_NODELAY: without it small answers (GetStatus, commands) wait out delayed ACKs (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // With TLS: client certificates required (the handshake fails without one from the
@@ -366,8 +377,8 @@ pub async fn start(cfg: &CoordinatorConfig, store: Arc<dyn StateStore>) -> Resul
     }
     tasks.push(tokio::spawn(async move {
         let r = match secured {
-            Some(b) => serve!(b.layer(trellis_auth::AuthLayer)),
-            None => serve!(tonic::transport::Server::builder()),
+            Some(b) => serve!(b.layer(trellis_auth::AuthLayer).layer(hint)),
+            None => serve!(tonic::transport::Server::builder().layer(hint)),
         };
         if let Err(e) = r {
             warn!("gRPC server ended: {e}");

@@ -1,6 +1,7 @@
 //! Thin tonic handlers: decode → domain call → encode.
 use crate::domain::Domain;
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::security::Confinement;
 use crate::wire;
 use std::pin::Pin;
@@ -40,9 +41,10 @@ fn job_id(s: &str) -> Option<&str> {
 }
 
 /// The control service; the second field confines submitted specs' paths (`None`: not
-/// confined, a plaintext coordinator without `--allowed-root`).
+/// confined, a plaintext coordinator without `--allowed-root`), the third bounds `Watch`
+/// streams.
 #[derive(Clone)]
-pub struct ControlSvc(pub Shared, pub Option<Arc<Confinement>>);
+pub struct ControlSvc(pub Shared, pub Option<Arc<Confinement>>, pub Limits);
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
 
@@ -181,6 +183,8 @@ impl pb::control_service_server::ControlService for ControlSvc {
         r: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = r.into_inner().job_id;
+        // Held by the stream's task: released when the client goes away.
+        let slot = self.2.watch_slot()?;
         let (first, mut changes) = {
             let d = self.0.lock().await;
             (d.status(job_id(&id))?, d.subscribe())
@@ -188,10 +192,16 @@ impl pb::control_service_server::ControlService for ControlSvc {
         let shared = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
+            let _slot = slot;
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            while changes.changed().await.is_ok() {
+            loop {
+                // A client that went away frees its slot at once, not at the next change.
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
                 // Throttle: at most ~10 updates per second.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 changes.borrow_and_update();

@@ -554,3 +554,215 @@ async fn a_panicking_training_thread_ends_the_agent_with_an_error() {
     assert!(e.to_string().contains("panicked"), "{e}");
     co.stop().await;
 }
+
+// ------------------------------------------------------------------------------------------
+// Limits (issue 11): message size, registered workers, Watch streams. Each refusal is
+// RESOURCE_EXHAUSTED with one line naming the flag and the config key, and the coordinator
+// serves on.
+// ------------------------------------------------------------------------------------------
+
+#[track_caller]
+fn names_limit(e: &tonic::Status, flag: &str, key: &str) {
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let m = e.message();
+    assert!(m.contains(flag) && m.contains(key), "{m}");
+    assert!(!m.contains('\n'), "one line: {m}");
+}
+
+type WorkerClient = pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>;
+
+fn hello(id: &str) -> pb::WorkerMessage {
+    pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: id.into(),
+            host: "test".into(),
+            pid: 1,
+            device: "cpu".into(),
+            ring_address: "127.0.0.1:9".into(),
+            tp_ring_address: "127.0.0.1:9".into(),
+        })),
+    }
+}
+
+/// An open worker session as `id` (kept open until both halves are dropped), or its refusal.
+async fn open_session(
+    w: &mut WorkerClient,
+    id: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::UnboundedSender<pb::WorkerMessage>,
+        tonic::Streaming<pb::CoordinatorMessage>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(hello(id)).unwrap();
+    let r = w
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await?;
+    Ok((tx, r.into_inner()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_bytes_is_refused_and_the_coordinator_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.max_message_bytes = 64 << 10).await;
+    let mut c = control(co.grpc_addr).await;
+    // A 100 kB spec (a long comment): over the 64 KiB limit.
+    let big = format!("{}\n# {}\n", spec("big", 1, 10, 0, ""), "x".repeat(100_000));
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: big,
+            base_dir: "/tmp".into(),
+        })
+        .await
+        .unwrap_err();
+    names_limit(&e, "--max-message-bytes", "max_message_bytes");
+    assert!(e.message().contains("65536"), "{}", e.message());
+    // A worker's Hello over the limit: the same refusal, before anything is registered.
+    let mut w = WorkerClient::connect(format!("http://{}", co.grpc_addr))
+        .await
+        .unwrap();
+    let e = open_session(&mut w, &"w".repeat(70_000)).await.unwrap_err();
+    names_limit(&e, "--max-message-bytes", "max_message_bytes");
+    // Serving on, nothing created: no job, no worker; a normal submit works.
+    let e = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let ws = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ws.workers.is_empty(), "{ws:?}");
+    submit(&mut c, &spec("fine", 1, 10, 0, "")).await;
+    c.get_status(pb::GetStatusRequest::default()).await.unwrap();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_beyond_max_workers_is_refused_and_the_job_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.max_workers = 2).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("lim", 2, 100_000, 0, "")).await;
+    let ep = format!("http://{}", co.grpc_addr);
+    let (a0, a1) = (
+        spawn_agent(ep.clone(), fake(5)),
+        spawn_agent(ep.clone(), fake(5)),
+    );
+    let s0 = wait_status(&mut c, "DP=2 training", 60, |s| {
+        s.phase == pb::JobPhase::Training as i32 && s.step >= 3
+    })
+    .await;
+    let mut w = WorkerClient::connect(ep.clone()).await.unwrap();
+    let e = open_session(&mut w, "w-extra").await.unwrap_err();
+    names_limit(&e, "--max-workers", "max_workers");
+    assert!(
+        e.message().contains(" 2 registered workers"),
+        "{}",
+        e.message()
+    );
+    // The job never noticed: same epoch, no rollback, training on with its two workers.
+    let s1 = wait_status(&mut c, "training on", 60, |s| s.step >= s0.step + 10).await;
+    assert_eq!((s1.epoch, s1.rollbacks), (s0.epoch, s0.rollbacks), "{s1:?}");
+    assert_eq!(s1.phase, pb::JobPhase::Training as i32);
+    let ws = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ws.workers.len(), 2, "{ws:?}");
+    assert!(ws.workers.iter().all(|w| w.worker_id != "w-extra"));
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_registry_makes_room_by_forgetting_a_disconnected_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.max_workers = 2).await;
+    let mut c = control(co.grpc_addr).await;
+    let mut w = WorkerClient::connect(format!("http://{}", co.grpc_addr))
+        .await
+        .unwrap();
+    let s0 = open_session(&mut w, "w0").await.unwrap();
+    let _s1 = open_session(&mut w, "w1").await.unwrap();
+    let e = open_session(&mut w, "w2").await.unwrap_err();
+    names_limit(&e, "--max-workers", "max_workers");
+    // A connected worker's id may always reconnect (it replaces its own entry).
+    let _s1b = open_session(&mut w, "w1").await.unwrap();
+    // w0 goes away: its entry (no rank, no session) makes room for w2.
+    drop(s0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let _s2 = loop {
+        match open_session(&mut w, "w2").await {
+            Ok(s) => break s,
+            Err(e) => {
+                names_limit(&e, "--max-workers", "max_workers");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "w0's disconnect never made room"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut ids: Vec<String> = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.worker_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["w1", "w2"]);
+    co.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_beyond_max_watch_streams_are_refused_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.max_watch_streams = 2).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("watched", 1, 10, 0, "")).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = c
+            .watch(pb::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.message().await.unwrap().is_some(), "the first status");
+        open.push(s);
+    }
+    let e = c.watch(pb::WatchRequest::default()).await.unwrap_err();
+    names_limit(&e, "--max-watch-streams", "max_watch_streams");
+    // Serving on: unary calls are not limited by the streams.
+    c.get_status(pb::GetStatusRequest::default()).await.unwrap();
+    // A client that goes away frees its slot (no status change needed).
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.watch(pb::WatchRequest::default()).await {
+            Ok(s) => {
+                open.push(s.into_inner());
+                break;
+            }
+            Err(e) => {
+                names_limit(&e, "--max-watch-streams", "max_watch_streams");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a closed Watch never freed its slot"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    co.stop().await;
+}

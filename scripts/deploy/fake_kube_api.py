@@ -35,6 +35,7 @@ RESOURCES = {
     ("monitoring.coreos.com", "v1"): [
         ("servicemonitors", "ServiceMonitor", True), ("prometheusrules", "PrometheusRule", True),
     ],
+    ("cert-manager.io", "v1"): [("certificates", "Certificate", True)],
 }
 
 PATH = re.compile(

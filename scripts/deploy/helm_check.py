@@ -68,6 +68,96 @@ def pod_spec(obj: dict) -> dict | None:
     return None
 
 
+def tls_problems(by_kind: dict[str, list[dict]], values: dict) -> list[str]:
+    """mTLS (issue 11): with certificates configured, every Trellis process gets its flags and
+    files and nothing runs plaintext; without, the coordinator says --insecure. NetworkPolicies:
+    one per component, a rule per port."""
+    problems = []
+    tls = values["tls"]
+    on = bool(tls["existingSecret"]) or tls["certManager"]["enabled"]
+    bundled = values["etcd"]["bundled"]["enabled"]
+    full = {o["metadata"]["name"]: o for k in ("Deployment", "StatefulSet", "Job", "Pod") for o in by_kind.get(k, [])}
+
+    def containers(suffix: str) -> list[dict]:
+        return [c for n, o in full.items() if n.endswith(suffix) for c in pod_spec(o)["containers"]]
+
+    def volume(suffix: str) -> dict | None:
+        for n, o in full.items():
+            if n.endswith(suffix):
+                return next((v for v in pod_spec(o).get("volumes", []) if v["name"] == "tls"), None)
+        return None
+
+    def files(vol: dict | None) -> set[str]:
+        out = set()
+        for src in (vol or {}).get("projected", {}).get("sources", []):
+            out |= {i["path"] for i in src["secret"].get("items", [])}
+        return out
+
+    coord = containers("-coordinator")
+    args = coord[0]["args"] if coord else []
+    if on:
+        for flag in ("--tls-cert", "--tls-key", "--client-ca", "--allowed-root"):
+            if flag not in args:
+                problems.append(f"TLS configured but the coordinator lacks {flag}")
+        if "--insecure" in args:
+            problems.append("TLS configured but the coordinator still passes --insecure")
+        worker = next((o for n, o in full.items() if n.endswith("-worker")), None)
+        wargs = pod_spec(worker)["containers"][0]["args"] if worker else []
+        if not all(f in wargs for f in ("--tls-cert", "--tls-key", "--ca")) or not wargs[1].startswith("https://"):
+            problems.append(f"TLS configured but worker args are {wargs}")
+        wname = worker["metadata"]["name"] if worker else "?"
+        want = {"ca.crt"} | {f"worker-{wname}-{i}.{x}" for i in range(values["worker"]["replicas"]) for x in ("crt", "key")}
+        if not want <= files(volume("-worker")):
+            problems.append(f"worker pods do not mount {sorted(want - files(volume('-worker')))}")
+        want = {"ca.crt", "coordinator.crt", "coordinator.key"} | ({"etcd-client.crt", "etcd-client.key"} if bundled else set())
+        if not want <= files(volume("-coordinator")):
+            problems.append(f"the coordinator does not mount {sorted(want - files(volume('-coordinator')))}")
+        if bundled:
+            store = args[args.index("--store") + 1] if "--store" in args else ""
+            if not store.startswith("etcd:https://") or "--etcd-cert" not in args:
+                problems.append(f"bundled etcd with TLS: coordinator --store {store!r} without https:// or --etcd-cert")
+            eargs = (containers("-etcd") or [{"args": []}])[0]["args"]
+            for a in ("--client-cert-auth", "--listen-client-urls=https://0.0.0.0:2379"):
+                if a not in eargs:
+                    problems.append(f"bundled etcd lacks {a}")
+        submit = [c for n, o in full.items() if "-submit-" in n for c in pod_spec(o)["containers"]]
+        if values["job"]["submit"] and not submit:
+            problems.append("no submit Job")
+        for c in submit:
+            env = {e["name"] for e in c.get("env", [])}
+            if not {"TRELLIS_CA", "TRELLIS_CERT", "TRELLIS_KEY"} <= env:
+                problems.append("the submit Job's coordctl has no certificate")
+        test = [p for p in by_kind.get("Pod", []) if (p["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+        if test and "-tls" not in test[0]["spec"]["containers"][0]["command"]:
+            problems.append("the helm test probe does not use TLS")
+        certs = by_kind.get("Certificate", [])
+        if tls["certManager"]["enabled"]:
+            want = 2 + values["worker"]["replicas"] + (2 if bundled else 0)
+            if len(certs) != want:
+                problems.append(f"expected {want} cert-manager Certificates, got {len(certs)}")
+            for cert in certs:
+                if cert["spec"]["issuerRef"]["name"] != tls["certManager"]["issuerRef"]["name"]:
+                    problems.append(f"Certificate/{cert['metadata']['name']} has another issuer")
+        elif certs:
+            problems.append("cert-manager Certificates rendered without tls.certManager.enabled")
+    elif "--insecure" not in args:
+        problems.append("no certificates configured but the coordinator lacks --insecure")
+    nps = {o["metadata"]["name"]: o for o in by_kind.get("NetworkPolicy", [])}
+    if values["networkPolicy"]["enabled"]:
+        ports = {n: [p["port"] for r in o["spec"].get("ingress", []) for p in r.get("ports", [])] for n, o in nps.items()}
+        want = {"-coordinator": ["grpc"] + (["metrics"] if values["networkPolicy"]["prometheus"] else []),
+                "-worker": ["ring", "ring-tp"]}
+        if bundled:
+            want["-etcd"] = ["client", "peer"] + (["etcd-metrics"] if values["networkPolicy"]["prometheus"] else [])
+        for suffix, w in want.items():
+            got = [p for n, p in ports.items() if n.endswith(suffix)]
+            if got != [w]:
+                problems.append(f"NetworkPolicy *{suffix}: ingress ports {got}, expected {w}")
+    elif nps:
+        problems.append("NetworkPolicies rendered with networkPolicy.enabled=false")
+    return problems
+
+
 def policy_problems(objs: list[dict], values: dict) -> list[str]:
     """The chart's own rules, checked on what Helm rendered."""
     problems = []
@@ -102,9 +192,12 @@ def policy_problems(objs: list[dict], values: dict) -> list[str]:
     else:
         c = deps[0]["spec"]["template"]["spec"]["containers"][0]
         port = values["coordinator"]["grpcPort"]
+        # Native gRPC probes cannot present a client certificate: TCP probes with mTLS.
+        tls = bool(values["tls"]["existingSecret"]) or values["tls"]["certManager"]["enabled"]
+        kind = "tcpSocket" if tls else "grpc"
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            if (c.get(probe) or {}).get("grpc", {}).get("port") != port:
-                problems.append(f"coordinator {probe} is not a native grpc probe on port {port}")
+            if (c.get(probe) or {}).get(kind, {}).get("port") != port:
+                problems.append(f"coordinator {probe} is not a {kind} probe on port {port}")
         args = c.get("args", [])
         store = args[args.index("--store") + 1] if "--store" in args else ""
         if not store.startswith("etcd:http"):
@@ -119,8 +212,8 @@ def policy_problems(objs: list[dict], values: dict) -> list[str]:
         w = workers[0]
         spec = w["spec"]["template"]["spec"]
         c = spec["containers"][0]
-        if c["args"][:2] != ["--coordinator", c["args"][1]] or not c["args"][1].startswith("http://") or "--device" not in c["args"]:
-            problems.append(f"worker args {c['args']} are not --coordinator http://... --device ...")
+        if c["args"][:2] != ["--coordinator", c["args"][1]] or not c["args"][1].startswith(("http://", "https://")) or "--device" not in c["args"]:
+            problems.append(f"worker args {c['args']} are not --coordinator http(s)://... --device ...")
         gpu = values["worker"]["gpuResourceName"]
         wants_gpu = values["worker"]["device"].startswith("cuda")
         has_gpu = gpu in (c["resources"].get("limits") or {}) and gpu in c["resources"]["requests"]
@@ -146,6 +239,7 @@ def policy_problems(objs: list[dict], values: dict) -> list[str]:
     tests = [p for p in by_kind.get("Pod", []) if (p["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
     if not tests:
         problems.append("no helm test pod")
+    problems += tls_problems(by_kind, values)
     return problems
 
 
@@ -177,6 +271,10 @@ def main() -> int:
         ("both-etcd-values.yaml", {"skip_schema_validation": True}, ["exactly one of etcd.bundled.enabled=true or etcd.external.endpoints, not both"]),
         ("no-etcd-values.yaml", {}, ["etcd"]),
         ("no-etcd-values.yaml", {"skip_schema_validation": True}, ["none is set"]),
+        ("both-tls-values.yaml", {}, ["tls"]),
+        ("both-tls-values.yaml", {"skip_schema_validation": True}, ["set tls.existingSecret or tls.certManager.enabled=true, not both"]),
+        ("cert-manager-no-issuer-values.yaml", {}, ["issuerRef"]),
+        ("cert-manager-no-issuer-values.yaml", {"skip_schema_validation": True}, ["needs tls.certManager.issuerRef.name"]),
     ]
 
     with FakeKubeAPI() as api:
@@ -229,7 +327,8 @@ def main() -> int:
             report(not bad, f"kubernetes-validate ({name})", "; ".join(bad) if bad else detail)
             problems = policy_problems(objs, values)
             report(not problems, f"chart policies ({name})", "; ".join(problems) if problems else
-                   "non-root, read-only root fs, requests, gRPC probes, GPU requests, headless service, dashboards, helm test")
+                   "non-root, read-only root fs, requests, probes, GPU requests, headless service, dashboards, helm test, "
+                   "TLS flags and files, NetworkPolicy ports")
             # the PrometheusRule must carry the alert groups (checked by promtool elsewhere)
             for o in objs:
                 if o["kind"] == "PrometheusRule":

@@ -27,7 +27,8 @@ def schema_strict(node, path="$") -> list[str]:
     bad = []
     if isinstance(node, dict):
         if node.get("type") == "object" or "properties" in node:
-            is_branch = "/oneOf/" in path
+            # a branch or condition of a schema constrains keys another level defines
+            is_branch = bool({"oneOf", "anyOf", "allOf", "not", "if", "then", "else"} & set(path.split("/")))
             if not is_branch:
                 ap = node.get("additionalProperties", None)
                 if ap is None and "$comment" not in node:

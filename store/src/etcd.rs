@@ -24,13 +24,17 @@ fn lease_missing(e: &etcd_client::Error) -> bool {
 }
 
 impl EtcdStore {
-    /// Connect and check that the cluster answers (within [`ETCD_TIMEOUT`]).
-    pub async fn connect(urls: Vec<String>) -> Result<EtcdStore> {
+    /// Connect and check that the cluster answers (within [`ETCD_TIMEOUT`]); over TLS when
+    /// `tls` is given (`https://` URLs).
+    pub async fn connect(urls: Vec<String>, tls: Option<crate::EtcdTls>) -> Result<EtcdStore> {
         let joined = urls.join(",");
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(ETCD_TIMEOUT)
             .with_timeout(ETCD_TIMEOUT)
             .with_keep_alive(std::time::Duration::from_secs(5), ETCD_TIMEOUT);
+        if let Some(t) = tls {
+            opts = opts.with_tls(t);
+        }
         let connect = async {
             let mut client = Client::connect(&urls, Some(opts)).await?;
             client.status().await?;

@@ -158,6 +158,10 @@ pub trait StateStore: Send + Sync + 'static {
     }
 }
 
+/// TLS to etcd: tonic's client config (the CA that signed etcd's server certificate, and a
+/// client certificate when etcd requires one).
+pub type EtcdTls = etcd_client::TlsOptions;
+
 /// Where the state lives: parsed from the coordinator's `--store` flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
@@ -202,9 +206,14 @@ impl StoreSpec {
 
     /// Open the store. Must be called inside a tokio runtime (leases use tokio timers).
     pub async fn open(&self) -> Result<Arc<dyn StateStore>> {
+        self.open_with(None).await
+    }
+
+    /// [`StoreSpec::open`], with TLS to etcd (`https://` URLs; ignored by the embedded store).
+    pub async fn open_with(&self, etcd_tls: Option<EtcdTls>) -> Result<Arc<dyn StateStore>> {
         Ok(match self {
             StoreSpec::File(dir) => Arc::new(EmbeddedStore::open(dir).await?),
-            StoreSpec::Etcd(urls) => Arc::new(EtcdStore::connect(urls.clone()).await?),
+            StoreSpec::Etcd(urls) => Arc::new(EtcdStore::connect(urls.clone(), etcd_tls).await?),
         })
     }
 }

@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 /// How long the harness waits for etcd to answer `/health` (2 busy cores: generous).
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// TLS on etcd's client port: its server certificate and key, and, when `client_ca` is set,
+/// client certificates required (`--client-cert-auth`) and checked against it.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 pub struct EtcdServer {
     child: Child,
     client_url: String,
@@ -62,6 +71,16 @@ impl EtcdServer {
     /// Start etcd on free loopback ports and wait until it is healthy. The error says what to
     /// do (install `etcd-server`, or what etcd printed).
     pub fn start() -> Result<EtcdServer, String> {
+        Self::start_with(None)
+    }
+
+    /// [`EtcdServer::start`] with TLS on the client port (`https://127.0.0.1:PORT`); health is
+    /// read from a plain-HTTP metrics port.
+    pub fn start_tls(tls: EtcdServerTls) -> Result<EtcdServer, String> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdServerTls>) -> Result<EtcdServer, String> {
         let bin = etcd_binary().ok_or_else(|| {
             "etcd not found (looked at $TRELLIS_ETCD, /usr/bin/etcd and PATH); these tests need a \
              real etcd server: apt-get install etcd-server"
@@ -70,7 +89,7 @@ impl EtcdServer {
         let mut last = String::new();
         // A free port can be taken between probing and binding: retry a few times.
         for _ in 0..3 {
-            match Self::try_start(&bin) {
+            match Self::try_start(&bin, tls.as_ref()) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
             }
@@ -78,21 +97,39 @@ impl EtcdServer {
         Err(last)
     }
 
-    fn try_start(bin: &PathBuf) -> Result<EtcdServer, String> {
+    fn try_start(bin: &PathBuf, tls: Option<&EtcdServerTls>) -> Result<EtcdServer, String> {
         let data = tempfile::Builder::new()
             .prefix("trellis-etcd-")
             .tempdir()
             .map_err(|e| format!("create a temp dir for etcd: {e}"))?;
-        let (cport, pport) = (
+        let (cport, pport, mport) = (
+            free_port().map_err(|e| e.to_string())?,
             free_port().map_err(|e| e.to_string())?,
             free_port().map_err(|e| e.to_string())?,
         );
-        let client_url = format!("http://127.0.0.1:{cport}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{cport}");
+        // /health over plain HTTP: the client port itself with TLS off, a metrics port with it on.
+        let health_port = if tls.is_some() { mport } else { cport };
         let peer_url = format!("http://127.0.0.1:{pport}");
         let log_path = data.path().join("etcd.log");
         let log = std::fs::File::create(&log_path).map_err(|e| format!("etcd log: {e}"))?;
         let log2 = log.try_clone().map_err(|e| format!("etcd log: {e}"))?;
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{mport}"));
+            if let Some(ca) = &t.client_ca {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
+        }
+        let mut child = cmd
             .arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -115,7 +152,7 @@ impl EtcdServer {
             .map_err(|e| format!("start {}: {e}", bin.display()))?;
         let deadline = Instant::now() + ETCD_START_TIMEOUT;
         loop {
-            if healthy(cport) {
+            if healthy(health_port) {
                 return Ok(EtcdServer {
                     child,
                     client_url,
@@ -149,7 +186,7 @@ impl EtcdServer {
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with TLS)
     pub fn client_url(&self) -> &str {
         &self.client_url
     }

@@ -1,11 +1,20 @@
 //! Harness for the end-to-end tests: locate the workspace binaries (built by
 //! `cargo build --release --workspace --bins`, which `make test` runs first), start real
 //! processes on loopback, wait for conditions with bounded timeouts, and clean up on drop.
+//!
+//! [`cluster`]: a test's coordinator(s), workers and `coordctl`, with mTLS on by default (one
+//! CA per test); new end-to-end tests start their processes through it.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+pub mod cluster;
+pub use cluster::{
+    cache_dir, coordctl, phase, refused, status, stderr_line, u, wait_status, Certs, ClientCerts,
+    Cluster, Coord, Endpoint, LONG,
+};
 
 /// The repository root.
 pub fn repo() -> PathBuf {

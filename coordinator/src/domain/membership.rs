@@ -11,6 +11,9 @@ impl Domain {
             ));
         }
         let id = WorkerId(hello.worker_id.clone());
+        if !self.workers.contains_key(&id) && self.workers.len() >= self.opts.max_workers {
+            self.make_room_for_a_worker()?;
+        }
         self.next_seq += 1;
         let session = self.next_seq;
         let had_rank = self.workers.get(&id).and_then(|e| e.rank).is_some();
@@ -49,6 +52,32 @@ impl Domain {
         self.update_gauges();
         self.bump();
         Ok(session)
+    }
+
+    /// The registry is full (`max_workers`) and a new worker id says Hello: forget the
+    /// disconnected worker without a rank that was seen longest ago, or refuse the newcomer
+    /// (RESOURCE_EXHAUSTED) when every registered worker is connected or holds a rank.
+    fn make_room_for_a_worker(&mut self) -> Result<()> {
+        let gone = self
+            .workers
+            .iter()
+            .filter(|(_, e)| e.tx.is_none() && e.rank.is_none())
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(id, _)| id.clone());
+        match gone {
+            Some(id) => {
+                info!(worker_id = %id, "forgot a disconnected worker to make room (max_workers)");
+                self.workers.remove(&id);
+                Ok(())
+            }
+            None => {
+                warn!(
+                    max_workers = self.opts.max_workers,
+                    "refused a new worker: the registry is full"
+                );
+                Err(crate::limits::too_many_workers(self.opts.max_workers))
+            }
+        }
     }
 
     /// The session's stream ended.

@@ -51,6 +51,8 @@ pub struct DomainOptions {
     pub run_dir: Option<PathBuf>,
     /// Verify the restore point at recovery (files, hashes) and fall back when unusable.
     pub verify_checkpoints: bool,
+    /// Most workers in the registry (`max_workers`).
+    pub max_workers: usize,
 }
 
 impl Default for DomainOptions {
@@ -64,6 +66,7 @@ impl Default for DomainOptions {
             checkpoint_root: None,
             run_dir: None,
             verify_checkpoints: true,
+            max_workers: 1024,
         }
     }
 }

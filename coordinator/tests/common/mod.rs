@@ -52,6 +52,14 @@ pub fn config() -> CoordinatorConfig {
 }
 
 pub async fn coordinator(dir: &std::path::Path) -> Running {
+    coordinator_with(dir, |_| {}).await
+}
+
+/// [`coordinator`] with `change` applied to its config.
+pub async fn coordinator_with(
+    dir: &std::path::Path,
+    change: impl FnOnce(&mut CoordinatorConfig),
+) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -60,10 +68,11 @@ pub async fn coordinator(dir: &std::path::Path) -> Running {
         .open()
         .await
         .unwrap();
-    let cfg = CoordinatorConfig {
+    let mut cfg = CoordinatorConfig {
         checkpoint_root: Some(dir.join("ckpt")),
         ..config()
     };
+    change(&mut cfg);
     start(&cfg, store).await.unwrap()
 }
 
