@@ -1,5 +1,6 @@
-//! Issue #13, acceptance 2, over real processes on loopback: a managed job (coordinator on the
-//! embedded store, two `trellis-worker --coordinator` processes, DP = 2) trains from a weighted
+//! Issue #13, acceptance 2, over real processes on loopback (the shared harness,
+//! `trellis_tests::Cluster`, with mTLS): a managed job (coordinator on the embedded store, two
+//! `trellis-worker --coordinator` processes, DP = 2) trains from a weighted
 //! mixture of a `jsonl.zst` shard set (made with `zstandard`) and a parquet file (made with
 //! `pyarrow`); one worker is killed with SIGKILL mid-run and a replacement joins (the job rolls
 //! back to its last committed checkpoint and resumes); a growth that no longer fits one rank's
@@ -9,110 +10,19 @@
 //! twice relative to the committed restore points, and the observed mixture proportions match
 //! the weights within a bound computed from the sampler's design (printed). Last, `trellis-worker
 //! generate` reads the TP = 2 checkpoint the job ended with.
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-use trellis_tests::{banner_field, bin, json, repo, run, wait_line, Proc};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use trellis_tests::{bin, json, phase, repo, run, u, wait_status, Cluster, LONG};
 
 const GB: u64 = 32;
 const MICRO_BATCH: usize = 8;
 const SEQ: usize = 32;
-const LONG: Duration = Duration::from_secs(120);
 /// The mixture's weights: the jsonl.zst shards, then the parquet file.
 const WEIGHTS: [f64; 2] = [0.7, 0.3];
 /// Samples per mixture block (`trellis_data::MIX_BLOCK`).
 const MIX_BLOCK: u64 = 4096;
-
-/// The processes of the test; on failure, prints every log's tail.
-struct Cluster {
-    dir: tempfile::TempDir,
-    procs: Vec<Proc>,
-    next_worker: usize,
-}
-
-impl Cluster {
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// Start worker number `next_worker`; returns (its index in `procs`, its number).
-    fn worker(&mut self, endpoint: &str) -> (usize, usize) {
-        let i = self.next_worker;
-        self.next_worker += 1;
-        let mut cmd = Command::new(bin("trellis-worker"));
-        cmd.args(["--coordinator", endpoint, "--device", "cpu"])
-            .env(
-                "TRELLIS_SAMPLE_LOG",
-                self.path(&format!("samples-{i}.jsonl")),
-            );
-        let log = self.path(&format!("worker-{i}.log"));
-        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
-        self.procs.push(p);
-        (self.procs.len() - 1, i)
-    }
-
-    fn sample_log(&self, worker: usize) -> Vec<Value> {
-        std::fs::read_to_string(self.path(&format!("samples-{worker}.jsonl")))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in &self.procs {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    p.tail(40)
-                );
-            }
-        }
-    }
-}
-
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    run(
-        Command::new(bin("coordctl"))
-            .args(["--endpoint", endpoint])
-            .args(args),
-        Duration::from_secs(60),
-    )
-}
-
-fn wait_status(endpoint: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + LONG;
-    let mut last = None;
-    loop {
-        let out = coordctl(endpoint, &["--output", "json", "status"]);
-        if out.status.success() {
-            let s = json(&out);
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}; last status: {last:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn phase(s: &Value) -> &str {
-    s["phase"].as_str().unwrap_or("")
-}
-
-#[track_caller]
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a u64: {v}"))
-}
 
 /// The jsonl.zst shards (first half of the corpus's paragraphs, three files) and the parquet
 /// file (second half, column `content`), written by the venv's python.
@@ -222,20 +132,10 @@ fn share_tolerance(n: u64, w: f64) -> f64 {
 #[test]
 fn a_mixture_resumes_after_kill_9_and_a_dp_change_reading_every_sample_once() {
     let t_start = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("trellis-e2e-mixture-")
-        .tempdir()
-        .unwrap();
-    let mut cl = Cluster {
-        dir,
-        procs: Vec::new(),
-        next_worker: 0,
-    };
+    let mut cl = Cluster::new("mixture");
     make_data(cl.dir.path());
     let (max_steps, interval, grow_at) = (256u64, 20u64, 140u64);
     let text = spec("mix", cl.dir.path(), max_steps, interval, grow_at);
-    let job = cl.path("job.toml");
-    std::fs::write(&job, &text).unwrap();
 
     // A per-rank budget the small model fits at TP = 1 and the grown one only at TP = 2: the
     // growth re-plans DP = 2 × TP = 1 to DP = 1 × TP = 2.
@@ -246,33 +146,30 @@ fn a_mixture_resumes_after_kill_9_and_a_dp_change_reading_every_sample_once() {
     let budget = (need(&grown, 1) + need(&grown, 2)) / 2;
     assert!(need(&small, 1) <= budget && need(&grown, 2) <= budget && need(&grown, 1) > budget);
 
-    let mut cmd = Command::new(bin("trellis-coordinator"));
-    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .arg("--store")
-        .arg(format!("file:{}", cl.path("store").display()))
-        .args(["--heartbeat-ttl-secs", "3"])
-        .args(["--device-memory-bytes", &budget.to_string()])
-        .arg("--job")
-        .arg(&job);
-    let (p, rx) = Proc::spawn("coordinator", &mut cmd, &cl.path("coordinator.log"));
-    cl.procs.push(p);
-    let banner = wait_line(&rx, "trellis-coordinator listening", LONG);
-    let ep = format!("http://{}", banner_field(&banner, "grpc").unwrap());
-    cl.worker(&ep);
-    let (victim, _) = cl.worker(&ep);
+    let budget_arg = budget.to_string();
+    let (_, c) = cl.start_job(&text, &["--device-memory-bytes", &budget_arg]);
+    let ep = &c.endpoint;
+    // Workers are numbered 0, 1, 2 in the order they start (their sample logs).
+    cl.worker(ep, &[]);
+    let victim = cl.worker(ep, &[]);
 
     // 1. SIGKILL one worker mid-run, after a committed checkpoint; a replacement joins and the
     //    job resumes from that checkpoint.
-    let before = wait_status(&ep, "a committed checkpoint and training past it", |s| {
-        let cks = s["checkpoints"].as_array().map_or(0, Vec::len);
-        phase(s) == "training" && cks > 0 && u(&s["step"]) % interval > 5
-    });
+    let before = wait_status(
+        ep,
+        "a committed checkpoint and training past it",
+        LONG,
+        |s| {
+            let cks = s["checkpoints"].as_array().map_or(0, Vec::len);
+            phase(s) == "training" && cks > 0 && u(&s["step"]) % interval > 5
+        },
+    );
     assert!(
         u(&before["step"]) < grow_at,
         "the kill must come before the growth: {before}"
     );
     cl.procs[victim].kill9();
-    let waiting = wait_status(&ep, "the rollback, waiting for a worker", |s| {
+    let waiting = wait_status(ep, "the rollback, waiting for a worker", LONG, |s| {
         phase(s) == "waiting_for_workers" && u(&s["rollbacks"]) >= 1
     });
     let restored = waiting["checkpoints"]
@@ -282,10 +179,11 @@ fn a_mixture_resumes_after_kill_9_and_a_dp_change_reading_every_sample_once() {
         .map(|c| u(&c["step"]))
         .max()
         .unwrap();
-    let (_, replacement) = cl.worker(&ep);
+    cl.worker(ep, &[]);
+    let replacement = 2;
 
     // 2. The growth re-plans to DP = 1 × TP = 2; the job finishes.
-    let done = wait_status(&ep, "the job to finish", |s| {
+    let done = wait_status(ep, "the job to finish", LONG, |s| {
         phase(s) == "done" || phase(s) == "failed"
     });
     assert_eq!(phase(&done), "done", "{done}");
@@ -302,7 +200,7 @@ fn a_mixture_resumes_after_kill_9_and_a_dp_change_reading_every_sample_once() {
     // 3. Sample ids. Per step, the records of the latest epoch that ran it (a rollback re-runs
     //    steps in a new epoch; the two TP ranks of DP = 1 read the same ids).
     let mut all = Vec::new();
-    for w in 0..cl.next_worker {
+    for w in 0..3 {
         all.extend(cl.sample_log(w));
     }
     type Ranges = BTreeSet<(u64, u64, Vec<u64>)>;
