@@ -7,7 +7,8 @@
 //!
 //! Test hooks (environment variables, all off by default; the e2e tests in `tests/` use them):
 //! - `TRELLIS_SAMPLE_LOG=FILE`: append one JSON line per step with the global sample ids this
-//!   rank read: `{"epoch","generation","step","rank","start","end"}` (ids `start..end`).
+//!   rank read: `{"epoch","generation","step","rank","start","end","sources"}` (ids
+//!   `start..end`; `sources[i]` is the `[[data.sources]]` index sample `start + i` came from).
 //! - `TRELLIS_FAULT_NAN_AT_STEP=N`: report the loss of step N as NaN, once per process.
 //! - `TRELLIS_FAULT_GROW_DELAY_MS=MS`: sleep MS milliseconds at the start of the stack phase of
 //!   every growth (holds a growth in flight).
@@ -136,6 +137,7 @@ impl Runner for ManagedRunner {
                 "rank": self.rank,
                 "start": r.samples.start,
                 "end": r.samples.end,
+                "sources": self.trainer.sample_sources(r.samples.clone()),
             });
             std::fs::OpenOptions::new()
                 .create(true)
