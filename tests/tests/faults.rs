@@ -3,20 +3,21 @@
 //! a rank whose training thread hangs while its heartbeats go on. Each test prints its measured
 //! figures (`cargo test -- --nocapture`).
 //!
+//! Started with the shared harness (`trellis_tests::cluster`): mTLS on, as in production, so
+//! workers present their own certificates and `coordctl` the operator's. The spec's paths
+//! (corpus, data cache, checkpoint root) are inside the harness's allowed roots: the checkpoint
+//! root is `ckpt/` in the test's directory, and the full-volume test mounts its tmpfs there.
+//!
 //! Worker test hook used here (off by default, documented in `worker/src/managed.rs`):
 //! `TRELLIS_FAULT_HANG_AT_STEP` (the training thread hangs for good at that step).
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use trellis_tests::{banner_field, bin, json, repo, run, wait_line, Proc};
+use trellis_tests::cluster::{cache_dir, coordctl, phase, u, wait_status, Cluster, Endpoint};
+use trellis_tests::{json, repo};
 
 const LONG: Duration = Duration::from_secs(180);
-
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join("trellis-e2e-data-cache")
-}
 
 /// A tiny DP job spec (absolute paths).
 fn spec(name: &str, dp: usize, max_steps: u64, interval: u64, keep: usize, ckpt: &Path) -> String {
@@ -62,135 +63,19 @@ tp = 1
     )
 }
 
-/// The processes of one test; on a failing test, prints every log's tail.
-struct Cluster {
-    dir: tempfile::TempDir,
-    procs: Vec<Proc>,
-}
-
-impl Cluster {
-    fn new(name: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("trellis-faults-{name}-"))
-            .tempdir()
-            .unwrap();
-        Cluster {
-            dir,
-            procs: Vec::new(),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// Start a coordinator with `config` (TOML) and the job `spec`; returns its endpoint.
-    fn coordinator(&mut self, config: &str, spec: &str, extra: &[&str]) -> String {
-        let cfg = self.path("coordinator.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let job = self.path("job.toml");
-        std::fs::write(&job, spec).unwrap();
-        let mut cmd = Command::new(bin("trellis-coordinator"));
-        cmd.arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .arg("--store")
-            .arg(format!("file:{}", self.path("store").display()))
-            .arg("--job")
-            .arg(&job)
-            .arg("--run-dir")
-            .arg(self.path("run"))
-            .args(extra);
-        let (p, rx): (Proc, mpsc::Receiver<String>) =
-            Proc::spawn("coordinator", &mut cmd, &self.path("coordinator.log"));
-        self.procs.push(p);
-        let line = wait_line(&rx, "trellis-coordinator listening", LONG);
-        format!("http://{}", banner_field(&line, "grpc").unwrap())
-    }
-
-    fn worker(&mut self, endpoint: &str, env: &[(&str, &str)]) -> usize {
-        let i = self.procs.len();
-        let mut cmd = Command::new(bin("trellis-worker"));
-        cmd.args(["--coordinator", endpoint, "--device", "cpu"]);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let (p, _rx) = Proc::spawn(
-            &format!("worker-{i}"),
-            &mut cmd,
-            &self.path(&format!("worker-{i}.log")),
-        );
-        self.procs.push(p);
-        i
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in &self.procs {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    p.tail(40)
-                );
-            }
-        }
-    }
-}
-
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    run(
-        Command::new(bin("coordctl"))
-            .args(["--endpoint", endpoint])
-            .args(args),
-        Duration::from_secs(60),
-    )
-}
-
-fn status(endpoint: &str) -> Option<Value> {
-    let out = coordctl(endpoint, &["--output", "json", "status"]);
-    out.status.success().then(|| json(&out))
-}
-
-/// Poll `coordctl status` until `pred` holds; panics with the last status after `timeout`.
-fn wait_status(
-    endpoint: &str,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(s) = status(endpoint) {
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; last status: {}",
-                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
-                    .unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn phase(s: &Value) -> &str {
-    s["phase"].as_str().unwrap_or("")
-}
-
-#[track_caller]
-fn u(v: &Value) -> u64 {
-    match v.as_u64() {
-        Some(x) => x,
-        None => panic!("not a u64: {v}"),
-    }
+/// Start the cluster's coordinator (mTLS, the harness's allowed roots) with `config` (TOML)
+/// and the job `spec`, its run directory `run/` in the test's directory (not on the
+/// checkpoint volume); `extra` flags last. Returns how `coordctl` reaches it.
+fn coordinator(cl: &mut Cluster, config: &str, spec: &str, extra: &[&str]) -> Endpoint {
+    let config = cl
+        .write_job("coordinator.toml", config)
+        .display()
+        .to_string();
+    let run_dir = cl.path("run").display().to_string();
+    let mut args = vec!["--config", config.as_str(), "--run-dir", run_dir.as_str()];
+    args.extend_from_slice(extra);
+    let (_, c) = cl.start_job(spec, &args);
+    c.endpoint
 }
 
 /// Names in `dir` ending in `.tmp` (interrupted or aborted writes, `latest.tmp`).
@@ -268,7 +153,8 @@ fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
     // A tiny checkpoint is ~2 MB; leave room for the temp dir and the tokenizer, not the shards.
     let filler = fill(&root, 256 * 1024);
     let max_steps = 300;
-    let ep = cl.coordinator(
+    let ep = coordinator(
+        &mut cl,
         "checkpoint_retry_max_secs = 2.0\n",
         &spec("enospc", 2, max_steps, 20, 1, &root),
         &[],
@@ -343,14 +229,17 @@ fn a_rank_whose_training_thread_hangs_is_evicted_and_an_idle_worker_replaces_it(
     let progress_timeout = 8.0;
     let max_steps = 200;
     let hang_at = 40;
-    let ep = cl.coordinator(
-        "heartbeat_interval_secs = 0.5\nheartbeat_ttl_secs = 5.0\n",
-        &spec("hang", 2, max_steps, 20, 2, &cl.path("ckpt")),
+    let job = spec("hang", 2, max_steps, 20, 2, &cl.path("ckpt"));
+    // Heartbeats every 0.5 s under the harness's 3 s TTL: the hung rank's session stays alive,
+    // so only the progress timeout can evict it.
+    let ep = coordinator(
+        &mut cl,
+        "heartbeat_interval_secs = 0.5\n",
+        &job,
         &["--progress-timeout", &progress_timeout.to_string()],
     );
     cl.worker(&ep, &[]);
-    let hang = hang_at.to_string();
-    cl.worker(&ep, &[("TRELLIS_FAULT_HANG_AT_STEP", hang.as_str())]);
+    let hung_idx = cl.worker(&ep, &[("TRELLIS_FAULT_HANG_AT_STEP", hang_at.to_string())]);
     let before = wait_status(&ep, "training", LONG, |s| {
         phase(s) == "training" && u(&s["step"]) >= 5
     });
@@ -380,7 +269,7 @@ fn a_rank_whose_training_thread_hangs_is_evicted_and_an_idle_worker_replaces_it(
     // The hung process is still alive (its heartbeats kept its session) and holds no rank.
     let out = coordctl(&ep, &["--output", "json", "workers"]);
     let workers = json(&out);
-    let hung_pid = cl.procs[2].child.id();
+    let hung_pid = cl.procs[hung_idx].child.id();
     let hung = workers
         .as_array()
         .unwrap()
