@@ -27,8 +27,16 @@ pub struct FakeConfig {
     pub nan_at_sample: Option<u64>,
     /// Fail the stack phase of every growth.
     pub fail_grow: bool,
-    /// Fail every checkpoint commit (a deterministic failure).
+    /// Fail every checkpoint commit (rank 0 cannot finalize: a checkpoint failure, not a
+    /// training failure).
     pub fail_commit: bool,
+    /// While set, writing checkpoint shards fails like a full disk ([`crate::CheckpointIo`]).
+    pub fail_write: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Every step at this step count fails (a deterministic training failure).
+    pub fail_at_step: Option<u64>,
+    /// The training thread hangs for good when it starts this step (a stuck kernel); the
+    /// session and its heartbeats go on.
+    pub hang_at_step: Option<u64>,
     /// Panic on the training thread at this step (a bug in the trainer).
     pub panic_at_step: Option<u64>,
     /// Commit checkpoints into this directory instead of `<job_root>/step-N` (a rank 0 that
@@ -120,6 +128,15 @@ impl Runner for FakeRunner {
         if self.cfg.panic_at_step == Some(self.st.step + 1) {
             panic!("fake: a bug at step {}", self.st.step + 1);
         }
+        if self.cfg.hang_at_step == Some(self.st.step + 1) {
+            self.log("hang");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        if self.cfg.fail_at_step == Some(self.st.step + 1) {
+            return Err(format!("fake: step {} fails every time", self.st.step + 1).into());
+        }
         let t0 = Instant::now();
         let batch = self.a.spec.train.global_batch as u64;
         let mut start = self.st.cursor;
@@ -171,6 +188,19 @@ impl Runner for FakeRunner {
     ) -> Result<Option<ShardReport>, BoxError> {
         let tmp = job_root.join(format!("step-{}.tmp", self.st.step));
         std::fs::create_dir_all(&tmp)?;
+        if self
+            .cfg
+            .fail_write
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            // A partial file, as a full disk leaves one.
+            let _ = std::fs::write(tmp.join(format!("fake-rank{}.json", self.a.rank.0)), b"{");
+            return Err(Box::new(crate::CheckpointIo(format!(
+                "fake: cannot write {}: No space left on device (os error 28)",
+                tmp.display()
+            ))));
+        }
         let name = format!("fake-rank{}.json", self.a.rank.0);
         let body = serde_json::to_vec(&self.st)?;
         std::fs::write(tmp.join(&name), &body)?;

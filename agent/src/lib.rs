@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -65,6 +65,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What a [`Runner`] returns on failure (any error type the worker uses).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A checkpoint's files could not be written (disk full, an I/O error): a [`Runner`] returns it
+/// (boxed) from [`Runner::begin_checkpoint_shards`] when the failure leaves its training state
+/// intact. The agent then acks the checkpoint failed with `FAILURE_KIND_CHECKPOINT_IO` and
+/// trains on; any other error there is a training failure. Errors of the background write job
+/// and of [`Runner::finalize_checkpoint`] are always checkpoint failures.
+#[derive(Debug)]
+pub struct CheckpointIo(pub String);
+
+impl std::fmt::Display for CheckpointIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckpointIo {}
 
 /// What an ack reports: the typed result it carries (a checkpoint's or a commit's) and the
 /// seconds the work took, or why it failed.
@@ -465,6 +481,94 @@ struct Progress {
     step: AtomicU64,
     /// Heartbeat period in milliseconds (from the assignment).
     heartbeat_ms: AtomicU64,
+    /// What the training thread does ([`Activity`]) and since when (ms after [`origin`]):
+    /// reset by every step started and every command executed.
+    activity: AtomicU8,
+    since_ms: AtomicU64,
+    /// The last completed step's duration, microseconds.
+    step_us: AtomicU64,
+}
+
+/// What the training thread is doing, as the heartbeat reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Activity {
+    Idle = 0,
+    Assign,
+    Step,
+    Evaluate,
+    Checkpoint,
+    Commit,
+    Grow,
+    Hold,
+    Paused,
+}
+
+impl Activity {
+    const ALL: [Activity; 9] = [
+        Activity::Idle,
+        Activity::Assign,
+        Activity::Step,
+        Activity::Evaluate,
+        Activity::Checkpoint,
+        Activity::Commit,
+        Activity::Grow,
+        Activity::Hold,
+        Activity::Paused,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Activity::Idle => "idle",
+            Activity::Assign => "assign",
+            Activity::Step => "step",
+            Activity::Evaluate => "evaluate",
+            Activity::Checkpoint => "checkpoint",
+            Activity::Commit => "commit",
+            Activity::Grow => "grow",
+            Activity::Hold => "hold",
+            Activity::Paused => "paused",
+        }
+    }
+}
+
+/// The process's time origin for [`Progress::since_ms`].
+fn origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    origin().elapsed().as_millis() as u64
+}
+
+impl Progress {
+    /// The thread starts `a` now (a new step, a command): progress.
+    fn begin(&self, a: Activity) {
+        self.since_ms.store(now_ms(), Ordering::Relaxed);
+        self.activity.store(a as u8, Ordering::Relaxed);
+    }
+    /// The thread is in `a`; the clock restarts only when that is a change.
+    fn keep(&self, a: Activity) {
+        if self.activity.load(Ordering::Relaxed) != a as u8 {
+            self.begin(a);
+        }
+    }
+    fn heartbeat(&self) -> pb::Heartbeat {
+        let a = self.activity.load(Ordering::Relaxed) as usize;
+        let since = self.since_ms.load(Ordering::Relaxed);
+        pb::Heartbeat {
+            epoch: self.epoch.load(Ordering::Relaxed),
+            step: self.step.load(Ordering::Relaxed),
+            phase: Activity::ALL
+                .get(a)
+                .copied()
+                .unwrap_or(Activity::Idle)
+                .label()
+                .into(),
+            phase_seconds: now_ms().saturating_sub(since) as f64 / 1000.0,
+            step_seconds: self.step_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
 }
 
 /// One session; Ok(true) once it had connected and then ended.
@@ -525,10 +629,7 @@ async fn session(
                 let ms = progress.heartbeat_ms.load(Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(if ms == 0 { 1000 } else { ms })).await;
                 let hbm = pb::WorkerMessage {
-                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {
-                        epoch: progress.epoch.load(Ordering::Relaxed),
-                        step: progress.step.load(Ordering::Relaxed),
-                    })),
+                    kind: Some(pb::worker_message::Kind::Heartbeat(progress.heartbeat())),
                 };
                 if tx.send(hbm).is_err() {
                     return;
@@ -586,6 +687,9 @@ struct Epoch {
     growth_generation: u64,
     /// A checkpoint whose files are being written in the background.
     writing: Option<PendingWrite>,
+    /// (Checkpoint command id, the step it was written at) of this epoch's latest checkpoints,
+    /// for an AbortCheckpoint to find the temp dir.
+    written: VecDeque<(u64, u64)>,
 }
 
 /// A checkpoint write in flight: acked (with the state of the step it snapshotted) when done.
@@ -649,6 +753,7 @@ fn form_group(
     kind: &str,
     index: usize,
     timeout: Duration,
+    op_timeout: Option<Duration>,
 ) -> std::result::Result<Box<dyn Collective>, BoxError> {
     if members.len() == 1 {
         return Ok(Box::new(Solo));
@@ -672,7 +777,7 @@ fn form_group(
         warn!("TRELLIS_BENCH_RING_MAC=0: ring messages are not authenticated (benchmark only)");
         opts.message_mac = false;
     }
-    Ok(Box::new(TcpRing::with_options(
+    let mut ring = TcpRing::with_options(
         me,
         members.len(),
         listener.try_clone()?,
@@ -680,7 +785,11 @@ fn form_group(
         // The ring key: secret as long as the coordinator's token is (sent over its session).
         &trellis_comm::ring::derive_key(&format!("{token}/{kind}/{index}")),
         opts,
-    )?))
+    )?;
+    if let Some(t) = op_timeout {
+        ring.set_timeout(t)?;
+    }
+    Ok(Box::new(ring))
 }
 
 fn resolve(addr: &str) -> std::result::Result<SocketAddr, BoxError> {
@@ -722,6 +831,17 @@ impl<F: RunnerFactory> Trainer<F> {
     /// carries the rank's current generation (a growth checkpoint's ack comes after the stack;
     /// its `CheckpointAck` says which generation the shards hold).
     fn ack_at(&self, cmd_id: u64, phase: AckPhase, r: AckResult, st: &RunnerState) {
+        self.ack_failure(cmd_id, phase, r, st, pb::FailureKind::Unspecified);
+    }
+
+    fn ack_failure(
+        &self,
+        cmd_id: u64,
+        phase: AckPhase,
+        r: AckResult,
+        st: &RunnerState,
+        failure: pb::FailureKind,
+    ) {
         let Some(e) = &self.epoch else { return };
         let generation = e.runner.state().generation;
         let (ok, error, result, seconds) = match r {
@@ -741,8 +861,24 @@ impl<F: RunnerFactory> Trainer<F> {
                 seconds,
                 step: st.step,
                 rank: e.a.rank.0,
+                failure: if ok { 0 } else { failure as i32 },
             }),
         );
+    }
+
+    /// A checkpoint could not be written or committed: not a training failure. The rank acks
+    /// command `cmd_id` failed with `FAILURE_KIND_CHECKPOINT_IO` and trains on; the coordinator
+    /// aborts that checkpoint (AbortCheckpoint removes its temp dir) and retries later.
+    fn checkpoint_failed(&self, cmd_id: u64, phase: AckPhase, err: String, st: &RunnerState) {
+        let span = Span::current();
+        span.record("otel.status_code", "error");
+        span.record("otel.status_message", err.as_str());
+        warn!(
+            phase = phase.label(),
+            step = st.step,
+            "checkpoint failed: {err}; training goes on"
+        );
+        self.ack_failure(cmd_id, phase, Err(err), st, pb::FailureKind::CheckpointIo);
     }
 
     fn fail(&mut self, phase: AckPhase, err: String) {
@@ -769,7 +905,12 @@ impl<F: RunnerFactory> Trainer<F> {
         // Drop the old runner (and its collective) before forming the new group.
         self.epoch = None;
         let t0 = Instant::now();
+        self.progress.begin(Activity::Assign);
         self.progress.epoch.store(a.epoch, Ordering::Relaxed);
+        // Waits on a peer after formation: the coordinator's bound, derived from the measured
+        // step time (0 = this worker's own `ring_timeout`, which always bounds formation).
+        let op_timeout = (a.ring_timeout_seconds.is_finite() && a.ring_timeout_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(a.ring_timeout_seconds));
         let built = (|| -> std::result::Result<Epoch, BoxError> {
             let a_hold = a.hold;
             let a = decode_assignment(&a)?;
@@ -787,6 +928,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 "tp",
                 dp_rank,
                 t,
+                op_timeout,
             )?;
             let dp_members: Vec<usize> = (0..a.dp).map(|i| i * a.tp + tp_rank).collect();
             let dp = form_group(
@@ -798,6 +940,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 "dp",
                 tp_rank,
                 t,
+                op_timeout,
             )?;
             let runner = self.factory.build(&a, Collectives { dp, tp })?;
             Ok(Epoch {
@@ -810,6 +953,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 failed: false,
                 growth_generation: 0,
                 writing: None,
+                written: VecDeque::new(),
             })
         })();
         match built {
@@ -837,6 +981,7 @@ impl<F: RunnerFactory> Trainer<F> {
                         seconds: t0.elapsed().as_secs_f64(),
                         step: st.step,
                         rank: e.a.rank.0,
+                        failure: 0,
                     }),
                 );
                 self.progress
@@ -859,6 +1004,7 @@ impl<F: RunnerFactory> Trainer<F> {
                         seconds: 0.0,
                         step: 0,
                         rank: a.rank,
+                        failure: 0,
                     }),
                 );
             }
@@ -932,9 +1078,11 @@ impl<F: RunnerFactory> Trainer<F> {
             }
             self.poll_write(false);
             let Some(e) = self.epoch.as_mut() else {
+                self.progress.keep(Activity::Idle);
                 continue;
             };
             if e.failed {
+                self.progress.keep(Activity::Idle);
                 continue;
             }
             // Agree which commands every rank has.
@@ -961,17 +1109,32 @@ impl<F: RunnerFactory> Trainer<F> {
                 continue;
             };
             if e.failed || e.paused || e.hold || e.runner.state().step >= e.a.spec.train.max_steps {
+                self.progress.keep(if e.failed {
+                    Activity::Idle
+                } else if e.paused {
+                    Activity::Paused
+                } else if e.hold {
+                    Activity::Hold
+                } else {
+                    Activity::Idle
+                });
                 continue;
             }
-            // A snapshot that shares the runner's tensors must be written before they change.
+            // A snapshot that shares the runner's tensors must be written before they change
+            // (not a stuck step: the thread waits on the disk, as in a checkpoint).
             if e.writing.as_ref().is_some_and(|w| w.shared) {
+                self.progress.keep(Activity::Checkpoint);
                 self.poll_write(true);
                 continue;
             }
             let e = self.epoch.as_mut().expect("epoch");
+            self.progress.begin(Activity::Step);
             match e.runner.step() {
                 Ok(o) => {
                     self.progress.step.store(o.step, Ordering::Relaxed);
+                    self.progress
+                        .step_us
+                        .store((o.step_seconds * 1e6) as u64, Ordering::Relaxed);
                     let generation = e.runner.state().generation;
                     send(
                         &self.sink,
@@ -995,6 +1158,7 @@ impl<F: RunnerFactory> Trainer<F> {
                     let every = e.a.spec.train.eval_interval;
                     let max = e.a.spec.train.max_steps;
                     if (every > 0 && o.step % every == 0) || o.step == max {
+                        self.progress.begin(Activity::Evaluate);
                         match e.runner.evaluate() {
                             Ok(v) => send(
                                 &self.sink,
@@ -1037,7 +1201,7 @@ impl<F: RunnerFactory> Trainer<F> {
                 )),
                 &w.state,
             ),
-            Err(err) => self.fail(AckPhase::Checkpoint, err),
+            Err(err) => self.checkpoint_failed(w.cmd_id, AckPhase::Checkpoint, err, &w.state),
         }
     }
 
@@ -1057,6 +1221,16 @@ impl<F: RunnerFactory> Trainer<F> {
             }
         }
         let t0 = Instant::now();
+        self.progress.begin(match &kind {
+            pb::command::Kind::Pause(_) => Activity::Paused,
+            pb::command::Kind::Evaluate(_) => Activity::Evaluate,
+            pb::command::Kind::CommitCheckpoint(_) => Activity::Commit,
+            pb::command::Kind::Grow(_) => Activity::Grow,
+            pb::command::Kind::Checkpoint(_) | pb::command::Kind::AbortCheckpoint(_) => {
+                Activity::Checkpoint
+            }
+            pb::command::Kind::Resume(_) | pb::command::Kind::Stop(_) => Activity::Idle,
+        });
         let e = self.epoch.as_mut().expect("epoch");
         let was_hold = e.hold;
         // Any lockstep command ends a hold (the growth checkpoint's).
@@ -1101,9 +1275,14 @@ impl<F: RunnerFactory> Trainer<F> {
                 let _span = span.enter();
                 let root = e.a.job_root.clone();
                 let st = e.runner.state();
+                e.written.push_back((cmd.id, st.step));
+                if e.written.len() > 8 {
+                    e.written.pop_front();
+                }
                 // Written in the background and acked when its files are durable
-                // (`poll_write`). A growth's checkpoint holds the ranks (no step before the
-                // growth) and its snapshot shares the tensors the growth replaces.
+                // (`poll_write`); a failed write acks `CheckpointIo`, not a training failure.
+                // A growth's checkpoint holds the ranks (no step before the growth) and its
+                // snapshot shares the tensors the growth replaces.
                 let begun = if c.hold {
                     e.hold = true;
                     e.runner.begin_growth_checkpoint_shards(&root)
@@ -1125,14 +1304,50 @@ impl<F: RunnerFactory> Trainer<F> {
                                     started: t0,
                                 })
                             }
-                            Err(err) => self.fail(
+                            Err(err) => self.checkpoint_failed(
+                                cmd.id,
                                 AckPhase::Checkpoint,
                                 format!("cannot start the writer thread: {err}"),
+                                &st,
                             ),
                         }
                     }
+                    // The runner's state is intact (nothing but files failed): train on.
+                    Err(err) if err.is::<CheckpointIo>() => {
+                        e.hold = c.hold;
+                        self.checkpoint_failed(cmd.id, AckPhase::Checkpoint, err.to_string(), &st)
+                    }
                     Err(err) => self.fail(AckPhase::Checkpoint, err.to_string()),
                 }
+            }
+            pb::command::Kind::AbortCheckpoint(c) => {
+                // Every rank has waited for its own write of it (above); remove what is left.
+                // Ranks of one TP group share the temp dir: whoever comes first removes it.
+                let step = e
+                    .written
+                    .iter()
+                    .find(|(id, _)| *id == c.command)
+                    .map(|w| w.1);
+                if let Some(step) = step {
+                    let tmp = trellis_core::checkpoint::tmp_dir(&e.a.job_root, step);
+                    match std::fs::remove_dir_all(&tmp) {
+                        Ok(()) => {
+                            info!(step, reason = %c.reason, "checkpoint aborted; removed {}", tmp.display())
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(err) => {
+                            warn!(
+                                "cannot remove the aborted checkpoint's {}: {err}",
+                                tmp.display()
+                            )
+                        }
+                    }
+                }
+                self.ack(
+                    cmd.id,
+                    AckPhase::AbortCheckpoint,
+                    Ok((None, t0.elapsed().as_secs_f64())),
+                );
             }
             pb::command::Kind::CommitCheckpoint(c) => {
                 let span = if c.reason == "growth" {
@@ -1156,8 +1371,22 @@ impl<F: RunnerFactory> Trainer<F> {
                             AckPhase::Commit,
                             Ok((Some(commit), t0.elapsed().as_secs_f64())),
                         );
+                        // Only what the coordinator's recorded catalogue no longer lists, and
+                        // older than this commit (docs/design.md §5): a failure here costs
+                        // disk, not the commit.
+                        let keep = c.keep_steps.iter().copied().collect();
+                        match trellis_core::checkpoint::gc_keeping(&root, &keep, c.step) {
+                            Ok(removed) if !removed.is_empty() => {
+                                debug!(removed = ?removed, "collected old checkpoints")
+                            }
+                            Ok(_) => {}
+                            Err(err) => warn!("checkpoint garbage collection: {err}"),
+                        }
                     }
-                    Err(err) => self.fail(AckPhase::Commit, err.to_string()),
+                    Err(err) => {
+                        let st = e.runner.state();
+                        self.checkpoint_failed(cmd.id, AckPhase::Commit, err.to_string(), &st)
+                    }
                 }
             }
             pb::command::Kind::Grow(g) => {

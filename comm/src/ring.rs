@@ -283,6 +283,24 @@ impl TcpRing {
         TcpRing::with_options(rank, world, listener, peers, key, RingOptions::new(timeout))
     }
 
+    /// Bound every later wait on a peer by `timeout` (the formation used the one it was given).
+    /// The coordinator derives it from the measured step time: a rank waiting on a hung peer
+    /// fails its step after it, well before the coordinator's progress timeout.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        if timeout.is_zero() {
+            return Err(Error::Protocol("the ring timeout must be positive".into()));
+        }
+        self.timeout = timeout;
+        if let Some((next, prev)) = &self.links {
+            for l in [next, prev] {
+                set_timeouts(&l.stream, timeout).map_err(|e| {
+                    Error::Protocol(format!("cannot set the ring timeout on {}: {e}", l.addr))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// [`TcpRing::new`] with explicit [`RingOptions`].
     pub fn with_options(
         rank: usize,

@@ -122,6 +122,15 @@ pub struct StatusView {
     pub next_growth_stage: u32,
     /// Messages rejected by fencing (stale epoch / generation / session).
     pub fenced_messages: u64,
+    /// Checkpoints aborted without a rollback (write or commit failed, deadline): training
+    /// went on and the checkpoint was retried.
+    pub checkpoint_failures: u64,
+    /// The last checkpoint failure; empty once a checkpoint commits again.
+    pub checkpoint_error: String,
+    /// Workers evicted because their training thread made no progress.
+    pub evictions: u64,
+    /// Ranks whose last step took over 1.5x the group's median.
+    pub slow_ranks: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +146,11 @@ pub struct WorkerView {
     pub last_step: u64,
     pub last_seen_seconds_ago: f64,
     pub ring_address: String,
+    /// What its training thread is doing (idle, step, checkpoint, ...) and for how long.
+    pub progress_phase: String,
+    pub progress_seconds: f64,
+    /// Its last step time over the group's median (0 = unknown; > 1.5 is slow).
+    pub slowness: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -376,6 +390,10 @@ impl From<&pb::JobStatus> for StatusView {
             rollbacks: s.rollbacks,
             next_growth_stage: s.next_growth_stage,
             fenced_messages: s.fenced_messages,
+            checkpoint_failures: s.checkpoint_failures,
+            checkpoint_error: s.checkpoint_error.clone(),
+            evictions: s.evictions,
+            slow_ranks: s.slow_ranks.clone(),
         }
     }
 }
@@ -393,6 +411,9 @@ impl From<&pb::WorkerInfo> for WorkerView {
             last_step: w.last_step,
             last_seen_seconds_ago: w.last_seen_seconds_ago,
             ring_address: w.ring_address.clone(),
+            progress_phase: w.progress_phase.clone(),
+            progress_seconds: w.progress_seconds,
+            slowness: w.slowness,
         }
     }
 }
@@ -671,13 +692,27 @@ pub fn status_table(s: &StatusView) -> String {
             None => "none".into(),
         },
     ));
+    if s.checkpoint_failures > 0 {
+        rows.push((
+            "ckpt failures",
+            if s.checkpoint_error.is_empty() {
+                format!("{} (none since the last commit)", s.checkpoint_failures)
+            } else {
+                format!("{}, last: {}", s.checkpoint_failures, s.checkpoint_error)
+            },
+        ));
+    }
     rows.push((
         "anomalies",
         format!(
-            "{} loss anomalies, {} rollbacks",
-            s.loss_anomalies, s.rollbacks
+            "{} loss anomalies, {} rollbacks, {} evictions",
+            s.loss_anomalies, s.rollbacks, s.evictions
         ),
     ));
+    if !s.slow_ranks.is_empty() {
+        let ranks: Vec<String> = s.slow_ranks.iter().map(|r| r.to_string()).collect();
+        rows.push(("slow ranks", ranks.join(", ")));
+    }
     key_values(&rows)
 }
 
@@ -759,13 +794,24 @@ pub fn workers_table(ws: &[WorkerView]) -> String {
                 w.epoch.to_string(),
                 w.last_step.to_string(),
                 format!("{}s ago", w.last_seen_seconds_ago.round()),
+                if w.progress_phase.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{} {}s", w.progress_phase, w.progress_seconds.round())
+                },
+                if w.slowness > 0.0 {
+                    format!("{:.2}x", w.slowness)
+                } else {
+                    "-".into()
+                },
                 w.ring_address.clone(),
             ]
         })
         .collect();
     table(
         &[
-            "WORKER", "HOST", "PID", "DEVICE", "STATE", "RANK", "EPOCH", "STEP", "SEEN", "RING",
+            "WORKER", "HOST", "PID", "DEVICE", "STATE", "RANK", "EPOCH", "STEP", "SEEN", "DOING",
+            "PACE", "RING",
         ],
         &rows,
     )

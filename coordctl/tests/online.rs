@@ -139,6 +139,9 @@ impl ControlService for Fake {
             last_step: 60,
             last_seen_seconds_ago: 0.4,
             ring_address: format!("127.0.0.1:{}", 4000 + i),
+            progress_phase: "step".into(),
+            progress_seconds: 0.1,
+            slowness: 1.0,
         };
         let mut idle = w(2);
         idle.state = pb::WorkerState::Idle as i32;

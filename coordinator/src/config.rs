@@ -31,6 +31,22 @@ pub struct CoordinatorConfig {
     pub plateau_window: u64,
     /// How often membership (heartbeat TTL) and triggers are checked, milliseconds.
     pub tick_ms: u64,
+    /// A worker whose training thread has been inside one step (or evaluation) this long, while
+    /// its heartbeats go on, is evicted; default (absent): max(60 s, 20 × the measured step
+    /// time).
+    pub progress_timeout_secs: Option<f64>,
+    /// Bound on every wait on a peer in the ranks' collectives, sent in each assignment;
+    /// default (absent): half the progress timeout, so a rank waiting on a hung peer fails its
+    /// step before it could look hung itself.
+    pub ring_timeout_secs: Option<f64>,
+    /// A checkpoint not committed this long after its barrier is aborted (training goes on;
+    /// it is retried).
+    pub checkpoint_deadline_secs: f64,
+    /// A growth phase (stack, reshard, resume, re-layout) running longer than this rolls the
+    /// growth back; its checkpoint phase has `checkpoint_deadline_secs`.
+    pub growth_phase_deadline_secs: f64,
+    /// A failed checkpoint is retried after 1 s, doubling up to this many seconds.
+    pub checkpoint_retry_max_secs: f64,
     /// `text` or `json`.
     pub log_format: String,
     /// Where checkpoints go when the job spec has no `checkpoint.dir`; default: `<spec dir>/checkpoints`.
@@ -88,6 +104,11 @@ impl Default for CoordinatorConfig {
             plateau_threshold: 0.001,
             plateau_window: 200,
             tick_ms: 500,
+            progress_timeout_secs: None,
+            ring_timeout_secs: None,
+            checkpoint_deadline_secs: 1800.0,
+            growth_phase_deadline_secs: 1800.0,
+            checkpoint_retry_max_secs: 300.0,
             log_format: "text".into(),
             checkpoint_root: None,
             run_dir: None,

@@ -35,6 +35,20 @@ struct Cli {
     /// Worker heartbeat TTL in seconds.
     #[arg(long)]
     heartbeat_ttl_secs: Option<f64>,
+    /// Evict a worker whose training thread is stuck in one step this many seconds (default:
+    /// max(60, 20 x the measured step time)).
+    #[arg(long, value_name = "SECS")]
+    progress_timeout: Option<f64>,
+    /// Bound on every wait on a peer in the ranks' collectives, seconds (default: half the
+    /// progress timeout).
+    #[arg(long, value_name = "SECS")]
+    ring_timeout: Option<f64>,
+    /// Abort a checkpoint not committed this many seconds after its barrier (default 1800).
+    #[arg(long, value_name = "SECS")]
+    checkpoint_deadline: Option<f64>,
+    /// Roll back a growth whose phase runs longer than this many seconds (default 1800).
+    #[arg(long, value_name = "SECS")]
+    growth_phase_deadline: Option<f64>,
     /// Peak FLOP/s per rank, for trellis_mfu_ratio.
     #[arg(long)]
     peak_flops: Option<f64>,
@@ -124,6 +138,18 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.heartbeat_ttl_secs {
         cfg.heartbeat_ttl_secs = v;
+    }
+    if let Some(v) = cli.progress_timeout {
+        cfg.progress_timeout_secs = Some(v);
+    }
+    if let Some(v) = cli.ring_timeout {
+        cfg.ring_timeout_secs = Some(v);
+    }
+    if let Some(v) = cli.checkpoint_deadline {
+        cfg.checkpoint_deadline_secs = v;
+    }
+    if let Some(v) = cli.growth_phase_deadline {
+        cfg.growth_phase_deadline_secs = v;
     }
     if let Some(v) = cli.peak_flops {
         cfg.peak_flops_per_rank = v;

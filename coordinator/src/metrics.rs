@@ -40,6 +40,9 @@ pub struct Metrics {
     pub checkpoint_age_seconds: GaugeF,
     pub checkpoints_total: Counter,
     pub checkpoints_unusable_total: Counter,
+    pub checkpoint_failures_total: Family<Label, Counter>,
+    pub worker_evictions_total: Counter,
+    pub slow_ranks: Gauge,
     pub loss_anomalies_total: Family<Label, Counter>,
     pub rollbacks_total: Counter,
     pub fenced_messages_total: Family<Label, Counter>,
@@ -78,6 +81,9 @@ impl Metrics {
             checkpoint_age_seconds: GaugeF::default(),
             checkpoints_total: Counter::default(),
             checkpoints_unusable_total: Counter::default(),
+            checkpoint_failures_total: Family::default(),
+            worker_evictions_total: Counter::default(),
+            slow_ranks: Gauge::default(),
             loss_anomalies_total: Family::default(),
             rollbacks_total: Counter::default(),
             fenced_messages_total: Family::default(),
@@ -185,6 +191,21 @@ impl Metrics {
             m.checkpoints_unusable_total.clone(),
         );
         r.register(
+            "trellis_checkpoint_failures",
+            "Checkpoints aborted without a rollback, by reason (no_space, io, deadline): training went on",
+            m.checkpoint_failures_total.clone(),
+        );
+        r.register(
+            "trellis_worker_evictions",
+            "Workers evicted because their training thread made no progress for the progress timeout",
+            m.worker_evictions_total.clone(),
+        );
+        r.register(
+            "trellis_slow_ranks",
+            "Ranks whose last step took over 1.5x the group's median step time",
+            m.slow_ranks.clone(),
+        );
+        r.register(
             "trellis_loss_anomalies",
             "Loss anomalies by kind (nan, inf, spike, plateau)",
             m.loss_anomalies_total.clone(),
@@ -209,7 +230,12 @@ impl Metrics {
         for kind in ["nan", "inf", "spike", "plateau"] {
             let _ = m.loss_anomalies_total.get_or_create(&[("kind", kind)]);
         }
-        for outcome in ["done", "rolled_back"] {
+        for reason in ["no_space", "io", "deadline"] {
+            let _ = m
+                .checkpoint_failures_total
+                .get_or_create(&[("reason", reason)]);
+        }
+        for outcome in ["done", "rolled_back", "aborted"] {
             let _ = m.growths_total.get_or_create(&[("outcome", outcome)]);
         }
         for state in ["active", "idle", "lost"] {

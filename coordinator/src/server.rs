@@ -207,7 +207,18 @@ pub fn domain_options(cfg: &CoordinatorConfig) -> DomainOptions {
         run_dir: cfg.run_dir.clone(),
         verify_checkpoints: cfg.verify_checkpoints,
         max_workers: cfg.max_workers,
+        progress_timeout: secs(cfg.progress_timeout_secs),
+        ring_timeout: secs(cfg.ring_timeout_secs),
+        checkpoint_deadline: Duration::from_secs_f64(cfg.checkpoint_deadline_secs.max(0.1)),
+        growth_phase_deadline: Duration::from_secs_f64(cfg.growth_phase_deadline_secs.max(0.1)),
+        checkpoint_retry_max: Duration::from_secs_f64(cfg.checkpoint_retry_max_secs.max(0.1)),
     }
+}
+
+/// A positive, finite number of seconds; anything else is "not set".
+fn secs(v: Option<f64>) -> Option<Duration> {
+    v.filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 /// Open the domain over `store`, bind the listeners and serve.

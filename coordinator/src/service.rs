@@ -278,8 +278,8 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
                         d.val_loss(&worker, session, v);
                         Ok(())
                     }
-                    Some(pb::worker_message::Kind::Heartbeat(_)) => {
-                        d.heartbeat(&worker, session);
+                    Some(pb::worker_message::Kind::Heartbeat(hb)) => {
+                        d.heartbeat(&worker, session, &hb);
                         Ok(())
                     }
                     Some(pb::worker_message::Kind::Hello(_)) | None => Ok(()),

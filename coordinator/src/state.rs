@@ -116,6 +116,16 @@ pub struct JobState {
     /// newest `MAX_FAILED_GROWTHS`), so the history keeps every attempt.
     #[serde(default)]
     pub failed_growths: Vec<GrowthRecordState>,
+    /// Checkpoints aborted without a rollback (a write or commit failed, a deadline passed)
+    /// since the job started; training went on.
+    #[serde(default)]
+    pub checkpoint_failures: u64,
+    /// The last such failure, a sentence; cleared by the next commit.
+    #[serde(default)]
+    pub checkpoint_error: String,
+    /// Workers evicted because their training thread made no progress.
+    #[serde(default)]
+    pub evictions: u64,
     pub message: String,
 }
 

@@ -6,6 +6,9 @@ use crate::state::{CheckpointRecord, GrowPhase, GrowthRecordState, LayoutInfo, P
 use std::time::Instant;
 use trellis_proto::v1 as pb;
 
+/// A rank whose last step took over this many times the group's median is slow.
+pub const SLOW: f64 = 1.5;
+
 impl Domain {
     pub fn status(&self, job_id: Option<&str>) -> Result<pb::JobStatus> {
         let job = self.job_for(job_id)?;
@@ -66,7 +69,39 @@ impl Domain {
             rollbacks: s.rollbacks,
             next_growth_stage: s.next_growth_stage as u32,
             fenced_messages: self.fenced,
+            checkpoint_failures: s.checkpoint_failures,
+            checkpoint_error: s.checkpoint_error.clone(),
+            evictions: s.evictions,
+            slow_ranks: self
+                .slowness()
+                .into_iter()
+                .filter(|(_, x)| *x > SLOW)
+                .map(|(r, _)| r)
+                .collect(),
         })
+    }
+
+    /// Each ranked worker's last step time over the group's median, by rank (ranks that have
+    /// not reported a step time yet are left out).
+    pub(crate) fn slowness(&self) -> Vec<(u32, f64)> {
+        let mut times: Vec<(u32, f64)> = self
+            .workers
+            .values()
+            .filter(|e| !e.lost && e.step_seconds > 0.0)
+            .filter_map(|e| e.rank.map(|r| (r.0, e.step_seconds)))
+            .collect();
+        if times.len() < 2 {
+            return vec![];
+        }
+        let mut sorted: Vec<f64> = times.iter().map(|t| t.1).collect();
+        sorted.sort_by(f64::total_cmp);
+        // The lower median: with two ranks, the faster one is the reference.
+        let median = sorted[(sorted.len() - 1) / 2];
+        if median <= 0.0 {
+            return vec![];
+        }
+        times.sort_by_key(|t| t.0);
+        times.into_iter().map(|(r, t)| (r, t / median)).collect()
     }
 
     fn workers_summary(&self, expected: usize) -> pb::WorkersSummary {
@@ -91,6 +126,7 @@ impl Domain {
     pub fn list_workers(&self) -> Vec<pb::WorkerInfo> {
         let now = Instant::now();
         let epoch = self.job.as_ref().map(|j| j.state.epoch.0).unwrap_or(0);
+        let slow = self.slowness();
         let mut v: Vec<(u64, pb::WorkerInfo)> = self
             .workers
             .iter()
@@ -116,6 +152,12 @@ impl Domain {
                         last_step: e.last_step,
                         last_seen_seconds_ago: now.duration_since(e.last_seen).as_secs_f64(),
                         ring_address: e.ring_address.clone(),
+                        progress_phase: e.activity.clone(),
+                        progress_seconds: now.duration_since(e.activity_since).as_secs_f64(),
+                        slowness: e
+                            .rank
+                            .and_then(|r| slow.iter().find(|s| s.0 == r.0))
+                            .map_or(0.0, |s| s.1),
                     },
                 )
             })

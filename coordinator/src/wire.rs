@@ -12,6 +12,9 @@ use trellis_proto::v1 as pb;
 /// an error the driver treats like a failed ack of that rank.
 pub fn ack(a: pb::Ack) -> Ack {
     let phase = pb::AckPhase::try_from(a.phase).unwrap_or(pb::AckPhase::Unspecified);
+    let checkpoint_io = !a.ok
+        && a.failure == pb::FailureKind::CheckpointIo as i32
+        && matches!(phase, pb::AckPhase::Checkpoint | pb::AckPhase::Commit);
     let result = if !a.ok {
         Err(a.error)
     } else {
@@ -31,9 +34,13 @@ pub fn ack(a: pb::Ack) -> Ack {
             (pb::AckPhase::Stack, _) => Ok(AckKind::Phase(WorkerPhase::Stack)),
             (pb::AckPhase::Reshard, _) => Ok(AckKind::Phase(WorkerPhase::Reshard)),
             (pb::AckPhase::Resume, _) => Ok(AckKind::Phase(WorkerPhase::Resume)),
-            (pb::AckPhase::Pause | pb::AckPhase::Unpause | pb::AckPhase::Evaluate, _) => {
-                Ok(AckKind::Done)
-            }
+            (
+                pb::AckPhase::Pause
+                | pb::AckPhase::Unpause
+                | pb::AckPhase::Evaluate
+                | pb::AckPhase::AbortCheckpoint,
+                _,
+            ) => Ok(AckKind::Done),
             (p, _) => Err(format!(
                 "malformed ack: phase {} (value {}) without the result it needs",
                 p.label(),
@@ -49,6 +56,7 @@ pub fn ack(a: pb::Ack) -> Ack {
         rank: Rank(a.rank),
         phase: phase.label(),
         result,
+        checkpoint_io,
     }
 }
 

@@ -97,6 +97,9 @@ struct SimWorker {
     disconnected: bool,
     /// Fail the next command it executes (a rank's failure).
     fail_next: bool,
+    /// Fail the next checkpoint write or commit it executes like a full disk (a checkpoint
+    /// failure: the rank trains on).
+    disk_full: bool,
 }
 
 /// The disk: committed checkpoint directories and what they hold, per generation (a growth
@@ -137,6 +140,8 @@ enum Ev {
     Fail(usize),
     /// Worker `i`'s oldest background checkpoint write becomes durable (acked).
     Durable(usize),
+    /// Worker `i`'s next checkpoint write or commit fails with a full disk.
+    DiskFull(usize),
     Grow(usize),
     Pause,
     Resume,
@@ -157,6 +162,7 @@ fn event() -> impl Strategy<Value = Ev> {
         1 => Just(Ev::Join),
         1 => (0..4usize).prop_map(Ev::Fail),
         6 => (0..4usize).prop_map(Ev::Durable),
+        2 => (0..4usize).prop_map(Ev::DiskFull),
         2 => (2..4usize).prop_map(Ev::Grow),
         1 => Just(Ev::Pause),
         2 => Just(Ev::Resume),
@@ -172,6 +178,8 @@ fn opts() -> DomainOptions {
         heartbeat_ttl: Duration::from_secs(3600),
         // The disk is simulated (`Disk`): its checkpoints are records, not Trellis files.
         verify_checkpoints: false,
+        // A failed checkpoint is retried at once (the scheduler, not a clock, spaces events).
+        checkpoint_retry_max: Duration::ZERO,
         ..Default::default()
     }
 }
@@ -261,6 +269,7 @@ impl Sim {
             writes: VecDeque::new(),
             disconnected: false,
             fail_next: false,
+            disk_full: false,
         });
     }
 
@@ -333,6 +342,17 @@ impl Sim {
         let Some((id, snap, _)) = w.writes.pop_front() else {
             return;
         };
+        // The background write fails like a full disk (the grown model may already train).
+        if w.disk_full {
+            w.disk_full = false;
+            let mut a = ack(w, id, "checkpoint", None);
+            a.ok = false;
+            a.step = snap.step;
+            a.error = "No space left on device (os error 28)".into();
+            a.failure = pb::FailureKind::CheckpointIo as i32;
+            w.outbox.push_back(pb::worker_message::Kind::Ack(a));
+            return;
+        }
         let r = pb::ack::Result::Checkpoint(pb::CheckpointAck {
             step: snap.step,
             tokens: snap.tokens,
@@ -377,6 +397,23 @@ impl Sim {
             if !matches!(kind, pb::command::Kind::CommitCheckpoint(_)) {
                 w.hold = false;
             }
+            let ckpt_io = match &kind {
+                pb::command::Kind::Checkpoint(_) => Some("checkpoint"),
+                pb::command::Kind::CommitCheckpoint(_) => Some("commit"),
+                _ => None,
+            };
+            if let (true, Some(phase)) = (w.disk_full, ckpt_io) {
+                w.disk_full = false;
+                if let pb::command::Kind::Checkpoint(ck) = &kind {
+                    w.hold = ck.hold;
+                }
+                let mut a = ack(w, id, phase, None);
+                a.ok = false;
+                a.error = "No space left on device (os error 28)".into();
+                a.failure = pb::FailureKind::CheckpointIo as i32;
+                w.outbox.push_back(pb::worker_message::Kind::Ack(a));
+                continue;
+            }
             if w.fail_next && !matches!(kind, pb::command::Kind::Stop(_)) {
                 w.fail_next = false;
                 let mut a = ack(w, id, "checkpoint", None);
@@ -398,6 +435,11 @@ impl Sim {
                         .push_back(pb::worker_message::Kind::Ack(ack(w, id, "unpause", None)));
                 }
                 pb::command::Kind::Evaluate(_) | pb::command::Kind::Stop(_) => {}
+                pb::command::Kind::AbortCheckpoint(_) => {
+                    w.pending = None;
+                    w.outbox
+                        .push_back(pb::worker_message::Kind::Ack(ack(w, id, "abort", None)));
+                }
                 pb::command::Kind::Checkpoint(ck) => {
                     // Snapshot now, write in the background (acked by `durable`).
                     w.hold = ck.hold;
@@ -409,6 +451,11 @@ impl Sim {
                     assert_eq!(snap.step, cc.step, "commit of the step the shards hold");
                     let dir = format!("{JOB_ROOT}/step-{}", snap.step);
                     self.disk.insert(disk_key(&dir, snap.generation), snap);
+                    // Rank 0's garbage collection after the commit: every older checkpoint
+                    // the coordinator's recorded catalogue does not keep. Invariant 2 then
+                    // checks that the restore point never went.
+                    self.disk
+                        .retain(|_, s| s.step >= cc.step || cc.keep_steps.contains(&s.step));
                     let w = &mut self.workers[i];
                     let r = pb::ack::Result::Commit(pb::CommitAck { dir });
                     w.outbox.push_back(pb::worker_message::Kind::Ack(ack(
@@ -508,12 +555,35 @@ impl Sim {
         let d = self.d();
         match m {
             pb::worker_message::Kind::Step(s) => d.step_report(id, session, s).await.unwrap(),
-            pb::worker_message::Kind::Ack(a) => d
-                .ack(id, session, trellis_coordinator::wire::ack(a))
-                .await
-                .unwrap(),
+            pb::worker_message::Kind::Ack(a) => {
+                // A checkpoint's I/O error is not a training failure: it never counts as a
+                // failed growth or a stalled rollback, and rolls back only a growth whose
+                // checkpoint was written behind the grown model (back to the restore point
+                // before it, never half-grown).
+                let io = !a.ok && a.failure == pb::FailureKind::CheckpointIo as i32;
+                let before = d.job_state().cloned();
+                d.ack(id, session, trellis_coordinator::wire::ack(a))
+                    .await
+                    .unwrap();
+                if let (true, Some(b)) = (io, before) {
+                    let s = d.job_state().expect("a job");
+                    assert_eq!(
+                        (b.growth_failures, b.stalled_rollbacks),
+                        (s.growth_failures, s.stalled_rollbacks),
+                        "a checkpoint I/O error counted as a failed training"
+                    );
+                    if s.rollbacks != b.rollbacks {
+                        assert_eq!(s.rollbacks, b.rollbacks + 1);
+                        assert!(
+                            s.message.contains("the growth checkpoint failed"),
+                            "a checkpoint I/O error rolled the job back: {}",
+                            s.message
+                        );
+                    }
+                }
+            }
             pb::worker_message::Kind::ValLoss(v) => d.val_loss(id, session, v),
-            pb::worker_message::Kind::Heartbeat(_) => d.heartbeat(id, session),
+            pb::worker_message::Kind::Heartbeat(hb) => d.heartbeat(id, session, &hb),
             pb::worker_message::Kind::Hello(_) => {}
         }
     }
@@ -614,6 +684,11 @@ impl Sim {
                 }
             }
             Ev::Durable(i) => self.durable(*i),
+            Ev::DiskFull(i) => {
+                if let Some(w) = self.workers.get_mut(*i) {
+                    w.disk_full = true;
+                }
+            }
             Ev::Grow(f) => {
                 let req = trellis_coordinator::wire::grow_request(&pb::GrowRequest {
                     factor: *f as u32,
@@ -788,6 +863,7 @@ fn ack(w: &SimWorker, cmd: u64, phase: &str, result: Option<pb::ack::Result>) ->
         "reshard" => pb::AckPhase::Reshard,
         "resume" => pb::AckPhase::Resume,
         "pause" => pb::AckPhase::Pause,
+        "abort" => pb::AckPhase::AbortCheckpoint,
         _ => pb::AckPhase::Unpause,
     };
     pb::Ack {
@@ -801,6 +877,7 @@ fn ack(w: &SimWorker, cmd: u64, phase: &str, result: Option<pb::ack::Result>) ->
         step: w.st.step,
         rank: w.rank.unwrap_or(0),
         result,
+        failure: 0,
     }
 }
 

@@ -973,13 +973,17 @@ pub fn finalize_into(
             )
         })
     };
+    // A crash inside an earlier replace left only `step-<N>.old`: put it back first, so the
+    // replace below starts from a good copy.
+    recover_replaced(dest)?;
     if dest.exists() {
-        let mut old = dest.as_os_str().to_owned();
-        old.push(".old");
-        let old = PathBuf::from(old);
+        let old = old_dir(dest);
         if old.exists() {
             remove_dir(&old)?;
         }
+        // Until the rename below, `step-<N>.old` is the good copy; [`recover_replaced`] (run
+        // by the next finalize, by [`gc`] and [`gc_keeping`], and by the coordinator before it
+        // verifies a restore point) renames it back if a crash comes in between.
         rename(dest, &old)?;
         rename(tmp, dest)?;
         sync_parent(dest)?;
@@ -992,6 +996,29 @@ pub fn finalize_into(
         rename(tmp, dest)?;
     }
     sync_parent(dest)
+}
+
+fn old_dir(dest: &Path) -> PathBuf {
+    let mut old = dest.as_os_str().to_owned();
+    old.push(".old");
+    PathBuf::from(old)
+}
+
+/// Undo a replace interrupted between its two renames: when `dir` is missing and `dir.old`
+/// (the previous good copy) exists, rename it back. Returns whether it did.
+pub fn recover_replaced(dir: &Path) -> Result<bool> {
+    let old = old_dir(dir);
+    if dir.exists() || !old.is_dir() {
+        return Ok(false);
+    }
+    std::fs::rename(&old, dir).map_err(|e| {
+        Error::io(
+            format!("cannot restore {} to {}", old.display(), dir.display()),
+            e,
+        )
+    })?;
+    sync_parent(dir)?;
+    Ok(true)
 }
 
 fn sync_parent(p: &Path) -> Result<()> {
@@ -1236,7 +1263,11 @@ pub fn set_latest(job_root: &Path, dir: &Path) -> Result<()> {
         ));
     }
     let tmp = job_root.join(format!("{LATEST}.tmp"));
-    write_file_synced(&tmp, format!("{name}\n").as_bytes())?;
+    if let Err(e) = write_file_synced(&tmp, format!("{name}\n").as_bytes()) {
+        // A full disk: leave no partial `latest.tmp` behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let dest = job_root.join(LATEST);
     std::fs::rename(&tmp, &dest).map_err(|e| {
         Error::io(
@@ -1315,8 +1346,11 @@ pub fn list(job_root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Remove all but the newest `keep` committed checkpoints (never the one `latest` names) and any
-/// stale `.tmp` dirs older than the newest committed one (also `.old` leftovers of a replace).
+/// stale `.tmp` dirs older than the newest committed one (also `.old` leftovers of a replace,
+/// once the replace is complete; an interrupted one is undone). Standalone mode only: under a
+/// coordinator rank 0 collects with [`gc_keeping`], after the coordinator recorded the commit.
 pub fn gc(job_root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    recover_all_replaced(job_root)?;
     let latest = latest(job_root)?;
     let latest = latest.and_then(|p| std::fs::canonicalize(p).ok());
     let committed = list(job_root)?;
@@ -1337,6 +1371,39 @@ pub fn gc(job_root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
                 remove_dir(&dir)?;
                 removed.push(dir);
             }
+        }
+    }
+    Ok(removed)
+}
+
+fn recover_all_replaced(job_root: &Path) -> Result<()> {
+    for (step, suffix, _) in step_entries(job_root)? {
+        if suffix == ".old" {
+            recover_replaced(&step_dir(job_root, step))?;
+        }
+    }
+    Ok(())
+}
+
+/// Garbage collection under a coordinator, run by rank 0 right after it finalized checkpoint
+/// `newest`: remove every committed `step-N` with `N < newest` that is not in `keep` (the steps
+/// the coordinator has recorded and keeps — its restore point among them), `.tmp` dirs older
+/// than `newest` (interrupted or aborted writes) and `.old` leftovers of a complete replace.
+/// Anything not in `keep` was retired by a commit the coordinator already recorded, or was never
+/// recorded at all. Never touches `step-N.unusable`, or anything at or after `newest`.
+pub fn gc_keeping(job_root: &Path, keep: &BTreeSet<u64>, newest: u64) -> Result<Vec<PathBuf>> {
+    recover_all_replaced(job_root)?;
+    let mut removed = Vec::new();
+    for (step, suffix, dir) in step_entries(job_root)? {
+        let stale = match suffix.as_str() {
+            "" => step < newest && !keep.contains(&step),
+            ".tmp" => step < newest,
+            ".old" => true,
+            _ => false,
+        };
+        if stale {
+            remove_dir(&dir)?;
+            removed.push(dir);
         }
     }
     Ok(removed)

@@ -2,8 +2,8 @@ mod common;
 use common::*;
 use std::path::Path;
 use trellis_core::checkpoint::{
-    self, finalize, gc, latest, list, set_latest, shard_dim, shard_range, tmp_dir, write_shard,
-    Checkpoint, HostTensor, Manifest, ShardKind,
+    self, finalize, gc, gc_keeping, latest, list, set_latest, shard_dim, shard_range, tmp_dir,
+    write_shard, Checkpoint, HostTensor, Manifest, ShardKind,
 };
 use trellis_core::config::names;
 use trellis_core::Error;
@@ -438,6 +438,66 @@ fn latest_list_and_gc() {
     // A dangling latest is an error, not a silent None.
     std::fs::write(root.join("latest"), "step-77\n").unwrap();
     assert!(latest(root).unwrap_err().to_string().contains("step-77"));
+}
+
+#[test]
+fn gc_keeping_removes_only_what_the_coordinator_retired() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = tiny(1);
+    let m = model_tensors(&cfg, 1);
+    for s in [10, 20, 30, 40, 50] {
+        write_ckpt(root, s, 1, &m, &[], &state(&cfg, s, 1));
+    }
+    std::fs::create_dir(root.join("step-15.tmp")).unwrap();
+    std::fs::create_dir(root.join("step-60.tmp")).unwrap();
+    std::fs::create_dir(root.join("step-5.unusable")).unwrap();
+    // Rank 0 just finalized step 40; the coordinator's catalogue is {20, 30} (30 its restore
+    // point). 50 is newer than the commit (e.g. left by an epoch that was rolled back): kept.
+    let keep = [20, 30].into_iter().collect();
+    let removed = gc_keeping(root, &keep, 40).unwrap();
+    assert_eq!(names_of(&removed), vec!["step-10", "step-15.tmp"]);
+    let steps: Vec<u64> = list(root).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![20, 30, 40, 50]);
+    assert!(
+        root.join("step-60.tmp").exists(),
+        "a newer write in flight is kept"
+    );
+    assert!(
+        root.join("step-5.unusable").exists(),
+        "set-aside checkpoints are never collected"
+    );
+}
+
+#[test]
+fn an_interrupted_replace_keeps_the_good_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = tiny(1);
+    let a = model_tensors(&cfg, 1);
+    let d = write_ckpt(root, 5, 1, &a, &[], &state(&cfg, 5, 1));
+    // A crash between the two renames of a replace: only `step-5.old` is left.
+    std::fs::rename(&d, root.join("step-5.old")).unwrap();
+    let keep = [5].into_iter().collect();
+    let removed = gc_keeping(root, &keep, 10).unwrap();
+    assert!(removed.is_empty(), "{removed:?}");
+    let ck = Checkpoint::open(&d).expect("the good copy is back under its name");
+    assert_eq!(ck.read_full(names::EMBED).unwrap(), a[0].1);
+    // The same for standalone GC and for the next finalize of that step.
+    std::fs::rename(&d, root.join("step-5.old")).unwrap();
+    gc(root, 3).unwrap();
+    assert!(d.join("manifest.json").is_file());
+    std::fs::rename(&d, root.join("step-5.old")).unwrap();
+    let b = model_tensors(&cfg, 2);
+    let d2 = write_ckpt(root, 5, 1, &b, &[], &state(&cfg, 5, 1));
+    assert_eq!(
+        Checkpoint::open(&d2)
+            .unwrap()
+            .read_full(names::EMBED)
+            .unwrap(),
+        b[0].1
+    );
+    assert!(!root.join("step-5.old").exists());
 }
 
 /// Any safetensors reader must read the shard files (needs the venv: make test provides it).

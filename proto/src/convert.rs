@@ -169,6 +169,7 @@ impl pb::AckPhase {
             Stack => "stack",
             Reshard => "reshard",
             Resume => "resume",
+            AbortCheckpoint => "abort_checkpoint",
         }
     }
 }

@@ -1,27 +1,26 @@
 //! Store faults over real processes (issue 10, acceptance 3 and 5): the embedded store's volume
 //! fills mid-job, and a real etcd stops for 15 s mid-job. `trellis-coordinator`, one
-//! `trellis-worker` (libtorch, CPU), `coordctl`, gRPC health, and a real etcd / tmpfs.
+//! `trellis-worker` (libtorch, CPU), `coordctl`, gRPC health, and a real etcd / tmpfs, started
+//! with the shared harness (`trellis_tests::cluster`): mTLS on, as in production, so `coordctl`
+//! and the health checks here present the operator's certificate on the gRPC port. The spec's
+//! paths (corpus, data cache, checkpoint directory in the test's directory) are inside the
+//! harness's allowed roots; the store's tmpfs needs none (`--store` is the operator's flag, not
+//! a spec path).
 //!
 //! What both show: the job keeps training while its state cannot be written; a checkpoint is
 //! listed as committed (`coordctl checkpoint list`) only once its record is in the store, so
 //! nothing listed is lost by a `kill -9`; health is NOT_SERVING while writes fail and SERVING
 //! after; the state catches up when the store returns; the job finishes.
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use trellis_tests::{banner_field, bin, free_port, json, repo, run, wait_line, Proc};
+use trellis_tests::cluster::{
+    cache_dir, coordctl, phase, status, u, wait_status, Cluster, Coord, Endpoint,
+};
+use trellis_tests::{free_port, json, repo};
 
 const LONG: Duration = Duration::from_secs(180);
-
-// ------------------------------------------------------------------------------------------
-// Harness (the few helpers these tests need, as in tests/coordinator.rs)
-// ------------------------------------------------------------------------------------------
-
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join("trellis-e2e-data-cache")
-}
 
 /// A tiny one-rank job: checkpoints every `interval` steps, none collected (keep 1000), so
 /// every checkpoint ever listed must still be listed after a restart.
@@ -69,131 +68,26 @@ tp = 1
     )
 }
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    procs: Vec<Proc>,
-}
-
-struct Coord {
-    idx: usize,
-    endpoint: String,
-}
-
-impl Cluster {
-    fn new(name: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("trellis-e2e-{name}-"))
-            .tempdir()
-            .unwrap();
-        Cluster {
-            dir,
-            procs: Vec::new(),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// A coordinator on `store` whose health turns NOT_SERVING after 2 s of failed writes.
-    fn coordinator(
-        &mut self,
-        name: &str,
-        port: u16,
-        store: &str,
-        job: Option<&Path>,
-        extra: &[&str],
-    ) -> Coord {
-        let config = self.path("coordinator.toml");
-        std::fs::write(&config, "store_down_secs = 2\n").unwrap();
-        let mut cmd = Command::new(bin("trellis-coordinator"));
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", "", "--store", store])
-            .args(["--heartbeat-ttl-secs", "5"])
-            .args(extra);
-        if let Some(j) = job {
-            cmd.arg("--job").arg(j);
-        }
-        let log = self.path(&format!("{name}.log"));
-        let (p, rx): (Proc, mpsc::Receiver<String>) = Proc::spawn(name, &mut cmd, &log);
-        self.procs.push(p);
-        let line = wait_line(&rx, "trellis-coordinator listening", LONG);
-        Coord {
-            idx: self.procs.len() - 1,
-            endpoint: format!("http://{}", banner_field(&line, "grpc").unwrap()),
-        }
-    }
-
-    fn worker(&mut self, endpoint: &str) {
-        let i = self.procs.len();
-        let mut cmd = Command::new(bin("trellis-worker"));
-        cmd.args(["--coordinator", endpoint, "--device", "cpu"]);
-        let log = self.path(&format!("worker-{i}.log"));
-        let (p, _rx) = Proc::spawn(&format!("worker-{i}"), &mut cmd, &log);
-        self.procs.push(p);
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in &self.procs {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    p.tail(40)
-                );
-            }
-        }
-    }
-}
-
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    run(
-        Command::new(bin("coordctl"))
-            .args(["--endpoint", endpoint, "--output", "json"])
-            .args(args),
-        Duration::from_secs(60),
-    )
-}
-
-fn status(endpoint: &str) -> Option<Value> {
-    let out = coordctl(endpoint, &["status"]);
-    out.status.success().then(|| json(&out))
-}
-
-fn wait_status(
-    endpoint: &str,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(s) = status(endpoint) {
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; last status: {}",
-                last.map(|s| serde_json::to_string_pretty(&s).unwrap())
-                    .unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// A coordinator of `cl` (mTLS, the harness's allowed roots) on `store` whose health turns
+/// NOT_SERVING after 2 s of failed writes.
+fn coordinator(
+    cl: &mut Cluster,
+    name: &str,
+    port: u16,
+    store: &str,
+    job: Option<&Path>,
+    extra: &[&str],
+) -> Coord {
+    let config = cl.write_job("coordinator.toml", "store_down_secs = 2\n");
+    let config = config.display().to_string();
+    let mut args = vec!["--config", config.as_str()];
+    args.extend_from_slice(extra);
+    cl.coordinator(name, port, store, job, &args)
 }
 
 /// The steps `coordctl checkpoint list` shows as committed.
-fn listed(endpoint: &str) -> Vec<u64> {
-    let out = coordctl(endpoint, &["checkpoint", "list"]);
+fn listed(endpoint: &Endpoint) -> Vec<u64> {
+    let out = coordctl(endpoint, &["--output", "json", "checkpoint", "list"]);
     assert!(
         out.status.success(),
         "{}",
@@ -208,38 +102,29 @@ fn listed(endpoint: &str) -> Vec<u64> {
     arr.iter().map(|c| u(&c["step"])).collect()
 }
 
-fn phase(s: &Value) -> &str {
-    s["phase"].as_str().unwrap_or("")
-}
-
-#[track_caller]
-fn u(v: &Value) -> u64 {
-    match v.as_u64() {
-        Some(x) => x,
-        None => panic!("not a u64: {v}"),
-    }
-}
-
 /// gRPC health of the whole server: `Some(true)` SERVING, `Some(false)` anything else, `None`
 /// no answer.
-fn serving(endpoint: &str) -> Option<bool> {
+fn serving(endpoint: &Endpoint) -> Option<bool> {
     health(endpoint, "")
 }
 
-/// gRPC health of one service name ("" the whole server, "liveness" the liveness probe's).
-fn health(endpoint: &str, service: &str) -> Option<bool> {
+/// gRPC health of one service name ("" the whole server, "liveness" the liveness probe's),
+/// asked on the gRPC port: over mTLS with the endpoint's certificate when it has one (the
+/// health service shares the TLS listener; any verified identity may call it).
+fn health(endpoint: &Endpoint, service: &str) -> Option<bool> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        let mut ep = tonic::transport::Endpoint::from_shared(endpoint.url.clone())
             .ok()?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .ok()?;
+            .timeout(Duration::from_secs(3));
+        if let Some(t) = &endpoint.tls {
+            ep = ep.tls_config(t.tonic()).ok()?;
+        }
+        let ch = ep.connect().await.ok()?;
         let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
         let r = c
             .check(tonic_health::pb::HealthCheckRequest {
@@ -254,7 +139,7 @@ fn health(endpoint: &str, service: &str) -> Option<bool> {
     })
 }
 
-fn wait_health(endpoint: &str, want: bool, timeout: Duration) -> Duration {
+fn wait_health(endpoint: &Endpoint, want: bool, timeout: Duration) -> Duration {
     let t0 = Instant::now();
     loop {
         if serving(endpoint) == Some(want) {
@@ -335,12 +220,14 @@ fn a_full_store_volume_mid_job_then_kill9_loses_no_listed_checkpoint_and_the_job
     };
     let mut cl = Cluster::new("store-full");
     let max_steps = 1500;
-    let job = cl.path("job.toml");
-    std::fs::write(&job, spec("storefull", max_steps, 25, &cl.path("ckpt"))).unwrap();
+    let job = cl.write_job(
+        "job.toml",
+        &spec("storefull", max_steps, 25, &cl.path("ckpt")),
+    );
     let store = format!("file:{}", fs.0.path().join("state").display());
     let port = free_port();
-    let c = cl.coordinator("coordinator-1", port, &store, Some(&job), &[]);
-    cl.worker(&c.endpoint);
+    let c = coordinator(&mut cl, "coordinator-1", port, &store, Some(&job), &[]);
+    cl.worker(&c.endpoint, &[]);
     wait_status(&c.endpoint, "training with two checkpoints", LONG, |s| {
         phase(s) == "training" && s["checkpoints"].as_array().map_or(0, |a| a.len()) >= 2
     });
@@ -385,7 +272,7 @@ fn a_full_store_volume_mid_job_then_kill9_loses_no_listed_checkpoint_and_the_job
 
     // kill -9 and restart: every checkpoint listed before the kill is still there.
     cl.procs[c.idx].kill9();
-    let c2 = cl.coordinator("coordinator-2", port, &store, None, &[]);
+    let c2 = coordinator(&mut cl, "coordinator-2", port, &store, None, &[]);
     let after = listed(&c2.endpoint);
     for s in &last {
         assert!(
@@ -427,18 +314,18 @@ fn an_etcd_outage_of_15s_mid_job_keeps_training_and_the_state_catches_up() {
     };
     let mut cl = Cluster::new("etcd-outage");
     let max_steps = 2500;
-    let job = cl.path("job.toml");
-    std::fs::write(&job, spec("outage", max_steps, 25, &cl.path("ckpt"))).unwrap();
+    let job = cl.write_job("job.toml", &spec("outage", max_steps, 25, &cl.path("ckpt")));
     // The leader rides through an outage shorter than 5/12 of its lease TTL: it gives up after
     // 2/3 of the TTL without a keep-alive, and keep-alives go every TTL/4 (docs/operations.md).
-    let c = cl.coordinator(
+    let c = coordinator(
+        &mut cl,
         "coordinator",
         free_port(),
         &etcd.spec(),
         Some(&job),
         &["--leader-ttl-secs", "60"],
     );
-    cl.worker(&c.endpoint);
+    cl.worker(&c.endpoint, &[]);
     let s0 = wait_status(&c.endpoint, "training with a checkpoint", LONG, |s| {
         phase(s) == "training" && !s["checkpoints"].as_array().unwrap().is_empty()
     });

@@ -23,6 +23,27 @@ pub struct EvalReport {
     pub num_hidden_layers: usize,
 }
 
+/// The tokenizer a checkpoint was trained with (its `tokenizer.json`), checked against the
+/// model's `vocab_size`.
+pub fn checkpoint_tokenizer(dir: &Path, vocab_size: usize) -> Result<trellis_data::Tokenizer> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(Error::Invalid(format!(
+            "checkpoint {} has no tokenizer.json; copy the job's tokenizer.json into it",
+            dir.display()
+        )));
+    }
+    let tok = trellis_data::Tokenizer::load(&tok_path)?;
+    if tok.vocab_size() != vocab_size {
+        return Err(Error::Invalid(format!(
+            "{} has {} tokens but the model's vocab_size is {vocab_size}; use the tokenizer the checkpoint was trained with",
+            tok_path.display(),
+            tok.vocab_size(),
+        )));
+    }
+    Ok(tok)
+}
+
 /// Evaluate checkpoint `dir` on `text_file`. `seq_len` defaults to the model's
 /// `max_position_embeddings`.
 pub fn eval_checkpoint(
@@ -33,22 +54,7 @@ pub fn eval_checkpoint(
 ) -> Result<EvalReport> {
     let ck = Checkpoint::open(dir)?;
     let cfg = ck.state.model.clone();
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.exists() {
-        return Err(Error::Invalid(format!(
-            "checkpoint {} has no tokenizer.json; copy the job's tokenizer.json into it",
-            dir.display()
-        )));
-    }
-    let tok = trellis_data::Tokenizer::load(&tok_path)?;
-    if tok.vocab_size() != cfg.vocab_size {
-        return Err(Error::Invalid(format!(
-            "{} has {} tokens but the model's vocab_size is {}; use the tokenizer the checkpoint was trained with",
-            tok_path.display(),
-            tok.vocab_size(),
-            cfg.vocab_size
-        )));
-    }
+    let tok = checkpoint_tokenizer(dir, cfg.vocab_size)?;
     let seq = seq_len.unwrap_or(cfg.max_position_embeddings);
     if seq < 1 || seq > cfg.max_position_embeddings {
         return Err(Error::Invalid(format!(

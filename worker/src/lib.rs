@@ -1,10 +1,11 @@
 //! The Trellis training worker: LLaMA in tch ([`model`]), AdamW with growable moments
 //! ([`optim`]), the LR schedule ([`schedule`]), the online growth executor ([`grow`]), one
-//! rank's training loop ([`trainer`]), checkpoint evaluation ([`eval`]) and the standalone
+//! rank's training loop ([`trainer`]), checkpoint evaluation ([`eval`]), text generation ([`generate`]) and the standalone
 //! one-process job runner ([`standalone`]); tensor/data parallelism and resharding around the
 //! single-device model ([`parallel`]).
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod grow;
 pub mod host;
 pub mod init;

@@ -3,6 +3,8 @@
 //! ```text
 //! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
 //! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
+//! trellis-worker generate --checkpoint DIR --prompt TEXT [--max-tokens N] [--temperature T]
+//!                         [--top-k K] [--seed S] [--output text|json]
 //! trellis-worker bench --job JOB.toml [--steps N] [--warmup N] [--precision fp32|bf16|auto]
 //!                      [--activation-checkpointing true|false]
 //! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
@@ -82,6 +84,36 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
         /// `json` for a machine-readable line.
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// Continue a prompt with a checkpoint's model (greedy at temperature 0, else seeded
+    /// sampling), streaming the new text to stdout; stops at end-of-text or --max-tokens.
+    Generate {
+        /// A checkpoint (…/step-N), or a job's checkpoint directory (its latest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy; otherwise the softmax temperature (e.g. 0.8).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        temperature: f64,
+        /// Sample only among the K most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Seed of the sampler: the same seed gives the same text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// CPU threads of libtorch. One token of a small model is too little work to split:
+        /// 1 is fastest for the models trained here (and by far on a busy machine); raise it
+        /// for large models on an idle machine.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// `json`: one line with the ids, the text and the speed instead of streamed text.
         #[arg(long, default_value = "text")]
         output: String,
     },
@@ -256,6 +288,67 @@ fn eval(
     Ok(())
 }
 
+fn generate(
+    checkpoint: PathBuf,
+    prompt: String,
+    opts: trellis_worker::generate::Options,
+    device: String,
+    threads: usize,
+    output: String,
+) -> Result<()> {
+    use std::io::Write;
+    if threads == 0 {
+        return Err(trellis_worker::Error::Invalid("--threads 0: use at least 1".into()).into());
+    }
+    tch::set_num_threads(threads as i32);
+    let stream = match output.as_str() {
+        "text" => true,
+        "json" => false,
+        other => {
+            return Err(trellis_worker::Error::Invalid(format!(
+                "--output {other}: use text or json"
+            ))
+            .into())
+        }
+    };
+    let device = parse_device(&device)?;
+    let mut out = std::io::stdout();
+    let mut started = false;
+    let g = trellis_worker::generate::generate(&checkpoint, &prompt, &opts, device, |piece| {
+        if stream {
+            if !started {
+                let _ = write!(out, "{prompt}");
+                started = true;
+            }
+            let _ = write!(out, "{piece}");
+            let _ = out.flush();
+        }
+    })?;
+    if stream {
+        if !started {
+            print!("{prompt}");
+        }
+        println!();
+        eprintln!(
+            "{} tokens in {:.2}s ({:.1} tokens/s), stopped at {}; {} at step {}, {} layers",
+            g.ids.len(),
+            g.seconds,
+            g.tokens_per_second,
+            match g.stop {
+                trellis_worker::generate::Stop::Eos => "end of text",
+                trellis_worker::generate::Stop::MaxTokens => "--max-tokens",
+                trellis_worker::generate::Stop::Context => "the model's context length",
+            },
+            g.checkpoint,
+            g.step,
+            g.num_hidden_layers
+        );
+    } else {
+        println!("{}", serde_json::to_string(&g)?);
+    }
+    Ok(())
+}
+
 fn bench(
     job: PathBuf,
     steps: u64,
@@ -413,6 +506,32 @@ fn main() -> ExitCode {
             eval(checkpoint, text, job, seq_len, device, output)
         }
         (
+            Some(Cmd::Generate {
+                checkpoint,
+                prompt,
+                max_tokens,
+                temperature,
+                top_k,
+                seed,
+                device,
+                threads,
+                output,
+            }),
+            _,
+        ) => generate(
+            checkpoint,
+            prompt,
+            trellis_worker::generate::Options {
+                max_tokens,
+                temperature,
+                top_k,
+                seed,
+            },
+            device,
+            threads,
+            output,
+        ),
+        (
             Some(Cmd::Bench {
                 job,
                 steps,
@@ -432,7 +551,7 @@ fn main() -> ExitCode {
         ),
         (None, Some(url)) => managed(&url, &cli.device, cli.give_up_after, &cli.tls),
         (None, None) => Err(anyhow::anyhow!(
-            "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...` or `trellis-worker --coordinator URL`"
+            "nothing to do: use `trellis-worker train --job JOB.toml`, `trellis-worker eval ...`, `trellis-worker generate ...` or `trellis-worker --coordinator URL`"
         )
         .context("usage")),
     };

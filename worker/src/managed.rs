@@ -7,27 +7,31 @@
 //!
 //! Test hooks (environment variables, all off by default; the e2e tests in `tests/` use them):
 //! - `TRELLIS_SAMPLE_LOG=FILE`: append one JSON line per step with the global sample ids this
-//!   rank read: `{"epoch","generation","step","rank","start","end"}` (ids `start..end`).
+//!   rank read: `{"epoch","generation","step","rank","start","end","sources"}` (ids
+//!   `start..end`; `sources[i]` is the `[[data.sources]]` index sample `start + i` came from).
 //! - `TRELLIS_FAULT_NAN_AT_STEP=N`: report the loss of step N as NaN, once per process.
 //! - `TRELLIS_FAULT_GROW_DELAY_MS=MS`: sleep MS milliseconds at the start of the stack phase of
 //!   every growth (holds a growth in flight).
 //! - `TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS=MS`: the background writer of every growth checkpoint
 //!   sleeps MS milliseconds before writing its files (holds the growth uncommitted, the
 //!   checkpoint not durable, while the grown model trains).
+//! - `TRELLIS_FAULT_HANG_AT_STEP=N`: the training thread hangs for good when it starts step N
+//!   (once per process), before any collective of that step; the session and its heartbeats go
+//!   on, reporting the thread stuck in `step` (the coordinator's progress timeout evicts it).
 use crate::parallel::Groups;
 use crate::trainer::{PostGrowthSchedule, Trainer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use trellis_agent::{
-    Assignment, BoxError, Collectives, GrowOrder, Runner, RunnerState, ShardWriteJob, StepOutcome,
+    Assignment, BoxError, CheckpointIo, Collectives, GrowOrder, Runner, RunnerState, ShardWriteJob,
+    StepOutcome,
 };
 use trellis_core::checkpoint::{self, ShardReport, TrainerState};
 
 /// One rank's trainer as the agent drives it.
 pub struct ManagedRunner {
     trainer: Trainer,
-    keep: usize,
     /// The trainer state of the checkpoint whose shards were written last (training may go on
     /// before the coordinator orders the commit).
     pending: Option<TrainerState>,
@@ -43,10 +47,13 @@ struct Hooks {
     nan_at_step: Option<u64>,
     grow_delay_ms: u64,
     growth_ckpt_delay_ms: u64,
+    hang_at_step: Option<u64>,
 }
 
 /// `TRELLIS_FAULT_NAN_AT_STEP` fires once per process (not again after the rollback it causes).
 static NAN_FIRED: AtomicBool = AtomicBool::new(false);
+/// `TRELLIS_FAULT_HANG_AT_STEP` fires once per process.
+static HANG_FIRED: AtomicBool = AtomicBool::new(false);
 
 impl Hooks {
     fn from_env() -> Hooks {
@@ -60,6 +67,7 @@ impl Hooks {
             growth_ckpt_delay_ms: var("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            hang_at_step: var("TRELLIS_FAULT_HANG_AT_STEP").and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -95,7 +103,6 @@ impl ManagedRunner {
         trainer.set_skip_windows(a.skip.clone());
         let mut runner = ManagedRunner {
             trainer,
-            keep: a.spec.checkpoint.keep,
             pending: None,
             epoch: a.epoch,
             rank: a.rank.0,
@@ -137,6 +144,17 @@ impl ManagedRunner {
 
 impl Runner for ManagedRunner {
     fn step(&mut self) -> Result<StepOutcome, BoxError> {
+        if self.hooks.hang_at_step == Some(self.trainer.step_count() + 1)
+            && !HANG_FIRED.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(
+                step = self.trainer.step_count() + 1,
+                "TRELLIS_FAULT_HANG_AT_STEP: the training thread hangs"
+            );
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let mut r = match self.trainer.step() {
             Ok(r) => r,
             Err(crate::Error::NonFiniteLoss(r)) => *r,
@@ -157,6 +175,7 @@ impl Runner for ManagedRunner {
                 "rank": self.rank,
                 "start": r.samples.start,
                 "end": r.samples.end,
+                "sources": self.trainer.sample_sources(r.samples.clone()),
             });
             std::fs::OpenOptions::new()
                 .create(true)
@@ -194,7 +213,17 @@ impl Runner for ManagedRunner {
     }
 
     fn begin_checkpoint_shards(&mut self, job_root: &Path) -> Result<ShardWriteJob, BoxError> {
-        let w = self.trainer.snapshot_checkpoint_shards(job_root)?;
+        // Preparing the temp dir can fail on a full disk: a checkpoint failure. A failed
+        // collective (the TP barrier) is not: the group is broken.
+        let w = self
+            .trainer
+            .snapshot_checkpoint_shards(job_root)
+            .map_err(|e| -> BoxError {
+                match e {
+                    crate::Error::Comm(_) | crate::Error::Torch(_) => Box::new(e),
+                    e => Box::new(CheckpointIo(e.to_string())),
+                }
+            })?;
         self.pending = Some(self.trainer.state());
         Ok(Box::new(move || match w {
             Some(w) => Ok(Some(w.write()?)),
@@ -242,7 +271,8 @@ impl Runner for ManagedRunner {
         };
         let dir = checkpoint::finalize(&checkpoint::tmp_dir(job_root, step), &state, reports)?;
         checkpoint::set_latest(job_root, &dir)?;
-        checkpoint::gc(job_root, self.keep.max(1))?;
+        // No garbage collection here: the agent collects after this commit, keeping what the
+        // coordinator's recorded catalogue lists (`CommitCheckpoint.keep_steps`).
         Ok(dir)
     }
 

@@ -419,6 +419,18 @@ impl Trainer {
     pub fn set_skip_windows(&mut self, skip: Vec<(u64, u64)>) {
         self.skip = skip;
     }
+    /// The training source (index into `[[data.sources]]`; 0 without a mixture) of each of the
+    /// global samples `samples`: the source holding the window the sampler gives each.
+    pub fn sample_sources(&self, samples: Range<u64>) -> Vec<usize> {
+        let seq = self.spec.data.seq_len;
+        samples
+            .map(|i| {
+                let w = self.sampler.window(i);
+                self.data.train.locate(w, seq).map_or(0, |(s, _)| s)
+            })
+            .collect()
+    }
+
     /// The global sample index of the next training sample.
     pub fn data_cursor(&self) -> u64 {
         self.cursor

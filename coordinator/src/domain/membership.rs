@@ -41,6 +41,9 @@ impl Domain {
                 exited: false,
                 rank: None,
                 last_step: 0,
+                activity: "idle".into(),
+                activity_since: Instant::now(),
+                step_seconds: 0.0,
             },
         );
         if had_rank {
@@ -134,13 +137,59 @@ impl Domain {
                 }
             }
         }
+        // Liveness that sees progress: a training thread stuck inside one step (or evaluation)
+        // past the progress timeout, its heartbeats going on, gets its worker evicted.
+        let timeout = self.progress_timeout();
+        let mut evicted = Vec::new();
+        let stalled = &self.stalled;
+        for (id, e) in self.workers.iter_mut() {
+            // Once evicted, a worker that reconnects still stuck stays idle (and unpicked)
+            // rather than being evicted again at every tick.
+            if e.lost
+                || e.exited
+                || e.tx.is_none()
+                || stalled.contains(id)
+                || !e.stuck_for(now, timeout)
+            {
+                continue;
+            }
+            let why = format!(
+                "its training thread made no progress for {:.1} s in phase {} (progress timeout {:.1} s)",
+                now.duration_since(e.activity_since).as_secs_f64(),
+                e.activity,
+                timeout.as_secs_f64()
+            );
+            e.lost = true;
+            if let Some(tx) = e.tx.take() {
+                let _ = tx.send(Err(tonic::Status::unavailable(format!(
+                    "evicted: {why}; reconnect"
+                ))));
+            }
+            evicted.push((id.clone(), e.rank.take().is_some(), why));
+        }
         // Forget workers lost long ago.
         self.workers
             .retain(|_, e| !((e.lost || e.exited) && now.duration_since(e.last_seen) > ttl * 30));
+        let known = &self.workers;
+        self.stalled.retain(|id| known.contains_key(id));
         for id in expired {
             warn!(worker_id = %id, "worker heartbeat expired");
             self.rank_lost(&id, "a worker's heartbeat expired").await?;
         }
+        for (id, had_rank, why) in evicted {
+            warn!(worker_id = %id, "worker evicted: {why}");
+            self.metrics.worker_evictions_total.inc();
+            self.stalled.insert(id.clone());
+            if let Some(job) = self.job.as_mut() {
+                job.state.evictions += 1;
+            }
+            if had_rank {
+                self.rank_lost(&id, &format!("a worker was evicted: {why}"))
+                    .await?;
+            }
+        }
+        self.check_deadlines(now).await?;
+        self.check_triggers().await?;
         if let Some(job) = &self.job {
             if let Some(t) = job.last_commit {
                 self.metrics
@@ -178,6 +227,17 @@ impl Domain {
     /// aborted, and a new epoch restores every rank (or the job fails, see
     /// [`job::count_rollback`]).
     pub async fn rollback(&mut self, why: &str, skip: Option<(u64, u64)>) -> Result<()> {
+        self.roll_back(why, skip, false).await
+    }
+
+    /// [`Self::rollback`] forced by an I/O failure (a growth checkpoint that could not be
+    /// written while the grown model trained): counted neither as a failed growth nor toward
+    /// the stalled rollbacks ([`job::count_io_rollback`]).
+    pub(super) async fn rollback_io(&mut self, why: &str) -> Result<()> {
+        self.roll_back(why, None, true).await
+    }
+
+    async fn roll_back(&mut self, why: &str, skip: Option<(u64, u64)>, io: bool) -> Result<()> {
         let job = self.job.as_mut().ok_or_else(no_job)?;
         if matches!(job.state.phase, Phase::Done | Phase::Failed) {
             return Ok(());
@@ -198,7 +258,11 @@ impl Domain {
             }
             _ => None,
         };
-        let verdict = job::count_rollback(&mut job.state, why, skip, failed_growth.is_some());
+        let verdict = if io {
+            job::count_io_rollback(&mut job.state, why)
+        } else {
+            job::count_rollback(&mut job.state, why, skip, failed_growth.is_some())
+        };
         for w in job.ranks.drain(..) {
             if let Some(e) = self.workers.get_mut(&w) {
                 e.rank = None;
@@ -295,11 +359,23 @@ impl Domain {
             .filter(|(_, e)| !e.lost && e.tx.is_some() && e.rank.is_none())
             .map(|(id, e)| (e.seq, id.clone()))
             .collect();
-        // By host, then registration order: ranks are TP-major, so adjacent ranks (one TP
+        // Suspects last: a worker evicted for making no progress (until it reports progress),
+        // or one whose training thread has been stuck in a step for a while (it was dropped
+        // from the group by a peer's failure): picked only when no other idle worker is left.
+        let now = Instant::now();
+        // A stepping worker's reported activity is never older than a heartbeat period plus a
+        // step; a thread stuck that much longer is not stepping.
+        let suspect_after = self.opts.heartbeat_interval
+            + Duration::from_secs_f64(job.step_seconds * 5.0)
+            + Duration::from_millis(500);
+        let suspect = |id: &WorkerId| {
+            self.stalled.contains(id) || self.workers[id].stuck_for(now, suspect_after)
+        };
+        // Then by host, then registration order: ranks are TP-major, so adjacent ranks (one TP
         // group) land on one host where the hosts allow.
         idle.sort_by(|a, b| {
             let host = |id: &WorkerId| self.workers[id].host.clone();
-            (host(&a.1), a.0).cmp(&(host(&b.1), b.0))
+            (suspect(&a.1), host(&a.1), a.0).cmp(&(suspect(&b.1), host(&b.1), b.0))
         });
         if idle.len() < world && relayout.is_some() {
             return self
@@ -329,6 +405,7 @@ impl Domain {
             return Ok(());
         }
         let token = self.fresh_token();
+        let ring_timeout = self.ring_timeout();
         let opts = self.opts.clone();
         let job = self.job.as_mut().expect("a job");
         job::start_epoch(&mut job.state, relayout.is_some());
@@ -388,6 +465,7 @@ impl Domain {
                 .collect(),
             heartbeat_seconds: opts.heartbeat_interval.as_secs_f64(),
             command_base: 0,
+            ring_timeout_seconds: ring_timeout.as_secs_f64(),
             restore_grow,
         };
         let ranks = job.ranks.clone();
@@ -453,11 +531,37 @@ impl Domain {
         rank
     }
 
-    pub fn heartbeat(&mut self, worker: &WorkerId, session: u64) {
+    /// A heartbeat: the worker is alive, and its training thread is in `hb.phase` since
+    /// `hb.phase_seconds` ago.
+    pub fn heartbeat(&mut self, worker: &WorkerId, session: u64, hb: &pb::Heartbeat) {
+        let timeout = self.progress_timeout();
+        let Some(e) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if e.session != session {
+            return;
+        }
+        let now = Instant::now();
+        e.last_seen = now;
+        if !hb.phase.is_empty() {
+            let ago = Duration::from_secs_f64(hb.phase_seconds.clamp(0.0, 1e9));
+            e.activity = hb.phase.clone();
+            e.activity_since = now.checked_sub(ago).unwrap_or(now);
+        }
+        if hb.step_seconds.is_finite() && hb.step_seconds > 0.0 {
+            e.step_seconds = hb.step_seconds;
+        }
+        // An evicted worker is a candidate again once it shows progress.
+        if !e.stuck_for(now, timeout) && self.stalled.remove(worker) {
+            info!(worker_id = %worker, phase = %e.activity, "an evicted worker makes progress again");
+        }
+    }
+
+    /// The training thread of `worker` failed a command and waits for a new assignment.
+    pub(super) fn now_idle(&mut self, worker: &WorkerId) {
         if let Some(e) = self.workers.get_mut(worker) {
-            if e.session == session {
-                e.last_seen = Instant::now();
-            }
+            e.activity = "idle".into();
+            e.activity_since = Instant::now();
         }
     }
 }

@@ -53,6 +53,16 @@ pub struct DomainOptions {
     pub verify_checkpoints: bool,
     /// Most workers in the registry (`max_workers`).
     pub max_workers: usize,
+    /// Evict a worker stuck this long inside one step; `None`: max(60 s, 20 × step time).
+    pub progress_timeout: Option<Duration>,
+    /// Every wait on a peer in the ranks' collectives; `None`: half the progress timeout.
+    pub ring_timeout: Option<Duration>,
+    /// A checkpoint not committed this long after its barrier is aborted (and retried).
+    pub checkpoint_deadline: Duration,
+    /// A growth phase past this rolls the growth back.
+    pub growth_phase_deadline: Duration,
+    /// The longest wait before retrying a failed checkpoint (from 1 s, doubling).
+    pub checkpoint_retry_max: Duration,
 }
 
 impl Default for DomainOptions {
@@ -67,8 +77,27 @@ impl Default for DomainOptions {
             run_dir: None,
             verify_checkpoints: true,
             max_workers: 1024,
+            progress_timeout: None,
+            ring_timeout: None,
+            checkpoint_deadline: Duration::from_secs(1800),
+            growth_phase_deadline: Duration::from_secs(1800),
+            checkpoint_retry_max: Duration::from_secs(300),
         }
     }
+}
+
+/// The floor of the automatic progress timeout.
+const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The automatic progress timeout is this many measured step times (when above the floor).
+const PROGRESS_TIMEOUT_STEPS: f64 = 20.0;
+/// The first retry of a failed checkpoint.
+const CHECKPOINT_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// Training-thread activities in which a worker must make progress (a step or an evaluation
+/// completing) within the progress timeout. Checkpoint, commit and growth work is bounded by
+/// the transaction deadlines instead; idle, hold and paused are waits for the coordinator.
+fn busy(activity: &str) -> bool {
+    matches!(activity, "step" | "evaluate")
 }
 
 /// A worker's Ack, decoded at the edge ([`crate::wire::ack`]).
@@ -84,6 +113,8 @@ pub struct Ack {
     pub phase: &'static str,
     /// What the rank did, or why it failed.
     pub result: std::result::Result<AckKind, String>,
+    /// A failure is a checkpoint's I/O error (the rank trains on), not a training failure.
+    pub checkpoint_io: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +157,25 @@ pub(crate) struct WorkerEntry {
     pub(crate) exited: bool,
     pub(crate) rank: Option<Rank>,
     pub(crate) last_step: u64,
+    /// The training thread's activity (its heartbeat's `phase`) and since when.
+    pub(crate) activity: String,
+    pub(crate) activity_since: Instant,
+    /// Its last step's duration, seconds (0 = unknown).
+    pub(crate) step_seconds: f64,
+}
+
+impl WorkerEntry {
+    /// Whether its training thread has been busy without progress for longer than `after`.
+    pub(crate) fn stuck_for(&self, now: Instant, after: Duration) -> bool {
+        busy(&self.activity) && now.duration_since(self.activity_since) > after
+    }
+}
+
+/// A failed checkpoint waiting for its retry.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    reason: Reason,
+    at: Instant,
 }
 
 /// Wall-clock and tracing context of the transaction in flight: the driver's, never the
@@ -171,6 +221,11 @@ pub(crate) struct Job {
     last_commit: Option<Instant>,
     /// The loss watcher reported a plateau since the last trigger check.
     plateau_seen: bool,
+    /// Rank 0's step time, smoothed (seconds; 0 before the first report).
+    step_seconds: f64,
+    /// A failed checkpoint's retry, and the wait before the next one.
+    retry: Option<Retry>,
+    retry_backoff: Duration,
     /// `metrics.jsonl` and TensorBoard events in the job's directory.
     tracker: Option<crate::tracking::RunTracker>,
 }
@@ -205,6 +260,9 @@ impl Job {
             unconfirmed: Vec::new(),
             last_commit: None,
             plateau_seen: false,
+            step_seconds: 0.0,
+            retry: None,
+            retry_backoff: CHECKPOINT_RETRY_MIN,
             tracker: None,
         }
     }
@@ -265,6 +323,9 @@ pub struct Domain {
     pub(crate) fenced: u64,
     changed: watch::Sender<u64>,
     token_nonce: u64,
+    /// Workers evicted for making no progress, until they report progress again (kept across
+    /// their reconnects): never picked for a group while another idle worker exists.
+    stalled: std::collections::BTreeSet<WorkerId>,
 }
 
 fn no_job() -> Error {
@@ -297,6 +358,7 @@ impl Domain {
             fenced: 0,
             changed,
             token_nonce: 0,
+            stalled: Default::default(),
         };
         d.recover().await?;
         // What recovery wrote (a restore point set aside, growths rolled back) is durable
@@ -375,6 +437,22 @@ impl Domain {
         self.job
             .as_ref()
             .map_or(vec![], |j| j.growths.values().cloned().collect())
+    }
+
+    /// The progress timeout now: configured, or max(60 s, 20 × the measured step time).
+    pub(crate) fn progress_timeout(&self) -> Duration {
+        self.opts.progress_timeout.unwrap_or_else(|| {
+            let step = self.job.as_ref().map_or(0.0, |j| j.step_seconds);
+            MIN_PROGRESS_TIMEOUT.max(Duration::from_secs_f64(step * PROGRESS_TIMEOUT_STEPS))
+        })
+    }
+
+    /// The ranks' wait on a peer: configured, or half the progress timeout (a rank waiting on a
+    /// hung peer fails its step before it could look hung itself).
+    pub(crate) fn ring_timeout(&self) -> Duration {
+        self.opts
+            .ring_timeout
+            .unwrap_or_else(|| self.progress_timeout() / 2)
     }
 
     fn bump(&self) {
@@ -530,6 +608,9 @@ impl Domain {
             let dir = PathBuf::from(&c.dir);
             let probe = dir.clone();
             let verdict = tokio::task::spawn_blocking(move || {
+                // A replace of this step interrupted by a crash left its good copy as
+                // `step-N.old`: put it back first.
+                trellis_core::checkpoint::recover_replaced(&probe)?;
                 trellis_core::checkpoint::Checkpoint::open(&probe).map(|_| ())
             })
             .await
@@ -670,6 +751,9 @@ impl Domain {
             growth_failures: 0,
             stalled_rollbacks: 0,
             failed_growths: Vec::new(),
+            checkpoint_failures: 0,
+            checkpoint_error: String::new(),
+            evictions: 0,
             last_rollback: None,
             message: format!("submitted; waiting for {world} workers"),
         };
@@ -832,6 +916,12 @@ impl Domain {
         m.workers.get_or_create(&[("state", "active")]).set(active);
         m.workers.get_or_create(&[("state", "idle")]).set(idle);
         m.workers.get_or_create(&[("state", "lost")]).set(lost);
+        m.slow_ranks.set(
+            self.slowness()
+                .iter()
+                .filter(|(_, x)| *x > views::SLOW)
+                .count() as i64,
+        );
         if let Some(job) = &self.job {
             m.model_layers.set(job.state.layers as i64);
             m.model_parameters.set(job.state.parameters as i64);

@@ -224,6 +224,27 @@ impl Domain {
         reports: &[ShardReport],
         span: &Span,
     ) {
+        // What rank 0 may not collect after this commit: everything the recorded catalogue
+        // lists, the restore point (a "checkpoint + plan" restore point's checkpoint,
+        // `based_on`) and a growth checkpoint still being written, named even when listed. The
+        // new commit is not recorded yet, so nothing it would retire goes before the record
+        // does.
+        let keep_steps = self
+            .job
+            .as_ref()
+            .map(|j| {
+                let mut keep: Vec<u64> = j.checkpoints.iter().map(|c| c.step.0).collect();
+                keep.extend(j.state.last_checkpoint.as_ref().map(|c| c.step.0));
+                keep.extend(
+                    j.growing()
+                        .and_then(|g| g.checkpoint())
+                        .map(|c| c.at_step.0),
+                );
+                keep.sort_unstable();
+                keep.dedup();
+                keep
+            })
+            .unwrap_or_default();
         self.send(
             commit,
             Step(0),
@@ -231,6 +252,7 @@ impl Domain {
                 step: step.0,
                 reason: reason.label().into(),
                 reports: reports.iter().map(Into::into).collect(),
+                keep_steps,
             }),
             Some(Rank(0)),
             trellis_telemetry::inject(span),
@@ -319,6 +341,13 @@ impl Domain {
             }
         }
         job.rate = Some((now, r.tokens));
+        if r.step_seconds.is_finite() && r.step_seconds > 0.0 {
+            job.step_seconds = if job.step_seconds == 0.0 {
+                r.step_seconds
+            } else {
+                0.9 * job.step_seconds + 0.1 * r.step_seconds
+            };
+        }
         let flops = job.model().train_flops_per_token(job.spec.data.seq_len);
         job.mfu =
             flops * job.tokens_per_second / (job.world() as f64 * self.opts.peak_flops_per_rank);
@@ -456,6 +485,18 @@ impl Domain {
         if job.state.phase != Phase::Training || job.active.is_some() {
             return Ok(());
         }
+        // A failed checkpoint waits out its backoff; then the schedule below re-derives it
+        // (periodic, final, a growth stage), except the post-growth one it cannot.
+        if let Some(r) = job.retry {
+            if Instant::now() < r.at {
+                return Ok(());
+            }
+            if r.reason == Reason::PostGrowth {
+                self.job.as_mut().expect("a job").retry = None;
+                self.start_checkpoint(Reason::PostGrowth, Step(0), false);
+                return Ok(());
+            }
+        }
         match job::due(&job.state, &job.spec, job.plateau_seen) {
             None => {}
             Some(Due::FinalCheckpoint { at }) => {
@@ -502,7 +543,13 @@ impl Domain {
             .as_ref()
             .is_some_and(|j| j.state.phase.is_running());
         let kind = match ack.result {
+            Err(error) if ack.checkpoint_io => {
+                return self
+                    .checkpoint_io_failed(rank, ack.cmd, ack.step, ack.phase, &error)
+                    .await;
+            }
             Err(error) if running => {
+                self.now_idle(worker);
                 let why = format!(
                     "rank {rank} failed {} (command {}): {error}",
                     ack.phase, ack.cmd
@@ -807,6 +854,185 @@ impl Domain {
         Ok(())
     }
 
+    /// A rank could not write (or rank 0 commit) checkpoint command `cmd`: abort that
+    /// checkpoint, not the training. A failure of a checkpoint already aborted is ignored.
+    async fn checkpoint_io_failed(
+        &mut self,
+        rank: Rank,
+        cmd: CommandId,
+        step: Step,
+        phase: &str,
+        error: &str,
+    ) -> Result<()> {
+        let Some(job) = self.job.as_ref() else {
+            return Ok(());
+        };
+        let ours = |c: &CheckpointTxn| c.cmd == cmd || c.commit_cmd() == Some(cmd);
+        let current = match job.active.as_ref().map(|a| &a.txn) {
+            Some(Txn::Checkpoint(c)) => ours(c),
+            Some(Txn::Growth(g)) => g.checkpoint().is_some_and(ours),
+            None => false,
+        };
+        if !current {
+            return Ok(());
+        }
+        let verb = if phase == "commit" { "commit" } else { "write" };
+        let why = format!("rank {rank} could not {verb} it: {error}");
+        let label = if error.contains("No space left") || error.contains("os error 28") {
+            "no_space"
+        } else {
+            "io"
+        };
+        self.abort_checkpoint(&why, label, Some(step)).await
+    }
+
+    /// Abort the checkpoint in flight — a plain one, or a growth's checkpoint phase — without
+    /// a rollback: every rank discards its temp files (AbortCheckpoint) and trains on; the
+    /// checkpoint is retried after a backoff (a manual one is not). A growth whose checkpoint
+    /// failed while the ranks held (a re-layout growth) is aborted with the reason and the job
+    /// keeps training the old generation. One whose Grow already went out (the grown model
+    /// trains while its checkpoint is written) rolls back to the restore point before it. An
+    /// I/O error never counts as a failed growth or a stalled rollback.
+    pub(super) async fn abort_checkpoint(
+        &mut self,
+        why: &str,
+        label: &'static str,
+        step: Option<Step>,
+    ) -> Result<()> {
+        let retry_max = self.opts.checkpoint_retry_max;
+        let job = self.job.as_mut().expect("a job");
+        let (cmd, reason, growth) = match job.active.as_ref().map(|a| &a.txn) {
+            Some(Txn::Checkpoint(c)) => (c.cmd, c.reason, None),
+            Some(Txn::Growth(g)) => match g.checkpoint() {
+                // The Grow went out with the checkpoint: the ranks train the grown model, whose
+                // restore point ("checkpoint + plan") will never exist. Back to the restore
+                // point before the growth (never half-grown), counted as an I/O failure only.
+                Some(_) if g.grow_sent() => {
+                    let why = format!("the growth checkpoint failed: {why}");
+                    self.metrics
+                        .checkpoint_failures_total
+                        .get_or_create(&[("reason", label)])
+                        .inc();
+                    return self.rollback_io(&why).await;
+                }
+                Some(c) => (c.cmd, Reason::Growth, Some(g.generation)),
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        };
+        let active = job.active.take().expect("checked");
+        active.clock.span.record("otel.status_code", "error");
+        active.clock.span.record("otel.status_message", why);
+        let backoff = job.retry_backoff.min(retry_max);
+        if reason != Reason::Manual {
+            job.retry = Some(Retry {
+                reason,
+                at: Instant::now() + backoff,
+            });
+            job.retry_backoff = (backoff * 2).min(retry_max);
+        }
+        let step = step.unwrap_or(job.state.step);
+        let msg = job::checkpoint_failed(&mut job.state, step, why, backoff.as_secs_f64());
+        self.metrics
+            .checkpoint_failures_total
+            .get_or_create(&[("reason", label)])
+            .inc();
+        warn!(parent: &active.clock.span, job_id = %job.id, step = %step, reason = reason.label(), failure = label, "checkpoint aborted: {why}; training goes on");
+        match growth {
+            Some(gen) => {
+                let old = job.state.generation;
+                let rec = job.growth_record(gen);
+                rec.phase = GrowPhase::RolledBack;
+                rec.error = format!(
+                    "aborted: the growth checkpoint failed ({why}); the job trains on at generation {old}"
+                );
+                self.metrics
+                    .growths_total
+                    .get_or_create(&[("outcome", "aborted")])
+                    .inc();
+                let job = self.job.as_mut().expect("a job");
+                job::transition(
+                    &mut job.state,
+                    Phase::Training,
+                    format!("growth to generation {gen} aborted: {msg}"),
+                );
+                self.persist_growth(gen).await?;
+            }
+            None => {
+                let phase = job.state.phase;
+                job::transition(&mut job.state, phase, msg);
+            }
+        }
+        self.persist_state().await?;
+        let trace_context = trellis_telemetry::inject(&active.clock.span);
+        let job = self.job.as_mut().expect("a job");
+        let id = job.ids.next();
+        self.send(
+            id,
+            Step(0),
+            pb::command::Kind::AbortCheckpoint(pb::AbortCheckpoint {
+                command: cmd.0,
+                reason: why.to_string(),
+            }),
+            None,
+            trace_context,
+        );
+        self.update_gauges();
+        self.bump();
+        Ok(())
+    }
+
+    /// Transaction deadlines: a checkpoint not committed within `checkpoint_deadline` of its
+    /// barrier is aborted (and retried); a growth phase past `growth_phase_deadline` rolls the
+    /// growth back.
+    pub(super) async fn check_deadlines(&mut self, now: Instant) -> Result<()> {
+        let Some(a) = self.job.as_ref().and_then(|j| j.active.as_ref()) else {
+            return Ok(());
+        };
+        let in_checkpoint = match &a.txn {
+            Txn::Checkpoint(_) => true,
+            Txn::Growth(g) => g.checkpoint().is_some(),
+        };
+        if in_checkpoint {
+            let limit = self.opts.checkpoint_deadline;
+            if a.clock
+                .started
+                .is_some_and(|t| now.duration_since(t) > limit)
+            {
+                let why = format!(
+                    "not committed within the checkpoint deadline ({:.0} s after its barrier)",
+                    limit.as_secs_f64()
+                );
+                return self.abort_checkpoint(&why, "deadline", None).await;
+            }
+        }
+        // A growth's worker phases run while its checkpoint is written: their deadline holds
+        // beside the checkpoint's.
+        let worker_phase = match &a.txn {
+            Txn::Checkpoint(_) => false,
+            Txn::Growth(g) => !matches!(
+                g.stage,
+                growth::Stage::AwaitCheckpoint | growth::Stage::Resumed
+            ),
+        };
+        if !worker_phase {
+            return Ok(());
+        }
+        let limit = self.opts.growth_phase_deadline;
+        if now.duration_since(a.clock.phase_started) > limit {
+            let phase = match self.job.as_ref().map(|j| j.state.phase) {
+                Some(Phase::Growing(p)) => p.label(),
+                _ => "growing",
+            };
+            let why = format!(
+                "the growth phase ({phase}) ran past its deadline ({:.0} s)",
+                limit.as_secs_f64()
+            );
+            return self.rollback(&why, None).await;
+        }
+        Ok(())
+    }
+
     pub(super) fn observe_phase(&self, label: &'static str, secs: f64) {
         self.metrics
             .growth_phase_seconds
@@ -892,6 +1118,8 @@ impl Domain {
         }
         let job = self.job.as_mut().expect("a job");
         job.last_commit = Some(Instant::now());
+        job.retry = None;
+        job.retry_backoff = CHECKPOINT_RETRY_MIN;
         let secs = clock
             .started
             .unwrap_or(clock.issued)

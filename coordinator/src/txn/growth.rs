@@ -181,6 +181,11 @@ impl GrowthTxn {
         }
     }
 
+    /// The Grow command went out: the ranks stack, then train the grown model.
+    pub fn grow_sent(&self) -> bool {
+        matches!(self.stage, Stage::Worker { .. } | Stage::Resumed)
+    }
+
     /// The growth checkpoint, while it is not recorded.
     pub fn checkpoint(&self) -> Option<&CheckpointTxn> {
         self.checkpoint.as_ref()

@@ -99,6 +99,17 @@ pub fn count_rollback(
     }
 }
 
+/// Count a rollback forced by an I/O failure (a growth checkpoint that could not be written
+/// while the grown model trained): the job restarts from its restore point. It is not a failed
+/// growth nor part of a stalled series: a full disk is not a deterministic training failure
+/// (the checkpoint is retried when the growth is, like any failed checkpoint).
+pub fn count_io_rollback(state: &mut JobState, why: &str) -> Verdict {
+    state.rollbacks += 1;
+    state.checkpoint_failures += 1;
+    state.checkpoint_error = why.to_string();
+    Verdict::Restart
+}
+
 /// Reset the job's progress to its restore point: the last recorded checkpoint, or that
 /// checkpoint + the plan of a done growth (`restore_growth`: the grown generation at the
 /// checkpoint's step), or the start. Generation, step, tokens, data cursor, depth, layout and
@@ -169,6 +180,23 @@ pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
     state.last_checkpoint = Some(rec.clone());
     state.restore_growth = None;
     state.stalled_rollbacks = 0;
+    state.checkpoint_error.clear();
+}
+
+/// A checkpoint was aborted (its files could not be written or committed, or it ran past its
+/// deadline). Not a training failure: no rollback, no epoch, and it never counts toward the
+/// stalled-rollback or failed-growth limits. Returns the status message.
+pub fn checkpoint_failed(state: &mut JobState, step: Step, why: &str, retry_secs: f64) -> String {
+    state.checkpoint_failures += 1;
+    state.checkpoint_error = format!("checkpoint step {step} failed: {why}");
+    let restore = state
+        .last_checkpoint
+        .as_ref()
+        .map_or("none yet".to_string(), |c| format!("step {}", c.step));
+    format!(
+        "{}; training goes on (restore point: {restore}), retrying in {retry_secs:.0} s",
+        state.checkpoint_error
+    )
 }
 
 /// A growth is done (its checkpoint recorded, every rank resumed): the restore point becomes
@@ -304,6 +332,9 @@ mod tests {
             stalled_rollbacks: 0,
             last_rollback: None,
             failed_growths: vec![],
+            checkpoint_failures: 0,
+            checkpoint_error: String::new(),
+            evictions: 0,
             message: String::new(),
         }
     }
@@ -320,6 +351,72 @@ mod tests {
                 "rollback {i} at step {at}: {v:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_growth_checkpoint_io_rollback_restarts_without_counting_a_failure() {
+        let mut s = state();
+        s.stalled_rollbacks = 2;
+        s.growth_failures = 2;
+        s.last_rollback = Some((Step(12), Step(10)));
+        // Any number of them: a full disk never fails the job as a deterministic failure.
+        for _ in 0..5 {
+            let v = count_io_rollback(&mut s, "the growth checkpoint failed: disk full");
+            assert_eq!(v, Verdict::Restart);
+        }
+        assert_eq!(
+            (
+                s.rollbacks,
+                s.stalled_rollbacks,
+                s.growth_failures,
+                s.checkpoint_failures,
+                s.last_rollback
+            ),
+            (5, 2, 2, 5, Some((Step(12), Step(10))))
+        );
+        assert!(s.checkpoint_error.contains("disk full"));
+    }
+
+    #[test]
+    fn a_failed_checkpoint_counts_nothing_toward_failing_the_job() {
+        let mut s = state();
+        s.stalled_rollbacks = 2;
+        s.growth_failures = 2;
+        let msg = checkpoint_failed(
+            &mut s,
+            Step(20),
+            "rank 1 could not write it: disk full",
+            4.0,
+        );
+        assert_eq!(
+            (
+                s.rollbacks,
+                s.stalled_rollbacks,
+                s.growth_failures,
+                s.checkpoint_failures
+            ),
+            (0, 2, 2, 1)
+        );
+        assert!(
+            msg.contains("checkpoint step 20 failed") && msg.contains("retrying in 4 s"),
+            "{msg}"
+        );
+        assert!(s.checkpoint_error.contains("disk full"));
+        let rec = CheckpointRecord {
+            step: Step(30),
+            tokens: 0,
+            generation: Generation(0),
+            layers: 2,
+            data_cursor: 0,
+            dir: "/ck/j/step-30".into(),
+            reason: crate::txn::checkpoint::Reason::Periodic,
+            committed_at: 0.0,
+            next_growth_stage: 0,
+            layout: None,
+            unusable: None,
+        };
+        committed(&mut s, &rec);
+        assert!(s.checkpoint_error.is_empty(), "a commit clears the error");
     }
 
     #[test]

@@ -1,0 +1,294 @@
+//! Faults end to end over real processes on loopback (`trellis-coordinator`, `trellis-worker
+//! --coordinator` on libtorch CPU, `coordctl`): issue #10's checkpoint volume that fills up and
+//! a rank whose training thread hangs while its heartbeats go on. Each test prints its measured
+//! figures (`cargo test -- --nocapture`).
+//!
+//! Started with the shared harness (`trellis_tests::cluster`): mTLS on, as in production, so
+//! workers present their own certificates and `coordctl` the operator's. The spec's paths
+//! (corpus, data cache, checkpoint root) are inside the harness's allowed roots: the checkpoint
+//! root is `ckpt/` in the test's directory, and the full-volume test mounts its tmpfs there.
+//!
+//! Worker test hook used here (off by default, documented in `worker/src/managed.rs`):
+//! `TRELLIS_FAULT_HANG_AT_STEP` (the training thread hangs for good at that step).
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use trellis_tests::cluster::{cache_dir, coordctl, phase, u, wait_status, Cluster, Endpoint};
+use trellis_tests::{json, repo};
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// A tiny DP job spec (absolute paths).
+fn spec(name: &str, dp: usize, max_steps: u64, interval: u64, keep: usize, ckpt: &Path) -> String {
+    let corpus = repo().join("corpus/tiny");
+    format!(
+        r#"[job]
+name = "{name}"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[data]
+train = "{train}"
+valid = "{valid}"
+vocab_size = 512
+seq_len = 32
+cache_dir = "{cache}"
+
+[train]
+precision = "fp32"
+global_batch = 4
+max_steps = {max_steps}
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = 0
+threads = 1
+
+[checkpoint]
+dir = "{ckpt}"
+interval = {interval}
+keep = {keep}
+
+[parallel]
+dp = {dp}
+tp = 1
+"#,
+        train = corpus.join("train.txt").display(),
+        valid = corpus.join("valid.txt").display(),
+        cache = cache_dir().display(),
+        ckpt = ckpt.display(),
+    )
+}
+
+/// Start the cluster's coordinator (mTLS, the harness's allowed roots) with `config` (TOML)
+/// and the job `spec`, its run directory `run/` in the test's directory (not on the
+/// checkpoint volume); `extra` flags last. Returns how `coordctl` reaches it.
+fn coordinator(cl: &mut Cluster, config: &str, spec: &str, extra: &[&str]) -> Endpoint {
+    let config = cl
+        .write_job("coordinator.toml", config)
+        .display()
+        .to_string();
+    let run_dir = cl.path("run").display().to_string();
+    let mut args = vec!["--config", config.as_str(), "--run-dir", run_dir.as_str()];
+    args.extend_from_slice(extra);
+    let (_, c) = cl.start_job(spec, &args);
+    c.endpoint
+}
+
+/// Names in `dir` ending in `.tmp` (interrupted or aborted writes, `latest.tmp`).
+fn tmp_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// The checkpoint volume fills up: training goes on, the failures are reported, and the job
+// checkpoints again and finishes once space returns
+// ------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted for the test, unmounted on drop (even when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t tmpfs {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Fill the file system of `dir` with `dir/filler`, then give back `leave` bytes.
+fn fill(dir: &Path, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = f.flush();
+    f.set_len(written.saturating_sub(leave)).unwrap();
+    f.sync_all().unwrap();
+    p
+}
+
+#[test]
+fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a tmpfs for the checkpoint volume needs root");
+        return;
+    }
+    let mut cl = Cluster::new("enospc");
+    let root = cl.path("ckpt");
+    let _vol = Tmpfs::mount(&root, "16m");
+    // A tiny checkpoint is ~2 MB; leave room for the temp dir and the tokenizer, not the shards.
+    let filler = fill(&root, 256 * 1024);
+    let max_steps = 300;
+    let ep = coordinator(
+        &mut cl,
+        "checkpoint_retry_max_secs = 2.0\n",
+        &spec("enospc", 2, max_steps, 20, 1, &root),
+        &[],
+    );
+    cl.worker(&ep, &[]);
+    cl.worker(&ep, &[]);
+    let t0 = Instant::now();
+    let failing = wait_status(
+        &ep,
+        "failed checkpoints while training goes on",
+        LONG,
+        |s| u(&s["checkpoint_failures"]) >= 2 && u(&s["step"]) >= 40,
+    );
+    assert_eq!(u(&failing["rollbacks"]), 0, "{failing}");
+    assert_eq!(u(&failing["epoch"]), 1, "no new epoch: {failing}");
+    assert!(
+        failing["checkpoints"].as_array().unwrap().is_empty(),
+        "{failing}"
+    );
+    let why = failing["checkpoint_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(why.contains("No space left on device"), "{why}");
+    // Training goes on while the volume is full.
+    let later = wait_status(&ep, "training on", LONG, |s| {
+        u(&s["step"]) > u(&failing["step"]) + 10 || phase(s) == "done"
+    });
+    assert_eq!(u(&later["rollbacks"]), 0, "{later}");
+    // Space returns: the job checkpoints again and finishes.
+    std::fs::remove_file(&filler).unwrap();
+    let freed_at = t0.elapsed();
+    let done = wait_status(&ep, "the job to finish", LONG, |s| phase(s) == "done");
+    assert_eq!(u(&done["step"]), max_steps, "{done}");
+    assert_eq!(u(&done["rollbacks"]), 0, "{done}");
+    assert_eq!(u(&done["epoch"]), 1, "{done}");
+    assert!(
+        done["checkpoint_error"].as_str().unwrap_or("x").is_empty(),
+        "{done}"
+    );
+    let cks = done["checkpoints"].as_array().unwrap();
+    let newest = cks.last().expect("a committed checkpoint");
+    assert_eq!(u(&newest["step"]), max_steps, "{done}");
+    let job_root = root.join("enospc");
+    assert!(
+        PathBuf::from(newest["dir"].as_str().unwrap())
+            .join("manifest.json")
+            .is_file(),
+        "{newest}"
+    );
+    let left = tmp_entries(&job_root);
+    assert!(left.is_empty(), "no temp dirs left: {left:?}");
+    eprintln!(
+        "full checkpoint volume: {} checkpoints failed (last: {why}); training went on to step {} \
+         without a rollback; space freed at {:.1}s, done at step {} after {:.1}s",
+        u(&done["checkpoint_failures"]),
+        u(&later["step"]),
+        freed_at.as_secs_f64(),
+        u(&done["step"]),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// A rank whose training thread hangs (heartbeats going on) is evicted within the progress
+// timeout; the job continues with the idle worker and finishes
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_rank_whose_training_thread_hangs_is_evicted_and_an_idle_worker_replaces_it() {
+    let mut cl = Cluster::new("hang");
+    let progress_timeout = 8.0;
+    let max_steps = 200;
+    let hang_at = 40;
+    let job = spec("hang", 2, max_steps, 20, 2, &cl.path("ckpt"));
+    // Heartbeats every 0.5 s under the harness's 3 s TTL: the hung rank's session stays alive,
+    // so only the progress timeout can evict it.
+    let ep = coordinator(
+        &mut cl,
+        "heartbeat_interval_secs = 0.5\n",
+        &job,
+        &["--progress-timeout", &progress_timeout.to_string()],
+    );
+    cl.worker(&ep, &[]);
+    let hung_idx = cl.worker(&ep, &[("TRELLIS_FAULT_HANG_AT_STEP", hang_at.to_string())]);
+    let before = wait_status(&ep, "training", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 5
+    });
+    // The spare: idle while both ranks are taken.
+    cl.worker(&ep, &[]);
+    // The group stops at the hang: rank 0 reports step hang_at - 1 last.
+    let stalled = wait_status(&ep, "the group to stall at the hang", LONG, |s| {
+        u(&s["step"]) >= hang_at - 1
+    });
+    let t_stall = Instant::now();
+    let evicted = wait_status(&ep, "the hung rank evicted", LONG, |s| {
+        u(&s["evictions"]) >= 1
+    });
+    let detect = t_stall.elapsed();
+    assert_eq!(u(&evicted["evictions"]), 1, "{evicted}");
+    assert!(
+        detect.as_secs_f64() < progress_timeout + 10.0,
+        "evicted {:.1}s after the stall; progress timeout {progress_timeout}s",
+        detect.as_secs_f64()
+    );
+    let done = wait_status(&ep, "the job to finish with the spare", LONG, |s| {
+        phase(s) == "done"
+    });
+    assert_eq!(u(&done["step"]), max_steps, "{done}");
+    assert_eq!(u(&done["evictions"]), 1, "{done}");
+    assert!(u(&done["epoch"]) > u(&before["epoch"]), "{done}");
+    // The hung process is still alive (its heartbeats kept its session) and holds no rank.
+    let out = coordctl(&ep, &["--output", "json", "workers"]);
+    let workers = json(&out);
+    let hung_pid = cl.procs[hung_idx].child.id();
+    let hung = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| u(&w["pid"]) == hung_pid as u64)
+        .next_back()
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(
+        hung["rank"].is_null(),
+        "the hung worker holds no rank: {hung}"
+    );
+    eprintln!(
+        "hung training thread at step {hang_at}: the group stalled at step {}; evicted {:.1}s \
+         later (progress timeout {progress_timeout}s); {} rollback(s); finished at step {} with \
+         the spare; the hung worker now: {hung}",
+        u(&stalled["step"]),
+        detect.as_secs_f64(),
+        u(&done["rollbacks"]),
+        u(&done["step"]),
+    );
+}
