@@ -403,9 +403,11 @@ fn an_etcd_outage_of_15s_mid_job_keeps_training_and_the_state_catches_up() {
             "step {s} lost from etcd: {in_store:?}"
         );
     }
+    // On a quiet machine the job may reach max_steps during the outage; its done state then
+    // waits for etcd, so "caught up" is at least the step trained to during the outage.
     assert!(
-        state_step > u(&during["step"]),
-        "the job state in etcd caught up: step {state_step}, trained to {} during the outage",
+        state_step >= u(&during["step"]),
+        "the job state in etcd did not catch up: step {state_step}, trained to {} during the outage",
         u(&during["step"])
     );
     let done = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
