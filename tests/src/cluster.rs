@@ -439,3 +439,93 @@ pub fn refused(out: &Output, code: i32, needle: &str) -> String {
     assert!(err.contains(needle), "{needle:?} not in {err:?}");
     err
 }
+
+/// The tiny fp32 job the e2e tests train (absolute paths, the repo's tiny corpus, the shared
+/// data cache). Fields a test does not set keep [`TinyJob::new`]'s values.
+pub struct TinyJob<'a> {
+    pub name: &'a str,
+    pub dp: usize,
+    pub max_steps: u64,
+    pub global_batch: u64,
+    /// 0: no evaluation.
+    pub eval_interval: u64,
+    pub eval_sequences: Option<u64>,
+    pub ckpt: &'a Path,
+    pub interval: u64,
+    pub keep: usize,
+    /// TOML appended verbatim (e.g. `[[growth]]` stages).
+    pub extra: &'a str,
+}
+
+impl<'a> TinyJob<'a> {
+    pub fn new(name: &'a str, ckpt: &'a Path) -> TinyJob<'a> {
+        TinyJob {
+            name,
+            dp: 1,
+            max_steps: 100,
+            global_batch: 4,
+            eval_interval: 0,
+            eval_sequences: None,
+            ckpt,
+            interval: 10,
+            keep: 3,
+            extra: "",
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let corpus = repo().join("corpus/tiny");
+        let eval_sequences = self
+            .eval_sequences
+            .map(|n| format!("eval_sequences = {n}\n"))
+            .unwrap_or_default();
+        format!(
+            r#"[job]
+name = "{name}"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[data]
+train = "{train}"
+valid = "{valid}"
+vocab_size = 512
+seq_len = 32
+cache_dir = "{cache}"
+
+[train]
+precision = "fp32"
+global_batch = {global_batch}
+max_steps = {max_steps}
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = {eval_interval}
+{eval_sequences}threads = 1
+
+[checkpoint]
+dir = "{ckpt}"
+interval = {interval}
+keep = {keep}
+
+[parallel]
+dp = {dp}
+tp = 1
+{extra}
+"#,
+            name = self.name,
+            train = corpus.join("train.txt").display(),
+            valid = corpus.join("valid.txt").display(),
+            cache = cache_dir().display(),
+            global_batch = self.global_batch,
+            max_steps = self.max_steps,
+            eval_interval = self.eval_interval,
+            ckpt = self.ckpt.display(),
+            interval = self.interval,
+            keep = self.keep,
+            dp = self.dp,
+            extra = self.extra,
+        )
+    }
+}

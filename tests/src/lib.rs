@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub use cluster::{
     cache_dir, coordctl, phase, refused, status, stderr_line, u, wait_status, Certs, ClientCerts,
-    Cluster, Coord, Endpoint, LONG,
+    Cluster, Coord, Endpoint, TinyJob, LONG,
 };
 
 /// The repository root.

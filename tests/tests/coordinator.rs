@@ -23,8 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use trellis_proto::v1 as pb;
 use trellis_tests::{
-    bin, cache_dir, coordctl, free_port, json, phase, refused, repo, run, status, stderr_line, u,
-    wait_for, wait_status, Cluster, Endpoint, LONG,
+    bin, coordctl, free_port, json, phase, refused, run, status, stderr_line, u, wait_for,
+    wait_status, Cluster, Endpoint, TinyJob, LONG,
 };
 
 const GB: u64 = 4;
@@ -43,49 +43,19 @@ fn spec(
     ckpt: &Path,
     extra: &str,
 ) -> String {
-    let corpus = repo().join("corpus/tiny");
-    format!(
-        r#"[job]
-name = "{name}"
-seed = 7
-
-[model]
-preset = "tiny"
-
-[data]
-train = "{train}"
-valid = "{valid}"
-vocab_size = 512
-seq_len = 32
-cache_dir = "{cache}"
-
-[train]
-# fp32: these tests compare losses across layouts and paths to 1e-4 and exactly.
-precision = "fp32"
-global_batch = {GB}
-max_steps = {max_steps}
-lr = 2e-3
-min_lr = 2e-4
-warmup_steps = 5
-eval_interval = 50
-eval_sequences = 8
-threads = 1
-
-[checkpoint]
-dir = "{ckpt}"
-interval = {interval}
-keep = {keep}
-
-[parallel]
-dp = {dp}
-tp = 1
-{extra}
-"#,
-        train = corpus.join("train.txt").display(),
-        valid = corpus.join("valid.txt").display(),
-        cache = cache_dir().display(),
-        ckpt = ckpt.display(),
-    )
+    // fp32 (TinyJob's): these tests compare losses across layouts and paths to 1e-4 and exactly.
+    TinyJob {
+        dp,
+        max_steps,
+        global_batch: GB,
+        eval_interval: 50,
+        eval_sequences: Some(8),
+        interval,
+        keep,
+        extra,
+        ..TinyJob::new(name, ckpt)
+    }
+    .toml()
 }
 
 /// `coordctl checkpoint grow --factor 4 SRC DST` (offline), which must succeed.

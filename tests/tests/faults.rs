@@ -14,53 +14,21 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use trellis_tests::cluster::{cache_dir, coordctl, phase, u, wait_status, Cluster, Endpoint};
-use trellis_tests::{json, repo};
+use trellis_tests::cluster::{coordctl, phase, u, wait_status, Cluster, Endpoint, TinyJob};
+use trellis_tests::json;
 
 const LONG: Duration = Duration::from_secs(180);
 
 /// A tiny DP job spec (absolute paths).
 fn spec(name: &str, dp: usize, max_steps: u64, interval: u64, keep: usize, ckpt: &Path) -> String {
-    let corpus = repo().join("corpus/tiny");
-    format!(
-        r#"[job]
-name = "{name}"
-seed = 7
-
-[model]
-preset = "tiny"
-
-[data]
-train = "{train}"
-valid = "{valid}"
-vocab_size = 512
-seq_len = 32
-cache_dir = "{cache}"
-
-[train]
-precision = "fp32"
-global_batch = 4
-max_steps = {max_steps}
-lr = 2e-3
-min_lr = 2e-4
-warmup_steps = 5
-eval_interval = 0
-threads = 1
-
-[checkpoint]
-dir = "{ckpt}"
-interval = {interval}
-keep = {keep}
-
-[parallel]
-dp = {dp}
-tp = 1
-"#,
-        train = corpus.join("train.txt").display(),
-        valid = corpus.join("valid.txt").display(),
-        cache = cache_dir().display(),
-        ckpt = ckpt.display(),
-    )
+    TinyJob {
+        dp,
+        max_steps,
+        interval,
+        keep,
+        ..TinyJob::new(name, ckpt)
+    }
+    .toml()
 }
 
 /// Start the cluster's coordinator (mTLS, the harness's allowed roots) with `config` (TOML)

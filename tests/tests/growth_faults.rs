@@ -19,52 +19,19 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use trellis_tests::{
-    cache_dir, coordctl, free_port, json, phase, repo, u, wait_status, Cluster, Coord, Endpoint,
-    LONG,
+    coordctl, free_port, json, phase, u, wait_status, Cluster, Coord, Endpoint, TinyJob, LONG,
 };
 
 /// `interval`: periodic checkpoints (0: none, so the growth's restore point stays in force).
 fn spec(name: &str, ckpt: &Path, interval: u64) -> String {
-    let corpus = repo().join("corpus/tiny");
-    format!(
-        r#"[job]
-name = "{name}"
-seed = 7
-
-[model]
-preset = "tiny"
-
-[data]
-train = "{train}"
-valid = "{valid}"
-vocab_size = 512
-seq_len = 32
-cache_dir = "{cache}"
-
-[train]
-precision = "fp32"
-global_batch = 4
-max_steps = 100000
-lr = 2e-3
-min_lr = 2e-4
-warmup_steps = 5
-eval_interval = 0
-threads = 1
-
-[checkpoint]
-dir = "{ckpt}"
-interval = {interval}
-keep = 3
-
-[parallel]
-dp = 2
-tp = 1
-"#,
-        train = corpus.join("train.txt").display(),
-        valid = corpus.join("valid.txt").display(),
-        cache = cache_dir().display(),
-        ckpt = ckpt.display(),
-    )
+    TinyJob {
+        dp: 2,
+        max_steps: 100000,
+        interval,
+        keep: 3,
+        ..TinyJob::new(name, ckpt)
+    }
+    .toml()
 }
 
 /// A coordinator on the test's embedded store `store/` (with the job when `job` is set).

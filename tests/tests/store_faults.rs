@@ -16,56 +16,24 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use trellis_tests::cluster::{
-    cache_dir, coordctl, phase, status, u, wait_status, Cluster, Coord, Endpoint,
+    coordctl, phase, status, u, wait_status, Cluster, Coord, Endpoint, TinyJob,
 };
-use trellis_tests::{free_port, json, repo};
+use trellis_tests::{free_port, json};
 
 const LONG: Duration = Duration::from_secs(180);
 
 /// A tiny one-rank job: checkpoints every `interval` steps, none collected (keep 1000), so
 /// every checkpoint ever listed must still be listed after a restart.
 fn spec(name: &str, max_steps: u64, interval: u64, ckpt: &Path) -> String {
-    let corpus = repo().join("corpus/tiny");
-    format!(
-        r#"[job]
-name = "{name}"
-seed = 7
-
-[model]
-preset = "tiny"
-
-[data]
-train = "{train}"
-valid = "{valid}"
-vocab_size = 512
-seq_len = 32
-cache_dir = "{cache}"
-
-[train]
-precision = "fp32"
-global_batch = 4
-max_steps = {max_steps}
-lr = 2e-3
-min_lr = 2e-4
-warmup_steps = 5
-eval_interval = 1000
-eval_sequences = 8
-threads = 1
-
-[checkpoint]
-dir = "{ckpt}"
-interval = {interval}
-keep = 1000
-
-[parallel]
-dp = 1
-tp = 1
-"#,
-        train = corpus.join("train.txt").display(),
-        valid = corpus.join("valid.txt").display(),
-        cache = cache_dir().display(),
-        ckpt = ckpt.display(),
-    )
+    TinyJob {
+        max_steps,
+        eval_interval: 1000,
+        eval_sequences: Some(8),
+        interval,
+        keep: 1000,
+        ..TinyJob::new(name, ckpt)
+    }
+    .toml()
 }
 
 /// A coordinator of `cl` (mTLS, the harness's allowed roots) on `store` whose health turns
