@@ -3,7 +3,10 @@
 //! CUDA device memory ([`nccl`], feature `nccl`, on by default: it loads CUDA and NCCL at run
 //! time and refuses clearly on a machine without them).
 //!
-//! Buffers are host `f32` slices; callers flatten gradients into buckets.
+//! Buffers are host `f32` slices; callers flatten gradients into buckets. A group that can
+//! also move device memory (NCCL) hands out a [`DeviceCollective`] through
+//! [`Collective::device`]; the host methods stay for control-plane agreements (step and
+//! command numbers, barriers, small gathers), which an NCCL group runs over its TCP ring.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,6 +49,40 @@ pub trait Collective: Send {
     fn all_reduce_max_u64(&mut self, v: u64) -> Result<u64>;
     /// Min of one u64 over all ranks.
     fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64>;
+    /// The group's collective over device memory, when it has one (an NCCL group). Tensor
+    /// collectives of CUDA tensors go through it; host buffers never do.
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        None
+    }
+}
+
+/// A collective over CUDA device memory (NCCL), beside a group's host [`Collective`].
+pub trait DeviceCollective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// In-place element-wise sum of `len` f32 at device address `ptr` over all ranks, enqueued
+    /// on `stream` (null: the default stream).
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` f32 of device memory of this communicator's GPU that stay
+    /// valid until the stream has run the operation.
+    unsafe fn all_reduce_sum_f32(
+        &mut self,
+        ptr: *mut f32,
+        len: usize,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()>;
+    /// In-place broadcast of `len` f32 from `root`.
+    ///
+    /// # Safety
+    /// As [`DeviceCollective::all_reduce_sum_f32`].
+    unsafe fn broadcast_f32(
+        &mut self,
+        ptr: *mut f32,
+        len: usize,
+        root: usize,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()>;
 }
 
 /// World size 1: every collective is the identity.

@@ -131,6 +131,15 @@ pub struct StatusView {
     pub evictions: u64,
     /// Ranks whose last step took over 1.5x the group's median.
     pub slow_ranks: Vec<u32>,
+    /// Collective backends of the current epoch's groups (solo | ring | nccl); empty before
+    /// the first epoch.
+    pub backend: BackendView,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendView {
+    pub dp: String,
+    pub tp: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -394,6 +403,10 @@ impl From<&pb::JobStatus> for StatusView {
             checkpoint_error: s.checkpoint_error.clone(),
             evictions: s.evictions,
             slow_ranks: s.slow_ranks.clone(),
+            backend: BackendView {
+                dp: s.dp_backend.clone(),
+                tp: s.tp_backend.clone(),
+            },
         }
     }
 }
@@ -652,6 +665,14 @@ pub fn status_table(s: &StatusView) -> String {
             ),
         ),
         ("layout", layout_line(&s.layout)),
+        (
+            "backend",
+            if s.backend.dp.is_empty() {
+                "not chosen yet (no epoch)".into()
+            } else {
+                format!("dp {}, tp {}", s.backend.dp, s.backend.tp)
+            },
+        ),
         (
             "loss",
             format!("train {}  val {}", loss(s.train_loss), loss(s.val_loss)),

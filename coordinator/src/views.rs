@@ -78,6 +78,14 @@ impl Domain {
                 .filter(|(_, x)| *x > SLOW)
                 .map(|(r, _)| r)
                 .collect(),
+            dp_backend: job
+                .backends
+                .map(|b| b.0.name().to_string())
+                .unwrap_or_default(),
+            tp_backend: job
+                .backends
+                .map(|b| b.1.name().to_string())
+                .unwrap_or_default(),
         })
     }
 

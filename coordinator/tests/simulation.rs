@@ -243,6 +243,7 @@ impl Sim {
                     device: "cpu".into(),
                     ring_address: format!("127.0.0.1:{n}"),
                     tp_ring_address: String::new(),
+                    ..Default::default()
                 },
                 tx,
             )

@@ -860,6 +860,7 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
             device: "cpu".into(),
             ring_address: "127.0.0.1:9".into(),
             tp_ring_address: "127.0.0.1:9".into(),
+            ..Default::default()
         })))
         .unwrap();
         tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {

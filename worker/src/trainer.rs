@@ -727,7 +727,9 @@ impl Trainer {
         Ok((loss, data_seconds, compute_seconds, comm_seconds))
     }
 
-    /// Sum the gradients over the DP group in flat f32 buckets and divide by `dp`.
+    /// Sum the gradients over the DP group in flat fp32 buckets on the training device and
+    /// divide by `dp` ([`parallel::all_reduce_sum_`]: NCCL in device memory on CUDA ranks, the
+    /// host ring in the bucket's own memory on CPU ranks).
     fn all_reduce_grads(&mut self) -> Result<()> {
         let params = self.model.named_parameters();
         let mut grads: Vec<Tensor> = Vec::with_capacity(params.len());
@@ -735,7 +737,7 @@ impl Trainer {
             let g = p.grad();
             grads.push(if g.defined() { g } else { p.zeros_like() });
         }
-        let scale = 1.0 / self.dp as f32;
+        let scale = 1.0 / self.dp as f64;
         let mut start = 0;
         while start < grads.len() {
             let mut end = start;
@@ -745,29 +747,23 @@ impl Trainer {
                 total += grads[end].numel();
                 end += 1;
             }
-            let mut buf = vec![0f32; total];
-            let mut off = 0;
-            for g in &grads[start..end] {
-                let n = g.numel();
-                let h = g.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                h.copy_data(&mut buf[off..off + n], n);
-                off += n;
-            }
-            self.comm.all_reduce_sum(&mut buf)?;
-            for x in buf.iter_mut() {
-                *x *= scale;
-            }
-            let mut off = 0;
-            tch::no_grad(|| {
+            tch::no_grad(|| -> Result<()> {
+                let flat: Vec<Tensor> = grads[start..end]
+                    .iter()
+                    .map(|g| g.detach().to_kind(Kind::Float).reshape([-1]))
+                    .collect();
+                // A fresh contiguous buffer on the device (`cat` always allocates).
+                let mut bucket = Tensor::cat(&flat, 0);
+                parallel::all_reduce_sum_(self.comm.as_mut(), &mut bucket)?;
+                bucket *= scale;
+                let mut off = 0i64;
                 for g in &mut grads[start..end] {
-                    let n = g.numel();
-                    let t = Tensor::from_slice(&buf[off..off + n])
-                        .view(g.size().as_slice())
-                        .to_device(self.device);
-                    g.copy_(&t);
+                    let n = g.numel() as i64;
+                    g.copy_(&bucket.narrow(0, off, n).view(g.size().as_slice()));
                     off += n;
                 }
-            });
+                Ok(())
+            })?;
             start = end;
         }
         Ok(())
