@@ -100,6 +100,8 @@ fn status(phase: pb::JobPhase, step: u64) -> pb::JobStatus {
         loss_anomalies: 0,
         rollbacks: 0,
         next_growth_stage: 1,
+        dp_backend: "nccl".into(),
+        tp_backend: "solo".into(),
         ..Default::default()
     }
 }
@@ -342,6 +344,8 @@ fn status_json_and_table() {
     assert!(v["val_loss"].is_null());
     assert!(v["growth"].is_null());
     assert_eq!(v["layout"]["dp"], 2);
+    assert_eq!(v["backend"]["dp"], "nccl");
+    assert_eq!(v["backend"]["tp"], "solo");
     assert_eq!(v["workers"]["active"], 2);
     assert_eq!(v["growth_history"][0]["phase"], "done");
     assert_eq!(v["growth_history"][0]["optimizer"], "reset");
@@ -357,6 +361,7 @@ fn status_json_and_table() {
         "train 3.2500",
         "2 active / 2 expected",
         "2 → 8 layers",
+        "dp nccl, tp solo",
     ] {
         assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);
     }

@@ -1384,3 +1384,54 @@ async fn a_group_mixing_cuda_and_cpu_workers_is_refused_with_one_line() {
     assert!(e.message().contains("16 bytes"), "{}", e.message());
     co.stop().await;
 }
+
+/// Fake NCCL ids for real agents on this CPU machine: unique per call.
+fn counted_nccl_id() -> Result<Vec<u8>, String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut id = vec![0u8; 128];
+    id[..4].copy_from_slice(&n.to_le_bytes());
+    Ok(id)
+}
+
+/// Real agents that claim CUDA + NCCL on this CPU machine: the coordinator assigns `nccl`, each
+/// agent forms its TCP ring, then fails to build the NCCL communicator with the one-line reason
+/// (no CUDA driver here), and every new epoch is formed from the agents' fresh re-offered ids,
+/// until the stalled rollbacks fail the job with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_relay_fresh_ids_each_epoch_and_refuse_nccl_without_cuda() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("nccl-cpu", 2, 1000, 0, "")).await;
+    let endpoint = format!("http://{}", co.grpc_addr);
+    let agents: Vec<_> = (0..2)
+        .map(|i| {
+            let opts = trellis_agent::AgentOptions {
+                worker_id: Some(format!("gpu{i}")),
+                device: "cuda:0".into(),
+                nccl: Some(counted_nccl_id),
+                ..agent_opts()
+            };
+            tokio::spawn(trellis_agent::run(
+                endpoint.clone(),
+                opts,
+                trellis_agent::fake::FakeRunner::factory(fake(1)),
+            ))
+        })
+        .collect();
+    let s = wait_status(&mut c, "the job to fail", 90, |s| {
+        s.phase == pb::JobPhase::Failed as i32
+    })
+    .await;
+    assert_eq!(s.dp_backend, "nccl");
+    assert!(
+        s.epoch >= 3,
+        "each epoch needs fresh ids from the agents' re-offers: {s:#?}"
+    );
+    assert!(s.message.contains("NCCL needs CUDA"), "{}", s.message);
+    for a in agents {
+        a.abort();
+    }
+    co.stop().await;
+}

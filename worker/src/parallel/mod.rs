@@ -97,7 +97,7 @@ pub fn all_reduce_tensor(comm: &mut dyn Collective, t: &Tensor) -> Result<Tensor
     if comm.world() == 1 {
         return Ok(t.detach().to_kind(Kind::Float));
     }
-    let mut out = t.detach().to_kind(Kind::Float).copy();
+    let mut out = t.detach().to_kind(Kind::Float).copy().contiguous();
     all_reduce_sum_(comm, &mut out)?;
     Ok(out)
 }
@@ -136,7 +136,9 @@ unsafe fn host_slice(t: &mut Tensor) -> &mut [f32] {
 /// group without a device collective (never assigned by the coordinator, which refuses CUDA
 /// groups without NCCL; possible in a hand-built group) goes through a host copy.
 pub fn all_reduce_sum_(comm: &mut dyn Collective, t: &mut Tensor) -> Result<()> {
-    if comm.world() == 1 || t.numel() == 0 {
+    // A group of one is the identity, except an NCCL group of one (only `gpu_check` builds
+    // one: the coordinator gives a group of one the `solo` backend), which runs NCCL.
+    if t.numel() == 0 || (comm.world() == 1 && comm.device().is_none()) {
         return Ok(());
     }
     check_flat_f32(t, "all-reduce")?;
@@ -161,7 +163,7 @@ pub fn all_reduce_sum_(comm: &mut dyn Collective, t: &mut Tensor) -> Result<()> 
 /// In-place broadcast of the contiguous fp32 tensor `t` from group rank `root` (the same
 /// backends as [`all_reduce_sum_`]).
 pub fn broadcast_(comm: &mut dyn Collective, t: &mut Tensor, root: usize) -> Result<()> {
-    if comm.world() == 1 || t.numel() == 0 {
+    if t.numel() == 0 || (comm.world() == 1 && comm.device().is_none()) {
         return Ok(());
     }
     check_flat_f32(t, "broadcast")?;
