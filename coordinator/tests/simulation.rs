@@ -585,6 +585,14 @@ impl Sim {
             }
             pb::worker_message::Kind::ValLoss(v) => d.val_loss(id, session, v),
             pb::worker_message::Kind::Heartbeat(hb) => d.heartbeat(id, session, &hb),
+            pb::worker_message::Kind::NcclIds(o) => d
+                .nccl_offer(
+                    id,
+                    session,
+                    trellis_coordinator::wire::nccl_ids(&o.ids).unwrap(),
+                )
+                .await
+                .unwrap(),
             pb::worker_message::Kind::Hello(_) => {}
         }
     }
