@@ -296,13 +296,13 @@ pub fn nccl_unique_id() -> std::result::Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// [`NCCL_IDS_OFFERED`] fresh ids from `source` (none when it fails: logged, and the
-/// coordinator waits for a later offer before it forms an NCCL group with this rank as root).
-fn fresh_nccl_ids(source: Option<NcclIdSource>) -> Vec<Vec<u8>> {
+/// `n` fresh ids from `source` (none when it fails: logged, and the coordinator waits for a
+/// later offer before it forms an NCCL group with this rank as root).
+fn fresh_nccl_ids(source: Option<NcclIdSource>, n: usize) -> Vec<Vec<u8>> {
     let Some(make) = source else {
         return Vec::new();
     };
-    (0..NCCL_IDS_OFFERED)
+    (0..n)
         .map(|_| make())
         .collect::<std::result::Result<Vec<_>, String>>()
         .unwrap_or_else(|e| {
@@ -459,7 +459,7 @@ pub async fn run<F: RunnerFactory>(
             &current,
             options.tls.as_ref(),
             pb::Hello {
-                nccl_ids: fresh_nccl_ids(options.nccl),
+                nccl_ids: fresh_nccl_ids(options.nccl, NCCL_IDS_OFFERED),
                 ..hello.clone()
             },
             options.nccl,
@@ -696,11 +696,13 @@ async fn session(
                             Ordering::Relaxed,
                         );
                     }
+                    // The assignment used one offered id per NCCL group this rank is rank 0
+                    // of: replace exactly those (an unused id keeps NCCL's bootstrap root
+                    // thread alive in this process, so none is made in vain).
+                    let used = nccl_ids_used(&a);
                     let _ = ctl.send(Control::Assign(a));
-                    // The assignment used the ids offered before: offer fresh ones for the
-                    // next epoch.
-                    if nccl.is_some() {
-                        let ids = fresh_nccl_ids(nccl);
+                    if nccl.is_some() && used > 0 {
+                        let ids = fresh_nccl_ids(nccl, used);
                         let _ = tx_offer.send(pb::WorkerMessage {
                             kind: Some(pb::worker_message::Kind::NcclIds(pb::NcclIds { ids })),
                         });
@@ -725,6 +727,15 @@ async fn session(
         }
     };
     result
+}
+
+/// How many of this worker's offered NCCL ids assignment `a` used: one per NCCL group whose
+/// rank 0 it is (its DP group when its DP rank is 0, its TP group when its TP rank is 0).
+fn nccl_ids_used(a: &pb::Assignment) -> usize {
+    let tp = a.tp.max(1);
+    let dp_root = a.dp_backend == "nccl" && a.rank / tp == 0;
+    let tp_root = a.tp_backend == "nccl" && a.rank % tp == 0;
+    dp_root as usize + tp_root as usize
 }
 
 /// The state of one epoch on the training thread.
@@ -1598,4 +1609,31 @@ fn grow_order(g: &pb::GrowCmd) -> std::result::Result<GrowOrder, String> {
         dp: g.dp.max(1) as usize,
         tp: g.tp.max(1) as usize,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assignment_uses_one_offered_id_per_nccl_group_this_rank_roots() {
+        let a = |rank: u32, dp: u32, tp: u32, dpb: &str, tpb: &str| pb::Assignment {
+            rank,
+            dp,
+            tp,
+            dp_backend: dpb.into(),
+            tp_backend: tpb.into(),
+            ..Default::default()
+        };
+        // DP = 2 × TP = 2, both NCCL: rank 0 roots both groups, 1 its DP group, 2 its TP group.
+        let used: Vec<usize> = (0..4)
+            .map(|r| nccl_ids_used(&a(r, 2, 2, "nccl", "nccl")))
+            .collect();
+        assert_eq!(used, vec![2, 1, 1, 0]);
+        // DP only: rank 0 roots the one DP group; a TP group of one is solo.
+        assert_eq!(nccl_ids_used(&a(0, 2, 1, "nccl", "solo")), 1);
+        assert_eq!(nccl_ids_used(&a(1, 2, 1, "nccl", "solo")), 0);
+        // Ring groups use no ids.
+        assert_eq!(nccl_ids_used(&a(0, 2, 2, "ring", "ring")), 0);
+    }
 }

@@ -1287,7 +1287,8 @@ async fn nccl_ids_are_relayed_from_each_groups_rank_0_fresh_per_epoch() {
         .unwrap()
         .into_inner();
     assert_eq!(s.epoch, 1, "an epoch formed without fresh ids: {s:#?}");
-    // The survivors re-offer (as the agent does after every assignment).
+    // The survivors offer fresh ids (an agent offers one per id an assignment used; two each
+    // here: they join the unused ones and the coordinator keeps the newest two).
     let mut names: Vec<u8> = got
         .iter()
         .map(|(w, _)| *w)

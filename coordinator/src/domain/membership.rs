@@ -612,8 +612,9 @@ impl Domain {
         }
     }
 
-    /// `worker` offers fresh NCCL ids (after an assignment used its earlier ones): they replace
-    /// its offer, and an epoch waiting for them can start.
+    /// `worker` offers fresh NCCL ids (after an assignment used some of its earlier ones): they
+    /// join its unused ones (the newest [`backend::NCCL_IDS_OFFERED`] are kept), and an epoch
+    /// waiting for them can start.
     pub async fn nccl_offer(
         &mut self,
         worker: &WorkerId,
@@ -627,7 +628,10 @@ impl Domain {
             return Ok(());
         }
         e.last_seen = Instant::now();
-        e.nccl_ids = ids;
+        e.nccl_ids.extend(ids);
+        while e.nccl_ids.len() > backend::NCCL_IDS_OFFERED {
+            e.nccl_ids.pop_front();
+        }
         self.try_start_epoch().await
     }
 
