@@ -1107,7 +1107,7 @@ fn a_new_job_starts_from_an_offline_grown_checkpoint() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
-fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_and_refuses_a_different_one() {
+fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_also_after_a_restart() {
     let mut cl = Cluster::new("importvocab");
     // A Hugging Face model with a 320-token vocabulary: a two-step standalone run (its
     // byte-level BPE has 320 tokens), exported with `coordctl checkpoint export --hf` and
@@ -1134,13 +1134,9 @@ fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_and_refuses_a_differen
         LONG,
     );
     assert!(out.status.success(), "{}", stderr_line(&out));
-    let c = cl.coordinator(
-        "coordinator",
-        0,
-        &format!("file:{}", cl.path("store").display()),
-        None,
-        &[],
-    );
+    let port = free_port();
+    let store = format!("file:{}", cl.path("store").display());
+    let c = cl.coordinator("coordinator-1", port, &store, None, &[]);
     let (hf, imported) = (cl.path("hf"), cl.path("imported/step-0"));
     for args in [
         vec![
@@ -1163,12 +1159,13 @@ fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_and_refuses_a_differen
     }
     let ckpt = cl.path("ckpt");
     // The job names the import's tokenizer and no [model] vocab_size; data.vocab_size (512)
-    // would be the wrong guess.
+    // would be the wrong guess. It grows ×2 at step 3.
     let job = |model_extra: &str| {
         TinyJob {
             name: "fromimport",
             max_steps: 6,
             interval: 3,
+            extra: "\n[[growth]]\nat_step = 3\nfactor = 2\noperator = \"stack\"\n",
             ..TinyJob::new("fromimport", &ckpt)
         }
         .toml()
@@ -1201,6 +1198,11 @@ fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_and_refuses_a_differen
     let p = cl.write_job("job.toml", &job(""));
     let out = coordctl(&c.endpoint, &["job", "submit", p.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr_line(&out));
+    // A coordinator that recovers the job from its store builds the same model (the value is
+    // kept with the job record; the growth is planned from it): SIGKILL before any worker
+    // joins, restart on the same store.
+    cl.procs[c.idx].kill9();
+    let c = cl.coordinator("coordinator-2", port, &store, None, &[]);
     cl.worker(&c.endpoint, &[]);
     let s = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
         phase(s) == "done" || phase(s) == "failed"
@@ -1212,6 +1214,11 @@ fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_and_refuses_a_differen
     )
     .unwrap();
     assert_eq!(u(&state["model"]["vocab_size"]), 320, "{state}");
+    assert_eq!(u(&state["model"]["num_hidden_layers"]), 4, "{state}");
+    // The coordinator's own count (from its model config after the growth) agrees.
+    let grown: trellis_core::config::ModelConfig =
+        serde_json::from_value(state["model"].clone()).unwrap();
+    assert_eq!(u(&s["parameters"]), grown.num_parameters(), "{s}");
 }
 
 // ------------------------------------------------------------------------------------------
