@@ -16,7 +16,8 @@ pub fn gib(b: u64) -> f64 {
 }
 
 /// The initial model config. The coordinator has no tokenizer: the vocabulary is the spec's
-/// `model.vocab_size` or `data.vocab_size`.
+/// `model.vocab_size`, else `init_vocab` (a job from `checkpoint.init_from`: the checkpoint's,
+/// [`init_checkpoint`]), else `data.vocab_size`.
 pub fn model_config(spec: &JobSpec, init_vocab: Option<usize>) -> Result<ModelConfig> {
     let vocab = spec
         .model
