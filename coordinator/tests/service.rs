@@ -1348,8 +1348,8 @@ async fn a_group_mixing_cuda_and_cpu_workers_is_refused_with_one_line() {
         "{}",
         s.message
     );
-    // A CPU worker instead of the GPU one: a ring group forms.
-    gpu.kill();
+    // A second CPU worker joins: two of one kind are idle, so the coordinator takes them (the
+    // GPU worker, registered first, stays idle) and a ring group forms.
     let mut cpu2 = RawWorker::open(co.grpc_addr, "cpu2", "cpu", false, vec![]).await;
     let a = cpu.assignment().await;
     let b = cpu2.assignment().await;
@@ -1362,6 +1362,15 @@ async fn a_group_mixing_cuda_and_cpu_workers_is_refused_with_one_line() {
     }
     let s = wait_status(&mut c, "ring", 30, |s| s.epoch == 1).await;
     assert_eq!(s.dp_backend, "ring");
+    let ws = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let gpu_rank = ws.iter().find(|w| w.worker_id == "gpu").unwrap().rank;
+    assert_eq!(gpu_rank, -1, "the GPU worker got a rank in a CPU job");
+    gpu.kill();
     // A malformed offer (not 128 bytes) is refused at Hello.
     let mut w = WorkerClient::connect(format!("http://{}", co.grpc_addr))
         .await

@@ -407,9 +407,26 @@ impl Domain {
             }
             return Ok(());
         }
+        // A group may not mix devices: take `world` workers of one kind (CPU, CUDA with NCCL,
+        // CUDA without) when enough of a kind are idle — the first candidate's kind first —
+        // else the first `world`, which the backend choice below refuses with the reason.
+        let kind = |id: &WorkerId| {
+            let e = &self.workers[id];
+            let cuda = backend::is_cuda(&e.device);
+            (cuda, cuda && e.nccl)
+        };
+        let enough = idle
+            .iter()
+            .map(|(_, id)| kind(id))
+            .find(|k| idle.iter().filter(|(_, id)| kind(id) == *k).count() >= world);
+        let chosen: Vec<WorkerId> = idle
+            .iter()
+            .filter(|(_, id)| enough.is_none_or(|k| kind(id) == k))
+            .take(world)
+            .map(|(_, id)| id.clone())
+            .collect();
         // The groups' backends (from what the chosen workers said in Hello), and for NCCL
         // groups one fresh id from each group's rank 0 (all or none).
-        let chosen: Vec<WorkerId> = idle.iter().take(world).map(|(_, id)| id.clone()).collect();
         let layout = relayout.as_ref().unwrap_or(&job.state.layout);
         let (dp, tp) = (layout.dp, layout.tp);
         let members: Vec<backend::Member> = chosen
@@ -456,7 +473,7 @@ impl Domain {
         let opts = self.opts.clone();
         let job = self.job.as_mut().expect("a job");
         job::start_epoch(&mut job.state, relayout.is_some());
-        job.ranks = idle.into_iter().take(world).map(|(_, id)| id).collect();
+        job.ranks = chosen;
         job.group_token = token;
         job.backends = Some(backends);
         job.ids.reset();
