@@ -46,6 +46,84 @@ pub trait Collective: Send {
     fn all_reduce_max_u64(&mut self, v: u64) -> Result<u64>;
     /// Min of one u64 over all ranks.
     fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64>;
+    /// `root` sends `pieces[r]` to rank `r`, and every rank receives its own piece into `mine`
+    /// (`pieces` is read on `root` only, one slice per rank, and may be `&[]` elsewhere;
+    /// `mine.len()` must equal the length of the rank's piece). Pieces may differ in length
+    /// and may be empty. Root's own piece is copied locally.
+    ///
+    /// The default moves every piece to every rank (a size table, then one [`broadcast`] per
+    /// non-empty piece): correct on any backend, but a backend that can send a rank only its
+    /// own piece ([`TcpRing`]) overrides it.
+    ///
+    /// [`broadcast`]: Collective::broadcast
+    fn scatter(&mut self, root: usize, pieces: &[&[f32]], mine: &mut [f32]) -> Result<()> {
+        let (w, me) = (self.world(), self.rank());
+        check_scatter(root, w, me, pieces, mine.len())?;
+        // Lengths as the bit patterns of two f32 words each (every backend copies them verbatim).
+        let mut table = vec![0f32; 2 * w];
+        if me == root {
+            for (r, p) in pieces.iter().enumerate() {
+                let n = p.len() as u64;
+                table[2 * r] = f32::from_bits(n as u32);
+                table[2 * r + 1] = f32::from_bits((n >> 32) as u32);
+            }
+        }
+        self.broadcast(&mut table, root)?;
+        let len = |r: usize| {
+            table[2 * r].to_bits() as usize | (table[2 * r + 1].to_bits() as usize) << 32
+        };
+        if len(me) != mine.len() {
+            return Err(scatter_len_mismatch(me, root, len(me), mine.len()));
+        }
+        for r in (0..w).filter(|&r| r != root && len(r) > 0) {
+            let mut buf = if me == root {
+                pieces[r].to_vec()
+            } else {
+                vec![0f32; len(r)]
+            };
+            self.broadcast(&mut buf, root)?;
+            if me == r {
+                mine.copy_from_slice(&buf);
+            }
+        }
+        if me == root {
+            mine.copy_from_slice(pieces[root]);
+        }
+        Ok(())
+    }
+}
+
+/// The checks every rank can make before a scatter: `root` is a rank, and on `root` one piece
+/// per rank with its own piece as long as `mine`.
+fn check_scatter(
+    root: usize,
+    world: usize,
+    me: usize,
+    pieces: &[&[f32]],
+    mine: usize,
+) -> Result<()> {
+    if root >= world {
+        return Err(Error::Protocol(format!(
+            "scatter root {root} is not a rank of this world of {world}"
+        )));
+    }
+    if me == root && pieces.len() != world {
+        return Err(Error::Protocol(format!(
+            "scatter: the root has {} pieces for a world of {world}; pass one per rank (empty ones included)",
+            pieces.len()
+        )));
+    }
+    if me == root && pieces[me].len() != mine {
+        return Err(scatter_len_mismatch(me, root, pieces[me].len(), mine));
+    }
+    Ok(())
+}
+
+fn scatter_len_mismatch(me: usize, root: usize, sent: usize, room: usize) -> Error {
+    Error::Protocol(format!(
+        "scatter from rank {root}: rank {me}'s piece has {sent} values but its buffer holds {room}; \
+         every rank must expect exactly the piece the root sends it"
+    ))
 }
 
 /// World size 1: every collective is the identity.
