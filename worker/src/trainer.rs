@@ -288,6 +288,20 @@ impl Trainer {
         Ok(t)
     }
 
+    /// [`Trainer::with_groups`] with its weights allocated but not drawn and no optimizer
+    /// moments: the target of a peers reshard ([`parallel::reshard::from_peers`]), which
+    /// replaces the whole state (drawing a fresh init first would cost seconds at 100M+
+    /// parameters). Not trainable until filled.
+    pub fn for_reshard(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+    ) -> Result<Trainer> {
+        Trainer::build(spec, out_dir, dp_rank, dp, groups, false)
+    }
+
     fn build(
         spec: &JobSpec,
         out_dir: &Path,
@@ -370,10 +384,15 @@ impl Trainer {
             Llama::placeholder_shard(&cfg, device, shard)
         };
         model.precision = precision;
-        let optim = AdamW::new(
-            AdamWConfig::from_train(&spec.train),
-            model.named_parameters(),
-        );
+        let optim = if init {
+            AdamW::new(
+                AdamWConfig::from_train(&spec.train),
+                model.named_parameters(),
+            )
+        } else {
+            // A restore or reshard brings the moments.
+            AdamW::fresh(AdamWConfig::from_train(&spec.train))
+        };
         let schedule = ScheduleState {
             start_step: 0,
             end_step: spec.train.max_steps,
@@ -1004,16 +1023,18 @@ impl Trainer {
         let st = &st;
         let dir = format!("step {}", st.step);
         model.precision = self.model.precision;
-        let mut optim = AdamW::new(self.optim.cfg, model.named_parameters());
-        match moments {
-            Some(m) => {
-                optim.moments = m;
-                optim.step = st.optimizer_step;
-            }
+        let optim = match moments {
+            // The moments as given (a parameter without an entry has unallocated zero ones).
+            Some(m) => AdamW {
+                cfg: self.optim.cfg,
+                step: st.optimizer_step,
+                moments: m,
+            },
             None => {
-                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments")
+                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments");
+                AdamW::new(self.optim.cfg, model.named_parameters())
             }
-        }
+        };
         // Commit.
         self.model = model;
         self.optim = optim;
