@@ -47,7 +47,7 @@ pub trait Collective: Send {
     /// Min of one u64 over all ranks.
     fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64>;
     /// `root` sends `pieces[r]` to rank `r`, and every rank receives its own piece into `mine`
-    /// (`pieces` is read on `root` only, one slice per rank, and may be `&[]` elsewhere;
+    /// (`pieces` is read on `root` only, one [`Runs`] per rank, and may be `&[]` elsewhere;
     /// `mine.len()` must equal the length of the rank's piece). Pieces may differ in length
     /// and may be empty. Root's own piece is copied locally.
     ///
@@ -56,14 +56,14 @@ pub trait Collective: Send {
     /// own piece ([`TcpRing`]) overrides it.
     ///
     /// [`broadcast`]: Collective::broadcast
-    fn scatter(&mut self, root: usize, pieces: &[&[f32]], mine: &mut [f32]) -> Result<()> {
+    fn scatter(&mut self, root: usize, pieces: &[Runs<'_>], mine: &mut [f32]) -> Result<()> {
         let (w, me) = (self.world(), self.rank());
         check_scatter(root, w, me, pieces, mine.len())?;
         // Lengths as the bit patterns of two f32 words each (every backend copies them verbatim).
         let mut table = vec![0f32; 2 * w];
         if me == root {
             for (r, p) in pieces.iter().enumerate() {
-                let n = p.len() as u64;
+                let n = runs_len(p) as u64;
                 table[2 * r] = f32::from_bits(n as u32);
                 table[2 * r + 1] = f32::from_bits((n >> 32) as u32);
             }
@@ -76,20 +76,37 @@ pub trait Collective: Send {
             return Err(scatter_len_mismatch(me, root, len(me), mine.len()));
         }
         for r in (0..w).filter(|&r| r != root && len(r) > 0) {
-            let mut buf = if me == root {
-                pieces[r].to_vec()
-            } else {
-                vec![0f32; len(r)]
-            };
+            let mut buf = vec![0f32; len(r)];
+            if me == root {
+                copy_runs(pieces[r], &mut buf);
+            }
             self.broadcast(&mut buf, root)?;
             if me == r {
                 mine.copy_from_slice(&buf);
             }
         }
         if me == root {
-            mine.copy_from_slice(pieces[root]);
+            copy_runs(pieces[root], mine);
         }
         Ok(())
+    }
+}
+
+/// One rank's piece of a [`Collective::scatter`]: runs of values that travel back to back, so
+/// a strided part (some columns of a row-major matrix: one run per row) needs no staging copy.
+pub type Runs<'a> = &'a [&'a [f32]];
+
+/// The number of values in `runs`.
+pub fn runs_len(runs: &[&[f32]]) -> usize {
+    runs.iter().map(|r| r.len()).sum()
+}
+
+/// Copy `runs` back to back into `out` (exactly as long).
+fn copy_runs(runs: &[&[f32]], out: &mut [f32]) {
+    let mut at = 0;
+    for r in runs {
+        out[at..at + r.len()].copy_from_slice(r);
+        at += r.len();
     }
 }
 
@@ -99,7 +116,7 @@ fn check_scatter(
     root: usize,
     world: usize,
     me: usize,
-    pieces: &[&[f32]],
+    pieces: &[Runs<'_>],
     mine: usize,
 ) -> Result<()> {
     if root >= world {
@@ -113,8 +130,8 @@ fn check_scatter(
             pieces.len()
         )));
     }
-    if me == root && pieces[me].len() != mine {
-        return Err(scatter_len_mismatch(me, root, pieces[me].len(), mine));
+    if me == root && runs_len(pieces[me]) != mine {
+        return Err(scatter_len_mismatch(me, root, runs_len(pieces[me]), mine));
     }
     Ok(())
 }

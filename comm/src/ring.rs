@@ -39,7 +39,7 @@
 //! error the buffer's contents are unspecified (a tampered chunk may already have been added).
 //!
 //! Data travels in native byte order: every rank of a group must share one architecture.
-use crate::{Collective, Error, Result};
+use crate::{runs_len, Collective, Error, Result, Runs};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -163,8 +163,8 @@ pub struct TcpRing {
     links: Option<(Link, Link)>,
     seq: u64,
     scratch: Vec<u8>,
-    /// Two segments a scatter relays (receive one while forwarding the other); allocated on
-    /// the first relay.
+    /// Two segments a scatter relays (receive one while forwarding the other) or, on its root,
+    /// gathers from several runs; allocated on first use.
     relay: Vec<u8>,
 }
 
@@ -202,6 +202,43 @@ fn f32_bytes(f: &[f32]) -> &[u8] {
 fn f32_bytes_mut(f: &mut [f32]) -> &mut [u8] {
     // SAFETY: as above, and every bit pattern is a valid f32.
     unsafe { std::slice::from_raw_parts_mut(f.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(f)) }
+}
+
+/// Bytes `range` of `runs` back to back: borrowed when inside one run, else gathered into
+/// `buf` (at least as long as the range).
+fn runs_bytes<'a>(
+    runs: &[&'a [f32]],
+    range: std::ops::Range<usize>,
+    buf: &'a mut [u8],
+) -> &'a [u8] {
+    let len = range.len();
+    // The first run that reaches past range.start, and where it starts.
+    let mut start = 0;
+    let mut k = 0;
+    while k < runs.len() && start + 4 * runs[k].len() <= range.start {
+        start += 4 * runs[k].len();
+        k += 1;
+    }
+    if k == runs.len() {
+        return &[];
+    }
+    let first = f32_bytes(runs[k]);
+    let lo = range.start - start;
+    if lo + len <= first.len() {
+        return &first[lo..lo + len];
+    }
+    let mut filled = first.len() - lo;
+    buf[..filled].copy_from_slice(&first[lo..]);
+    for r in &runs[k + 1..] {
+        let r = f32_bytes(r);
+        let n = r.len().min(len - filled);
+        buf[filled..filled + n].copy_from_slice(&r[..n]);
+        filled += n;
+        if filled == len {
+            break;
+        }
+    }
+    &buf[..len]
 }
 
 /// Chunk `i` of `n` elements split `world` ways.
@@ -1084,11 +1121,11 @@ impl Collective for TcpRing {
     /// pieces of the ranks after it and its own (straight into `mine`) and forwards the others
     /// while receiving the next segment; so a piece crosses only the links between root and
     /// its rank, and no rank holds more than two segments of another's data.
-    fn scatter(&mut self, root: usize, pieces: &[&[f32]], mine: &mut [f32]) -> Result<()> {
+    fn scatter(&mut self, root: usize, pieces: &[Runs<'_>], mine: &mut [f32]) -> Result<()> {
         let (w, me) = (self.world, self.rank);
         crate::check_scatter(root, w, me, pieces, mine.len())?;
         if w == 1 {
-            mine.copy_from_slice(pieces[0]);
+            crate::copy_runs(pieces[0], mine);
             return Ok(());
         }
         let prev_root = self.header(OP_SCATTER, 0, root as u64)?;
@@ -1105,7 +1142,7 @@ impl Collective for TcpRing {
         let mut table = vec![0u8; 8 * w];
         if dist == 0 {
             for (d, t) in table.chunks_exact_mut(8).enumerate() {
-                let bytes = 4 * pieces[(root + d) % w].len() as u64;
+                let bytes = 4 * runs_len(pieces[(root + d) % w]) as u64;
                 t.copy_from_slice(&bytes.to_le_bytes());
             }
             self.exchange(&table, Sink::Bytes(&mut []))?;
@@ -1137,16 +1174,30 @@ impl Collective for TcpRing {
                 (0..n.div_ceil(SCRATCH)).map(move |k| (d, k * SCRATCH..((k + 1) * SCRATCH).min(n)))
             })
             .collect();
+        let mut relay = std::mem::take(&mut self.relay);
         if dist == 0 {
+            // A segment inside one run goes from the caller's memory; one across runs is
+            // gathered into a relay half first (cache-sized, reused).
+            let mut res = Ok(());
             for (d, r) in &segs {
-                let piece = f32_bytes(pieces[(root + d) % w]);
-                self.exchange(&piece[r.clone()], Sink::Bytes(&mut []))?;
+                let piece = pieces[(root + d) % w];
+                if piece.len() > 1 && relay.len() < 2 * SCRATCH {
+                    relay = vec![0u8; 2 * SCRATCH];
+                }
+                res = self.exchange(
+                    runs_bytes(piece, r.clone(), &mut relay),
+                    Sink::Bytes(&mut []),
+                );
+                if res.is_err() {
+                    break;
+                }
             }
-            mine.copy_from_slice(pieces[root]);
+            self.relay = relay;
+            res?;
+            crate::copy_runs(pieces[root], mine);
         } else {
             let fwd = segs.iter().take_while(|(d, _)| *d > dist).count();
             let inbound = segs.iter().take_while(|(d, _)| *d >= dist).count();
-            let mut relay = std::mem::take(&mut self.relay);
             if fwd > 0 && relay.len() < 2 * SCRATCH {
                 relay = vec![0u8; 2 * SCRATCH];
             }

@@ -174,9 +174,19 @@ fn check_scatter<C: Collective + 'static>(world: usize, ring_of: fn(TcpRing) -> 
             let pieces: Vec<Vec<f32>> = (0..world)
                 .map(|to| data(to, piece_len(root, to), root as u64))
                 .collect();
-            let refs: Vec<&[f32]> = pieces.iter().map(|p| p.as_slice()).collect();
+            // Each piece as runs of uneven lengths (an empty one included), as a strided
+            // slice would be.
+            let runs: Vec<Vec<&[f32]>> = pieces
+                .iter()
+                .map(|p| {
+                    let (a, rest) = p.split_at(p.len() / 3);
+                    let (b, c) = rest.split_at(rest.len().min(7));
+                    vec![a, &[][..], b, c]
+                })
+                .collect();
+            let refs: Vec<&[&[f32]]> = runs.iter().map(|p| p.as_slice()).collect();
             let mut mine = vec![f32::NAN; piece_len(root, r)];
-            let send: &[&[f32]] = if r == root { &refs } else { &[] };
+            let send: &[&[&[f32]]] = if r == root { &refs } else { &[] };
             ring.scatter(root, send, &mut mine).unwrap();
             out.push(mine);
         }
@@ -244,7 +254,7 @@ fn default_scatter_sends_every_rank_its_piece() {
 #[test]
 fn scatter_into_a_buffer_of_the_wrong_size_is_a_protocol_error() {
     let res = with_ring(2, TIMEOUT, move |r, mut ring| {
-        let pieces = [&[1.0f32][..], &[2.0; 10][..]];
+        let pieces = [&[&[1.0f32][..]][..], &[&[2.0; 10][..]][..]];
         if r == 0 {
             ring.scatter(0, &pieces, &mut [0.0]).map(|_| String::new())
         } else {
@@ -536,7 +546,7 @@ fn tampered_scatter_piece_is_rejected() {
         |r, ring| {
             let piece = data(1, 1 << 18, 2);
             let mut mine = vec![0f32; if r == 0 { 0 } else { piece.len() }];
-            let pieces = [&[][..], piece.as_slice()];
+            let pieces = [&[][..], &[piece.as_slice()][..]];
             ring.scatter(0, if r == 0 { &pieces } else { &[] }, &mut mine)
         },
     );

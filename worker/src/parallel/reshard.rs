@@ -25,6 +25,7 @@ use crate::{Error, Result};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use trellis_comm::Collective;
@@ -83,10 +84,12 @@ pub fn from_checkpoint(new: &mut Trainer, dir: &Path) -> Result<ReshardReport> {
 /// part of its slice that falls in its own new slice locally and [scatters](Collective::scatter)
 /// to every other rank just the part that falls in that rank's new slice (a replicated tensor
 /// goes whole to the ranks that do not hold old slice 0). Pieces go from the old tensors' memory
-/// and arrive in the new tensors' memory (allocated once, uninitialised); only a piece that is
-/// not contiguous on either side (row-parallel `o_proj`/`down_proj` when a new slice spans old
-/// ones) passes through one staging copy. Moments that are not allocated yet (a fresh optimizer
-/// after a `reset` growth) stay unallocated and are not sent.
+/// (a column slice as one run per row) and arrive in the new tensors' memory (allocated once,
+/// uninitialised); only a part that is not contiguous in the new slice (row-parallel
+/// `o_proj`/`down_proj` when a new slice spans old ones, e.g. TP 2 → 3) is received into a
+/// staging buffer first. The parts a holder keeps are copied by a second thread while it sends.
+/// Moments that are not allocated yet (a fresh optimizer after a `reset` growth) stay
+/// unallocated and are not sent.
 pub fn from_peers(
     new: &mut Trainer,
     old: Option<&Trainer>,
@@ -152,9 +155,21 @@ pub fn from_peers(
     let device = new.device();
     let mut tensors = HashMap::new();
     let mut moments = HashMap::new();
-    tch::no_grad(|| -> Result<()> {
-        for (name, full) in st.model.tensor_shapes() {
-            let p = match old {
+    // The parts a rank keeps from its own old slice are copied by a second thread while this
+    // one sends and receives (a copy is memory-bound, a send mostly the kernel's and the MAC's);
+    // the scope joins it before anything reads the new tensors.
+    std::thread::scope(|s| -> Result<()> {
+        let (local, jobs) = mpsc::channel::<(Tensor, Tensor)>();
+        s.spawn(move || {
+            tch::no_grad(|| {
+                for (mut dst, src) in jobs {
+                    dst.copy_(&src);
+                }
+            })
+        });
+        tch::no_grad(|| -> Result<()> {
+            for (name, full) in st.model.tensor_shapes() {
+                let p = match old {
                 Some(o) => Some(o.model().parameter(&name).ok_or_else(|| {
                     Error::Invalid(format!(
                         "reshard from peers: rank {me}'s old model has no {name}; the old slices must all be of the model in the state"
@@ -162,25 +177,37 @@ pub fn from_peers(
                 })?),
                 None => None,
             };
-            let comm = new.tp_comm_mut();
-            tensors.insert(name.clone(), moved.tensor(comm, &name, &full, p)?);
-            if unallocated.contains(&name) {
-                continue;
+                let comm = new.tp_comm_mut();
+                tensors.insert(name.clone(), moved.tensor(comm, &local, &name, &full, p)?);
+                if unallocated.contains(&name) {
+                    continue;
+                }
+                let m = old.zip(p).map(|(o, p)| o.optimizer().moments_of(&name, p));
+                let [n1, n2] = moment_names(&name);
+                let exp_avg =
+                    moved.tensor(comm, &local, &n1, &full, m.as_ref().map(|m| &m.exp_avg))?;
+                let exp_avg_sq =
+                    moved.tensor(comm, &local, &n2, &full, m.as_ref().map(|m| &m.exp_avg_sq))?;
+                moments.insert(
+                    name,
+                    Moments {
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                );
             }
-            let m = old.zip(p).map(|(o, p)| o.optimizer().moments_of(&name, p));
-            let [n1, n2] = moment_names(&name);
-            let exp_avg = moved.tensor(comm, &n1, &full, m.as_ref().map(|m| &m.exp_avg))?;
-            let exp_avg_sq = moved.tensor(comm, &n2, &full, m.as_ref().map(|m| &m.exp_avg_sq))?;
-            moments.insert(
-                name,
-                Moments {
-                    exp_avg: exp_avg.to_device(device),
-                    exp_avg_sq: exp_avg_sq.to_device(device),
-                },
-            );
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
+    if device != Device::Cpu {
+        for t in tensors.values_mut() {
+            *t = t.to_device(device);
+        }
+        for m in moments.values_mut() {
+            m.exp_avg = m.exp_avg.to_device(device);
+            m.exp_avg_sq = m.exp_avg_sq.to_device(device);
+        }
+    }
     let model = Llama::from_tensors_shard(&st.model, device, moved.new_shard(), &mut tensors);
     new.install(st, model, Some(moments));
     Ok(ReshardReport {
@@ -225,11 +252,13 @@ impl Moved<'_> {
     }
 
     /// This rank's new slice of tensor `name` (global shape `full`), as an fp32 host tensor;
-    /// `local_old` is this rank's old slice if it holds one. Every rank calls it for every
-    /// tensor in the same order.
+    /// `local_old` is this rank's old slice if it holds one; the part it keeps of that is sent
+    /// to `local` to copy (it is complete once `local`'s thread is done). Every rank calls it
+    /// for every tensor in the same order.
     fn tensor(
         &self,
         comm: &mut dyn Collective,
+        local: &mpsc::Sender<(Tensor, Tensor)>,
         name: &str,
         full: &[usize],
         local_old: Option<&Tensor>,
@@ -266,20 +295,29 @@ impl Moved<'_> {
                 };
                 let own = overlap(self.me);
                 if !own.is_empty() {
-                    part(&own).copy_(&cut(&own));
+                    local.send((part(&own), cut(&own))).map_err(|_| {
+                        Error::Invalid("reshard from peers: the local copy thread is gone".into())
+                    })?;
                 }
                 if sends {
-                    // Views where contiguous (row slices), one copy otherwise.
-                    let pieces: Vec<Option<Tensor>> = (0..self.new_tp)
+                    // Straight from the old slice's memory: one run for a row slice, one run
+                    // per row for a column slice.
+                    let (values, shape) = (host_f32(src), src.size());
+                    let pieces: Vec<Vec<&[f32]>> = (0..self.new_tp)
                         .map(|r| {
                             let ov = overlap(r);
-                            (r != h && !ov.is_empty()).then(|| cut(&ov).contiguous())
+                            match r != h && !ov.is_empty() {
+                                true => runs(
+                                    values,
+                                    &shape,
+                                    d,
+                                    (ov.start - held.start)..(ov.end - held.start),
+                                ),
+                                false => Vec::new(),
+                            }
                         })
                         .collect();
-                    let refs: Vec<&[f32]> = pieces
-                        .iter()
-                        .map(|p| p.as_ref().map_or(&[][..], host_f32))
-                        .collect();
+                    let refs: Vec<&[&[f32]]> = pieces.iter().map(|p| p.as_slice()).collect();
                     comm.scatter(h, &refs, &mut [])?;
                 }
             } else if sends {
@@ -300,6 +338,17 @@ impl Moved<'_> {
         }
         Ok(dst)
     }
+}
+
+/// Indices `range` of dimension `d` of a contiguous tensor (`values`, `shape`) as runs of
+/// contiguous values, in order.
+fn runs<'a>(values: &'a [f32], shape: &[i64], d: usize, range: Range<usize>) -> Vec<&'a [f32]> {
+    let inner: usize = shape[d + 1..].iter().map(|&x| x as usize).product();
+    let (stride, len) = (shape[d] as usize * inner, range.len() * inner);
+    values
+        .chunks_exact(stride.max(1))
+        .map(|block| &block[range.start * inner..range.start * inner + len])
+        .collect()
 }
 
 fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
