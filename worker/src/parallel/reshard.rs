@@ -83,13 +83,13 @@ pub fn from_checkpoint(new: &mut Trainer, dir: &Path) -> Result<ReshardReport> {
 /// Only what each rank lacks travels: for every tensor and old slice, the holder copies the
 /// part of its slice that falls in its own new slice locally and [scatters](Collective::scatter)
 /// to every other rank just the part that falls in that rank's new slice (a replicated tensor
-/// goes whole to the ranks that do not hold old slice 0). Pieces go from the old tensors' memory
-/// (a column slice as one run per row) and arrive in the new tensors' memory (allocated once,
-/// uninitialised); only a part that is not contiguous in the new slice (row-parallel
-/// `o_proj`/`down_proj` when a new slice spans old ones, e.g. TP 2 → 3) is received into a
-/// staging buffer first. The parts a holder keeps are copied by a second thread while it sends.
-/// Moments that are not allocated yet (a fresh optimizer after a `reset` growth) stay
-/// unallocated and are not sent.
+/// goes whole to the ranks that do not hold old slice 0). Pieces go from the old tensors'
+/// memory (a column slice as one run per row, gathered by the ring segment by segment, not
+/// staged whole) and arrive in the new tensors' memory (allocated once, uninitialised); only a
+/// part that is not contiguous in the new slice (row-parallel `o_proj`/`down_proj` when a new
+/// slice spans old ones, e.g. TP 2 → 3) is received into a staging buffer first. The parts a
+/// holder keeps are copied by a second thread while it sends. Moments that are not allocated
+/// yet (a fresh optimizer after a `reset` growth) stay unallocated and are not sent.
 pub fn from_peers(
     new: &mut Trainer,
     old: Option<&Trainer>,
@@ -153,6 +153,11 @@ pub fn from_peers(
         holders,
     };
     let device = new.device();
+    let missing = |name: &str| {
+        Error::Invalid(format!(
+            "reshard from peers: rank {me}'s old model has no {name}; every old slice must be of the model in the state"
+        ))
+    };
     let mut tensors = HashMap::new();
     let mut moments = HashMap::new();
     // The parts a rank keeps from its own old slice are copied by a second thread while this
@@ -169,14 +174,9 @@ pub fn from_peers(
         });
         tch::no_grad(|| -> Result<()> {
             for (name, full) in st.model.tensor_shapes() {
-                let p = match old {
-                Some(o) => Some(o.model().parameter(&name).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "reshard from peers: rank {me}'s old model has no {name}; the old slices must all be of the model in the state"
-                    ))
-                })?),
-                None => None,
-            };
+                let p = old
+                    .map(|o| o.model().parameter(&name).ok_or_else(|| missing(&name)))
+                    .transpose()?;
                 let comm = new.tp_comm_mut();
                 tensors.insert(name.clone(), moved.tensor(comm, &local, &name, &full, p)?);
                 if unallocated.contains(&name) {
