@@ -17,6 +17,7 @@
 //!
 //! [`DEFAULT`] is the faster of the two as measured by `examples/reshard_bench.rs` on CPU
 //! (docs/benchmarks.md).
+use crate::host::{host_f32, host_f32_mut};
 use crate::model::{Llama, Shard};
 use crate::optim::Moments;
 use crate::parallel::broadcast_bytes;
@@ -354,34 +355,4 @@ fn runs<'a>(values: &'a [f32], shape: &[i64], d: usize, range: Range<usize>) -> 
 fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
     let (s, e) = (a.start.max(b.start), a.end.min(b.end));
     s..e.max(s)
-}
-
-/// The values of a contiguous fp32 host tensor.
-fn host_f32(t: &Tensor) -> &[f32] {
-    assert!(
-        t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous(),
-        "host_f32 needs a contiguous fp32 host tensor"
-    );
-    let n = t.numel();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: a contiguous fp32 CPU tensor has `n` f32 values at its data pointer, which live as
-    // long as `t` (it holds its storage) and are not resized while borrowed.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
-}
-
-/// [`host_f32`], writable (writes land in `t`'s storage, which a view shares with its base).
-fn host_f32_mut(t: &mut Tensor) -> &mut [f32] {
-    assert!(
-        t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous(),
-        "host_f32_mut needs a contiguous fp32 host tensor"
-    );
-    let n = t.numel();
-    if n == 0 {
-        return &mut [];
-    }
-    // SAFETY: as in `host_f32`; `&mut t` keeps this view from being read or written through
-    // any other handle for the borrow's duration.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
 }
