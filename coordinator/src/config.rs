@@ -45,7 +45,8 @@ pub struct CoordinatorConfig {
     /// A growth phase (stack, reshard, resume, re-layout) running longer than this rolls the
     /// growth back; its checkpoint phase has `checkpoint_deadline_secs`.
     pub growth_phase_deadline_secs: f64,
-    /// A failed checkpoint is retried after 1 s, doubling up to this many seconds.
+    /// A failed checkpoint, or a growth stage whose checkpoint failed, is retried after 1 s,
+    /// doubling up to this many seconds.
     pub checkpoint_retry_max_secs: f64,
     /// `text` or `json`.
     pub log_format: String,
