@@ -31,8 +31,8 @@ pub struct CoordinatorConfig {
     pub plateau_window: u64,
     /// How often membership (heartbeat TTL) and triggers are checked, milliseconds.
     pub tick_ms: u64,
-    /// A worker whose training thread has been inside one step (or evaluation) this long, while
-    /// its heartbeats go on, is evicted; default (absent): max(60 s, 20 × the measured step
+    /// A worker whose training thread has been inside one step (or evaluation, or growth phase)
+    /// this long, while its heartbeats go on, is evicted; default (absent): max(60 s, 20 × the measured step
     /// time).
     pub progress_timeout_secs: Option<f64>,
     /// Bound on every wait on a peer in the ranks' collectives, sent in each assignment;

@@ -53,7 +53,8 @@ pub struct DomainOptions {
     pub verify_checkpoints: bool,
     /// Most workers in the registry (`max_workers`).
     pub max_workers: usize,
-    /// Evict a worker stuck this long inside one step; `None`: max(60 s, 20 × step time).
+    /// Evict a worker stuck this long inside one step, evaluation or growth phase; `None`:
+    /// max(60 s, 20 × step time).
     pub progress_timeout: Option<Duration>,
     /// Every wait on a peer in the ranks' collectives; `None`: half the progress timeout.
     pub ring_timeout: Option<Duration>,
@@ -92,11 +93,13 @@ const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// The automatic progress timeout is this many measured step times (when above the floor).
 const PROGRESS_TIMEOUT_STEPS: f64 = 20.0;
 
-/// Training-thread activities in which a worker must make progress (a step or an evaluation
-/// completing) within the progress timeout. Checkpoint, commit and growth work is bounded by
-/// the transaction deadlines instead; idle, hold and paused are waits for the coordinator.
+/// Training-thread activities in which a worker must make progress (a step, an evaluation or
+/// a growth's stack, reshard and resume completing: compute on the rank's own tensors) within
+/// the progress timeout. Checkpoint and commit work waits on storage, whose speed is not the
+/// rank's: it is bounded by the checkpoint deadline instead (an abort, not an eviction); idle,
+/// assign, hold and paused are waits for the coordinator or the group.
 fn busy(activity: &str) -> bool {
-    matches!(activity, "step" | "evaluate")
+    matches!(activity, "step" | "evaluate" | "grow")
 }
 
 /// A worker's Ack, decoded at the edge ([`crate::wire::ack`]).

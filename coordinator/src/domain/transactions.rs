@@ -902,8 +902,8 @@ impl Domain {
         step: Option<Step>,
     ) -> Result<()> {
         let job = self.job.as_mut().expect("a job");
-        let (cmd, reason, growth) = match job.active.as_ref().map(|a| &a.txn) {
-            Some(Txn::Checkpoint(c)) => (c.cmd, c.reason, None),
+        let (cmd, reason, barrier, growth) = match job.active.as_ref().map(|a| &a.txn) {
+            Some(Txn::Checkpoint(c)) => (c.cmd, c.reason, c.at_step, None),
             Some(Txn::Growth(g)) => match g.checkpoint() {
                 // The Grow went out with the checkpoint: the ranks train the grown model, whose
                 // restore point ("checkpoint + plan") will never exist. Back to the restore
@@ -930,7 +930,7 @@ impl Domain {
                     }
                     return Ok(());
                 }
-                Some(c) => (c.cmd, Reason::Growth, Some(g.generation)),
+                Some(c) => (c.cmd, Reason::Growth, c.at_step, Some(g.generation)),
                 None => return Ok(()),
             },
             None => return Ok(()),
@@ -948,7 +948,13 @@ impl Domain {
                 at: Instant::now() + w,
             });
         }
-        let step = step.unwrap_or(job.state.step);
+        // The step it was written at (a rank's failed ack says it), else its barrier (a
+        // deadline), else, for one taken at once, the job's step.
+        let step = step.unwrap_or(if barrier > Step(0) {
+            barrier
+        } else {
+            job.state.step
+        });
         let msg = job::checkpoint_failed(&mut job.state, step, why, wait);
         self.metrics
             .checkpoint_failures_total
