@@ -631,6 +631,63 @@ async fn a_growth_stage_whose_checkpoint_cannot_be_written_is_retried_with_backo
     co.stop().await;
 }
 
+/// gRPC health of `service` ("" the whole server, "liveness" the liveness probe's): SERVING?
+async fn serving(addr: std::net::SocketAddr, service: &str) -> bool {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut h = HealthClient::new(ch);
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .is_ok_and(|r| r.into_inner().status == 1)
+}
+
+/// Poll both health services until they say `want` (bounded).
+async fn wait_health(addr: std::net::SocketAddr, want: bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if serving(addr, "").await == want && serving(addr, "liveness").await == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A driver stuck holding the coordinator's state lock (a handler that never returns): gRPC
+/// health turns NOT_SERVING on "" and on "liveness" (Kubernetes restarts a process that no longer
+/// answers) once the lock is not free within its bound, and SERVING again once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_state_lock_turns_readiness_and_liveness_not_serving_until_it_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("stuck", 2, 1000, 0, "")).await;
+    wait_health(co.grpc_addr, true, "SERVING at start").await;
+    let stuck = co.domain.lock().await;
+    wait_health(co.grpc_addr, false, "NOT_SERVING while the lock is held").await;
+    drop(stuck);
+    wait_health(co.grpc_addr, true, "SERVING once the lock is free").await;
+    // And the coordinator answers again.
+    let s = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.job_id, "stuck");
+    co.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_with_slow_steps_is_reported_slow() {
     let dir = tempfile::tempdir().unwrap();
