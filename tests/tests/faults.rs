@@ -1,7 +1,8 @@
 //! Faults end to end over real processes on loopback (`trellis-coordinator`, `trellis-worker
 //! --coordinator` on libtorch CPU, `coordctl`): issue #10's checkpoint volume that fills up, a
-//! rank whose training thread hangs while its heartbeats go on, and the transaction deadlines (a
-//! checkpoint write held past `checkpoint_deadline_secs`, a growth phase held past
+//! rank whose training thread hangs while its heartbeats go on (in a step, or in a growth
+//! phase), a growth stage on a full volume (retried with backoff), and the transaction deadlines
+//! (a checkpoint write held past `checkpoint_deadline_secs`, a growth phase held past
 //! `growth_phase_deadline_secs`). Each test prints its measured figures (`cargo test --
 //! --nocapture`).
 //!
@@ -187,6 +188,66 @@ fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
         freed_at.as_secs_f64(),
         u(&done["step"]),
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// A growth stage of the spec whose checkpoint cannot be written (the volume is full) rolls
+/// back and is retried, never counted as a failed growth and never at once: the status names the
+/// growth's retry while its backoff runs. Once space returns, the stage grows.
+#[test]
+fn a_growth_stage_on_a_full_checkpoint_volume_is_retried_with_backoff_until_space_returns() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a tmpfs for the checkpoint volume needs root");
+        return;
+    }
+    let mut cl = Cluster::new("growfull");
+    let root = cl.path("ckpt");
+    let _vol = Tmpfs::mount(&root, "16m");
+    let filler = fill(&root, 256 * 1024);
+    let job = TinyJob {
+        dp: 2,
+        max_steps: 100000,
+        interval: 0,
+        extra: "[[growth]]\nat_step = 30\nfactor = 2\noperator = \"stack\"\n",
+        ..TinyJob::new("growfull", &root)
+    }
+    .toml();
+    let ep = coordinator(&mut cl, "checkpoint_retry_max_secs = 4.0\n", &job, &[]);
+    cl.worker(&ep, &[]);
+    cl.worker(&ep, &[]);
+    let waiting = wait_status(&ep, "the growth stage waiting out its backoff", LONG, |s| {
+        s["retry"]["what"] == "growth"
+    });
+    assert_eq!(u(&waiting["generation"]), 0, "{waiting}");
+    assert!(u(&waiting["rollbacks"]) >= 1, "{waiting}");
+    let why = waiting["checkpoint_error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("the growth checkpoint failed")
+            && why.contains("No space left on device")
+            && why.contains("growth retrying in"),
+        "{waiting}"
+    );
+    // Failure after failure: a full disk is never a failed growth, the job trains on.
+    let again = wait_status(&ep, "more failed attempts", LONG, |s| {
+        u(&s["rollbacks"]) >= 3
+    });
+    assert_ne!(phase(&again), "failed", "{again}");
+    assert_eq!(u(&again["generation"]), 0, "{again}");
+    // Space returns: the stage's next retry grows and nothing waits any more.
+    std::fs::remove_file(&filler).unwrap();
+    let grown = wait_status(&ep, "the growth stage done", LONG, |s| {
+        u(&s["generation"]) == 1 && s["growth"].is_null()
+    });
+    assert!(grown["retry"].is_null(), "{grown}");
+    assert!(
+        grown["checkpoint_error"].as_str().unwrap_or("x").is_empty(),
+        "{grown}"
+    );
+    eprintln!(
+        "growth stage on a full volume: {} rollbacks before space returned (first: {why}); grown \
+         to generation 1 after {} rollbacks",
+        u(&again["rollbacks"]),
+        u(&grown["rollbacks"])
     );
 }
 
