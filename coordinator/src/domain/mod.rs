@@ -568,7 +568,7 @@ impl Domain {
             std::path::Path::new(&record.base_dir),
             "stored job spec",
         )?;
-        let model0 = model_config(&spec)?;
+        let model0 = model_config(&spec, record.init_vocab_size)?;
         info!(job_id = %id, phase = ?state.phase, epoch = %state.epoch, generation = %state.generation, step = %state.step, "recovered job from the store");
         let mut job = Job::new(
             id,
@@ -733,14 +733,17 @@ impl Domain {
         }
         let base = if base_dir.is_empty() { "." } else { base_dir };
         let spec = JobSpec::from_toml(spec_toml, std::path::Path::new(base), "submitted job spec")?;
-        let model0 = model_config(&spec)?;
         let id = JobId(spec.job.name.clone());
         keys::check_segment("job name", &id.0)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let world = spec.parallel.dp * spec.parallel.tp;
-        let init = match &spec.checkpoint.init_from {
-            Some(dir) => Some(init_checkpoint(dir, &spec, &model0).await?),
-            None => None,
+        // A job from a checkpoint takes its vocabulary from it ([model] vocab_size optional).
+        let (init, model0) = match &spec.checkpoint.init_from {
+            Some(dir) => {
+                let (rec, cfg, model0) = init_checkpoint(dir, &spec).await?;
+                (Some((rec, cfg)), model0)
+            }
+            None => (None, model_config(&spec, None)?),
         };
         let cfg = init.as_ref().map_or(model0.clone(), |(_, c)| c.clone());
         let layout = submitted_layout(&spec, &cfg, world, self.opts.device_memory_bytes)?;
@@ -749,6 +752,7 @@ impl Domain {
             spec_toml: spec_toml.to_string(),
             base_dir: base.to_string(),
             submitted_at: now_unix(),
+            init_vocab_size: init.as_ref().map(|_| model0.vocab_size),
         };
         let mut state = JobState {
             phase: Phase::Pending,
