@@ -160,7 +160,11 @@ fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
     // Space returns: the job checkpoints again and finishes.
     std::fs::remove_file(&filler).unwrap();
     let freed_at = t0.elapsed();
-    let done = wait_status(&ep, "the job to finish", LONG, |s| phase(s) == "done");
+    // The status lists a checkpoint once its record is durable, which can come a moment after
+    // the phase reads done.
+    let done = wait_status(&ep, "the job to finish", LONG, |s| {
+        phase(s) == "done" && !s["checkpoints"].as_array().unwrap().is_empty()
+    });
     assert_eq!(u(&done["step"]), max_steps, "{done}");
     assert_eq!(u(&done["rollbacks"]), 0, "{done}");
     assert_eq!(u(&done["epoch"]), 1, "{done}");
