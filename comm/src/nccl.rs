@@ -222,6 +222,10 @@ impl Collective for NcclGroup {
     fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64> {
         self.host.all_reduce_min_u64(v)
     }
+    /// The ring's scatter (each rank gets only its piece): the reshard's host transport.
+    fn scatter(&mut self, root: usize, pieces: &[crate::Runs<'_>], mine: &mut [f32]) -> Result<()> {
+        self.host.scatter(root, pieces, mine)
+    }
     fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
         Some(&mut self.comm)
     }

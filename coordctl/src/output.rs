@@ -134,12 +134,22 @@ pub struct StatusView {
     /// Collective backends of the current epoch's groups (solo | ring | nccl); empty before
     /// the first epoch.
     pub backend: BackendView,
+    /// Scheduled work whose checkpoint failed, waiting out its backoff ("periodic", "growth",
+    /// ...); absent when nothing waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendView {
     pub dp: String,
     pub tp: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryView {
+    pub what: String,
+    pub in_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -407,6 +417,10 @@ impl From<&pb::JobStatus> for StatusView {
                 dp: s.dp_backend.clone(),
                 tp: s.tp_backend.clone(),
             },
+            retry: (!s.retry.is_empty()).then(|| RetryView {
+                what: s.retry.clone(),
+                in_seconds: s.retry_in_seconds,
+            }),
         }
     }
 }
@@ -721,6 +735,19 @@ pub fn status_table(s: &StatusView) -> String {
             } else {
                 format!("{}, last: {}", s.checkpoint_failures, s.checkpoint_error)
             },
+        ));
+    }
+    if let Some(r) = &s.retry {
+        let what = match r.what.as_str() {
+            "growth" => "growth stage".to_string(),
+            w => format!("{w} checkpoint"),
+        };
+        rows.push((
+            "next retry",
+            format!(
+                "{what} in {:.1} s (backoff after a failed checkpoint)",
+                r.in_seconds
+            ),
         ));
     }
     rows.push((

@@ -102,6 +102,8 @@ fn status(phase: pb::JobPhase, step: u64) -> pb::JobStatus {
         next_growth_stage: 1,
         dp_backend: "nccl".into(),
         tp_backend: "solo".into(),
+        retry: "growth".into(),
+        retry_in_seconds: 3.5,
         ..Default::default()
     }
 }
@@ -351,6 +353,8 @@ fn status_json_and_table() {
     assert_eq!(v["growth_history"][0]["optimizer"], "reset");
     assert_eq!(v["growth_history"][0]["timings"]["total_seconds"], 0.8);
     assert_eq!(v["checkpoints"][0]["reason"], "post-growth");
+    assert_eq!(v["retry"]["what"], "growth");
+    assert_eq!(v["retry"]["in_seconds"], 3.5);
 
     let r = coordctl(addr, &["status"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -362,6 +366,7 @@ fn status_json_and_table() {
         "2 active / 2 expected",
         "2 → 8 layers",
         "dp nccl, tp solo",
+        "growth stage in 3.5 s",
     ] {
         assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);
     }

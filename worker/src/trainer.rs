@@ -9,7 +9,7 @@
 //! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
 //! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::host::{from_host, to_host};
+use crate::host::{host_f32_mut, to_host};
 use crate::model::{Llama, Precision, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
 use crate::parallel::{self, Groups};
@@ -87,8 +87,30 @@ pub fn load_model(
     load_model_shard(ck, device, Shard::FULL)
 }
 
+/// Tensor `name`'s slice for `shard`, read from `ck` straight into a new (uninitialised) fp32
+/// host tensor ([`Checkpoint::read_into`]: no intermediate host copy), then moved to `device`.
+fn read_slice(
+    ck: &Checkpoint,
+    name: &str,
+    shard: Shard,
+    device: Device,
+) -> trellis_core::Result<Tensor> {
+    let shape: Vec<i64> = ck
+        .slice_shape(name, shard.rank, shard.tp)?
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    let mut t = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
+    ck.read_into(name, shard.rank, shard.tp, host_f32_mut(&mut t))?;
+    Ok(t.to_device(device))
+}
+
+fn dims_of(t: &Tensor) -> Vec<usize> {
+    t.size().iter().map(|&d| d as usize).collect()
+}
+
 /// [`load_model`] for TP rank `shard.rank` of `shard.tp`: reads only that rank's slices
-/// ([`Checkpoint::read`]), whatever layout the checkpoint was written with.
+/// ([`Checkpoint::read_into`]), whatever layout the checkpoint was written with.
 pub fn load_model_shard(
     ck: &Checkpoint,
     device: Device,
@@ -101,19 +123,19 @@ pub fn load_model_shard(
     let mut tensors = HashMap::new();
     for (name, shape) in cfg.tensor_shapes() {
         let shape = shard.local_shape(&name, &shape);
-        let h = ck.read(&name, shard.rank, shard.tp).map_err(|e| match e {
+        let t = read_slice(ck, &name, shard, device).map_err(|e| match e {
             trellis_core::Error::HashMismatch { .. } => Error::Core(e),
             other => Error::Invalid(format!(
                 "checkpoint {dir}: cannot read tensor {name}: {other}; the checkpoint does not fit its own config"
             )),
         })?;
-        if h.shape != shape {
+        if dims_of(&t) != shape {
             return Err(Error::Invalid(format!(
                 "checkpoint {dir}: tensor {name} has shape {:?} but its config needs {shape:?}",
-                h.shape
+                dims_of(&t)
             )));
         }
-        tensors.insert(name, from_host(&h, device));
+        tensors.insert(name, t);
     }
     let optim_names = ck.names(ShardKind::Optim);
     let moments = if optim_names.is_empty() {
@@ -124,16 +146,16 @@ pub fn load_model_shard(
             let shape = shard.local_shape(&name, &shape);
             let read = |suffix: &str| -> Result<Tensor> {
                 let n = format!("{name}.{suffix}");
-                let h = ck.read(&n, shard.rank, shard.tp).map_err(|e| {
+                let t = read_slice(ck, &n, shard, device).map_err(|e| {
                     Error::Invalid(format!("checkpoint {dir}: optimizer state {n}: {e}"))
                 })?;
-                if h.shape != shape {
+                if dims_of(&t) != shape {
                     return Err(Error::Invalid(format!(
                         "checkpoint {dir}: {n} has shape {:?}, expected {shape:?}",
-                        h.shape
+                        dims_of(&t)
                     )));
                 }
-                Ok(from_host(&h, device))
+                Ok(t)
             };
             let exp_avg = read("exp_avg")?;
             let exp_avg_sq = read("exp_avg_sq")?;
@@ -288,6 +310,20 @@ impl Trainer {
         Ok(t)
     }
 
+    /// [`Trainer::with_groups`] with its weights allocated but not drawn and no optimizer
+    /// moments: the target of a peers reshard ([`parallel::reshard::from_peers`]), which
+    /// replaces the whole state (drawing a fresh init first would cost seconds at 100M+
+    /// parameters). Not trainable until filled.
+    pub fn for_reshard(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+    ) -> Result<Trainer> {
+        Trainer::build(spec, out_dir, dp_rank, dp, groups, false)
+    }
+
     fn build(
         spec: &JobSpec,
         out_dir: &Path,
@@ -370,10 +406,15 @@ impl Trainer {
             Llama::placeholder_shard(&cfg, device, shard)
         };
         model.precision = precision;
-        let optim = AdamW::new(
-            AdamWConfig::from_train(&spec.train),
-            model.named_parameters(),
-        );
+        let optim = if init {
+            AdamW::new(
+                AdamWConfig::from_train(&spec.train),
+                model.named_parameters(),
+            )
+        } else {
+            // A restore or reshard brings the moments.
+            AdamW::fresh(AdamWConfig::from_train(&spec.train))
+        };
         let schedule = ScheduleState {
             start_step: 0,
             end_step: spec.train.max_steps,
@@ -1000,16 +1041,18 @@ impl Trainer {
         let st = &st;
         let dir = format!("step {}", st.step);
         model.precision = self.model.precision;
-        let mut optim = AdamW::new(self.optim.cfg, model.named_parameters());
-        match moments {
-            Some(m) => {
-                optim.moments = m;
-                optim.step = st.optimizer_step;
-            }
+        let optim = match moments {
+            // The moments as given (a parameter without an entry has unallocated zero ones).
+            Some(m) => AdamW {
+                cfg: self.optim.cfg,
+                step: st.optimizer_step,
+                moments: m,
+            },
             None => {
-                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments")
+                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments");
+                AdamW::new(self.optim.cfg, model.named_parameters())
             }
-        }
+        };
         // Commit.
         self.model = model;
         self.optim = optim;
