@@ -151,6 +151,16 @@ impl ManagedRunner {
     }
 }
 
+/// A failed checkpoint snapshot (plain or a growth's): preparing the temp dir can fail on a
+/// full disk, which is a checkpoint failure, retried; a failed collective (the TP barrier) or
+/// a libtorch error is not: the group is broken.
+fn snapshot_error(e: crate::Error) -> BoxError {
+    match e {
+        crate::Error::Comm(_) | crate::Error::Torch(_) => Box::new(e),
+        e => Box::new(CheckpointIo(e.to_string())),
+    }
+}
+
 impl Runner for ManagedRunner {
     fn step(&mut self) -> Result<StepOutcome, BoxError> {
         if self.hooks.hang_at_step == Some(self.trainer.step_count() + 1)
@@ -222,17 +232,10 @@ impl Runner for ManagedRunner {
     }
 
     fn begin_checkpoint_shards(&mut self, job_root: &Path) -> Result<ShardWriteJob, BoxError> {
-        // Preparing the temp dir can fail on a full disk: a checkpoint failure. A failed
-        // collective (the TP barrier) is not: the group is broken.
         let w = self
             .trainer
             .snapshot_checkpoint_shards(job_root)
-            .map_err(|e| -> BoxError {
-                match e {
-                    crate::Error::Comm(_) | crate::Error::Torch(_) => Box::new(e),
-                    e => Box::new(CheckpointIo(e.to_string())),
-                }
-            })?;
+            .map_err(snapshot_error)?;
         self.pending = Some(self.trainer.state());
         let delay = match self.hooks.ckpt_delay_ms {
             0 => 0,
@@ -258,7 +261,10 @@ impl Runner for ManagedRunner {
         &mut self,
         job_root: &Path,
     ) -> Result<ShardWriteJob, BoxError> {
-        let w = self.trainer.snapshot_growth_checkpoint_shards(job_root)?;
+        let w = self
+            .trainer
+            .snapshot_growth_checkpoint_shards(job_root)
+            .map_err(snapshot_error)?;
         self.pending = Some(self.trainer.state());
         let delay = self.hooks.growth_ckpt_delay_ms;
         Ok(Box::new(move || {
