@@ -29,7 +29,8 @@ bench-growth: build
 	@$(ENV) && bench/growth_latency.sh
 
 # Connection storm (issue 10): 500 simulated workers open sessions at once, then reconnect after
-# a coordinator kill -9 + restart; 5 rounds in a row, fails on any session lost (docs/benchmarks.md)
+# a coordinator kill -9 + restart; 5 rounds in a row, fails on any session lost (docs/benchmarks.md).
+# `make test` runs the same storm as a test (coordinator/tests/storm.rs), asserting its invariants.
 STORM_WORKERS ?= 500
 STORM_ROUNDS ?= 5
 bench-storm: build

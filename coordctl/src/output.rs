@@ -131,6 +131,16 @@ pub struct StatusView {
     pub evictions: u64,
     /// Ranks whose last step took over 1.5x the group's median.
     pub slow_ranks: Vec<u32>,
+    /// Scheduled work whose checkpoint failed, waiting out its backoff ("periodic", "growth",
+    /// ...); absent when nothing waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryView {
+    pub what: String,
+    pub in_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -394,6 +404,10 @@ impl From<&pb::JobStatus> for StatusView {
             checkpoint_error: s.checkpoint_error.clone(),
             evictions: s.evictions,
             slow_ranks: s.slow_ranks.clone(),
+            retry: (!s.retry.is_empty()).then(|| RetryView {
+                what: s.retry.clone(),
+                in_seconds: s.retry_in_seconds,
+            }),
         }
     }
 }
@@ -700,6 +714,19 @@ pub fn status_table(s: &StatusView) -> String {
             } else {
                 format!("{}, last: {}", s.checkpoint_failures, s.checkpoint_error)
             },
+        ));
+    }
+    if let Some(r) = &s.retry {
+        let what = match r.what.as_str() {
+            "growth" => "growth stage".to_string(),
+            w => format!("{w} checkpoint"),
+        };
+        rows.push((
+            "next retry",
+            format!(
+                "{what} in {:.1} s (backoff after a failed checkpoint)",
+                r.in_seconds
+            ),
         ));
     }
     rows.push((

@@ -100,6 +100,8 @@ fn status(phase: pb::JobPhase, step: u64) -> pb::JobStatus {
         loss_anomalies: 0,
         rollbacks: 0,
         next_growth_stage: 1,
+        retry: "growth".into(),
+        retry_in_seconds: 3.5,
         ..Default::default()
     }
 }
@@ -347,6 +349,8 @@ fn status_json_and_table() {
     assert_eq!(v["growth_history"][0]["optimizer"], "reset");
     assert_eq!(v["growth_history"][0]["timings"]["total_seconds"], 0.8);
     assert_eq!(v["checkpoints"][0]["reason"], "post-growth");
+    assert_eq!(v["retry"]["what"], "growth");
+    assert_eq!(v["retry"]["in_seconds"], 3.5);
 
     let r = coordctl(addr, &["status"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -357,6 +361,7 @@ fn status_json_and_table() {
         "train 3.2500",
         "2 active / 2 expected",
         "2 → 8 layers",
+        "growth stage in 3.5 s",
     ] {
         assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);
     }

@@ -31,8 +31,8 @@ pub struct CoordinatorConfig {
     pub plateau_window: u64,
     /// How often membership (heartbeat TTL) and triggers are checked, milliseconds.
     pub tick_ms: u64,
-    /// A worker whose training thread has been inside one step (or evaluation) this long, while
-    /// its heartbeats go on, is evicted; default (absent): max(60 s, 20 × the measured step
+    /// A worker whose training thread has been inside one step (or evaluation, or growth phase)
+    /// this long, while its heartbeats go on, is evicted; default (absent): max(60 s, 20 × the measured step
     /// time).
     pub progress_timeout_secs: Option<f64>,
     /// Bound on every wait on a peer in the ranks' collectives, sent in each assignment;
@@ -45,7 +45,8 @@ pub struct CoordinatorConfig {
     /// A growth phase (stack, reshard, resume, re-layout) running longer than this rolls the
     /// growth back; its checkpoint phase has `checkpoint_deadline_secs`.
     pub growth_phase_deadline_secs: f64,
-    /// A failed checkpoint is retried after 1 s, doubling up to this many seconds.
+    /// A failed checkpoint, or a growth stage whose checkpoint failed, is retried after 1 s,
+    /// doubling up to this many seconds.
     pub checkpoint_retry_max_secs: f64,
     /// `text` or `json`.
     pub log_format: String,

@@ -35,7 +35,8 @@ struct Cli {
     /// Worker heartbeat TTL in seconds.
     #[arg(long)]
     heartbeat_ttl_secs: Option<f64>,
-    /// Evict a worker whose training thread is stuck in one step this many seconds (default:
+    /// Evict a worker whose training thread is stuck in one step, evaluation or growth phase this
+    /// many seconds (default:
     /// max(60, 20 x the measured step time)).
     #[arg(long, value_name = "SECS")]
     progress_timeout: Option<f64>,

@@ -16,9 +16,15 @@ pub fn gib(b: u64) -> f64 {
 }
 
 /// The initial model config. The coordinator has no tokenizer: the vocabulary is the spec's
-/// `model.vocab_size` or `data.vocab_size`.
-pub fn model_config(spec: &JobSpec) -> Result<ModelConfig> {
-    Ok(spec.model_config(spec.model.vocab_size.unwrap_or(spec.data.vocab_size))?)
+/// `model.vocab_size`, else `init_vocab` (a job from `checkpoint.init_from`: the checkpoint's,
+/// [`init_checkpoint`]), else `data.vocab_size`.
+pub fn model_config(spec: &JobSpec, init_vocab: Option<usize>) -> Result<ModelConfig> {
+    let vocab = spec
+        .model
+        .vocab_size
+        .or(init_vocab)
+        .unwrap_or(spec.data.vocab_size);
+    Ok(spec.model_config(vocab)?)
 }
 
 /// The spec's layout for `cfg` on `world` ranks, checked against the per-rank `budget`
@@ -156,13 +162,14 @@ pub fn growth_layout(
 }
 
 /// The committed checkpoint a job starts from (`checkpoint.init_from`), verified (manifest and
-/// every file's hash, off the async threads) and checked against the spec: same sizes (the
-/// depth may differ), a step before `max_steps`. Returns its record and model config.
+/// every file's hash, off the async threads) and checked against the spec: its vocabulary
+/// ([`JobSpec::init_vocab_size`]: `[model] vocab_size` may be left out), same sizes (the depth
+/// may differ), a step before `max_steps`. Returns its record, its model config and the job's
+/// initial model config.
 pub async fn init_checkpoint(
     dir: &Path,
     spec: &JobSpec,
-    model0: &ModelConfig,
-) -> Result<(CheckpointRecord, ModelConfig)> {
+) -> Result<(CheckpointRecord, ModelConfig, ModelConfig)> {
     let path = dir.to_path_buf();
     let ck = tokio::task::spawn_blocking(move || trellis_core::checkpoint::Checkpoint::open(&path))
         .await
@@ -171,6 +178,10 @@ pub async fn init_checkpoint(
             Error::InvalidArgument(format!("checkpoint.init_from {}: {e}", dir.display()))
         })?;
     let st = ck.state;
+    let vocab = spec
+        .init_vocab_size(st.model.vocab_size)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let model0 = &model_config(spec, Some(vocab))?;
     if st.model.with_layers(model0.num_hidden_layers) != *model0 {
         return Err(Error::InvalidArgument(format!(
             "checkpoint.init_from {}: its model differs from the [model] section ({}); make [model] describe the checkpoint's model",
@@ -201,5 +212,6 @@ pub async fn init_checkpoint(
             unusable: None,
         },
         st.model,
+        model0.clone(),
     ))
 }

@@ -12,6 +12,11 @@ pub struct JobRecord {
     pub spec_toml: String,
     pub base_dir: String,
     pub submitted_at: f64,
+    /// The vocabulary taken from `checkpoint.init_from` at submission (`[model] vocab_size`
+    /// may leave it out), so that a recovering coordinator builds the same model config without
+    /// reading the checkpoint again. Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_vocab_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

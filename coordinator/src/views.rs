@@ -23,6 +23,7 @@ impl Domain {
                 }
                 e
             });
+        let retry = job.retry_in(Instant::now());
         let last = job
             .growths
             .values()
@@ -78,6 +79,8 @@ impl Domain {
                 .filter(|(_, x)| *x > SLOW)
                 .map(|(r, _)| r)
                 .collect(),
+            retry: retry.map(|r| r.0.to_string()).unwrap_or_default(),
+            retry_in_seconds: retry.map_or(0.0, |r| r.1),
         })
     }
 

@@ -581,6 +581,123 @@ async fn a_growth_whose_checkpoint_cannot_be_written_rolls_back_and_is_not_a_fai
     co.stop().await;
 }
 
+/// A growth stage of the spec whose checkpoint cannot be written (a full disk) rolls back and
+/// is retried, without limit but never at once: after 1 s, then 2 s, then the cap
+/// (`checkpoint_retry_max_secs`), the wait shown by the status; a success clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growth_stage_whose_checkpoint_cannot_be_written_is_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator_with(dir.path(), |c| c.checkpoint_retry_max_secs = 2.0).await;
+    let mut c = control(co.grpc_addr).await;
+    let stage = "[[growth]]\nat_step = 10\nfactor = 2\noperator = \"stack\"\n";
+    submit(&mut c, &spec("stageio", 2, 100000, 0, stage)).await;
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = FakeConfig {
+        fail_write: Some(full.clone()),
+        ..fake(3)
+    };
+    let ep = format!("http://{}", co.grpc_addr);
+    let a0 = spawn_agent(ep.clone(), f.clone());
+    let a1 = spawn_agent(ep.clone(), f.clone());
+    for (n, wait) in [(1, "1"), (2, "2"), (3, "2")] {
+        let s = wait_status(&mut c, "the growth stage rolled back", 60, |s| {
+            s.rollbacks == n && s.retry == "growth"
+        })
+        .await;
+        assert!(
+            s.retry_in_seconds > 0.0 && s.retry_in_seconds <= 2.0,
+            "{s:#?}"
+        );
+        assert_eq!((s.generation, s.layers), (0, 2), "{s:#?}");
+        let g = s
+            .growth_history
+            .iter()
+            .rev()
+            .find(|g| g.generation == 1)
+            .unwrap();
+        assert!(
+            g.phase == pb::GrowthPhase::RolledBack as i32
+                && g.error.contains("No space left on device")
+                && g.error.contains(&format!("growth retrying in {wait} s")),
+            "failure {n}: {g:#?}"
+        );
+        assert!(
+            s.checkpoint_error
+                .contains(&format!("retrying in {wait} s")),
+            "{}",
+            s.checkpoint_error
+        );
+    }
+    // Space comes back: the stage's next retry grows, and nothing waits any more.
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let s = wait_status(&mut c, "the retried growth stage", 60, |s| {
+        s.generation == 1 && s.layers == 4 && s.growth.is_none()
+    })
+    .await;
+    assert_eq!((s.retry.as_str(), s.next_growth_stage), ("", 1), "{s:#?}");
+    assert!(s.rollbacks >= 3, "{s:#?}");
+    a0.abort();
+    a1.abort();
+    co.stop().await;
+}
+
+/// gRPC health of `service` ("" the whole server, "liveness" the liveness probe's): SERVING?
+async fn serving(addr: std::net::SocketAddr, service: &str) -> bool {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut h = HealthClient::new(ch);
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .is_ok_and(|r| r.into_inner().status == 1)
+}
+
+/// Poll both health services until they say `want` (bounded).
+async fn wait_health(addr: std::net::SocketAddr, want: bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if serving(addr, "").await == want && serving(addr, "liveness").await == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A driver stuck holding the coordinator's state lock (a handler that never returns): gRPC
+/// health turns NOT_SERVING on "" and on "liveness" (Kubernetes restarts a process that no longer
+/// answers) once the lock is not free within its bound, and SERVING again once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_state_lock_turns_readiness_and_liveness_not_serving_until_it_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("stuck", 2, 1000, 0, "")).await;
+    wait_health(co.grpc_addr, true, "SERVING at start").await;
+    let stuck = co.domain.lock().await;
+    wait_health(co.grpc_addr, false, "NOT_SERVING while the lock is held").await;
+    drop(stuck);
+    wait_health(co.grpc_addr, true, "SERVING once the lock is free").await;
+    // And the coordinator answers again.
+    let s = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.job_id, "stuck");
+    co.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_with_slow_steps_is_reported_slow() {
     let dir = tempfile::tempdir().unwrap();

@@ -606,6 +606,24 @@ impl JobSpec {
             .is_some_and(|g| g.trigger.as_deref() == Some("plateau"))
     }
 
+    /// The vocabulary of a job that starts from `checkpoint.init_from`, whose model has
+    /// `checkpoint_vocab` embedding rows: the checkpoint's when `[model] vocab_size` is absent;
+    /// refused, naming both numbers, when it is given and differs.
+    pub fn init_vocab_size(&self, checkpoint_vocab: usize) -> Result<usize> {
+        match self.model.vocab_size {
+            Some(v) if v != checkpoint_vocab => Err(Error::InvalidConfig(format!(
+                "[model] vocab_size is {v} but checkpoint.init_from {} has a vocabulary of {checkpoint_vocab}; \
+                 remove vocab_size from [model] (it is taken from the checkpoint) or set it to {checkpoint_vocab}",
+                self.checkpoint
+                    .init_from
+                    .as_deref()
+                    .unwrap_or(Path::new("(none)"))
+                    .display()
+            ))),
+            _ => Ok(checkpoint_vocab),
+        }
+    }
+
     /// The initial model config, given the tokenizer's vocabulary size.
     pub fn model_config(&self, tokenizer_vocab: usize) -> Result<ModelConfig> {
         let m = &self.model;
@@ -652,5 +670,62 @@ impl JobSpec {
         let cfg = cfg.canonical();
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(model: &str) -> JobSpec {
+        let text = format!(
+            r#"[job]
+name = "j"
+
+[model]
+preset = "tiny"
+{model}
+
+[data]
+train = "t.txt"
+valid = "v.txt"
+seq_len = 32
+
+[train]
+global_batch = 4
+max_steps = 10
+
+[checkpoint]
+init_from = "imported/step-0"
+"#
+        );
+        JobSpec::from_toml(&text, Path::new("/base"), "test").unwrap()
+    }
+
+    #[test]
+    fn init_vocab_size_comes_from_the_checkpoint_and_a_mismatch_names_both_numbers() {
+        // Absent: the checkpoint's, whatever data.vocab_size says.
+        let s = spec("");
+        assert_ne!(s.data.vocab_size, 49152);
+        assert_eq!(s.init_vocab_size(49152).unwrap(), 49152);
+        let cfg = s.model_config(s.init_vocab_size(49152).unwrap()).unwrap();
+        assert_eq!(cfg.vocab_size, 49152);
+        // Stated and equal: accepted.
+        assert_eq!(
+            spec("vocab_size = 49152").init_vocab_size(49152).unwrap(),
+            49152
+        );
+        // Stated and different: one line with both numbers, the checkpoint and the fix.
+        let e = spec("vocab_size = 32000")
+            .init_vocab_size(49152)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vocab_size is 32000")
+                && e.contains("/base/imported/step-0 has a vocabulary of 49152")
+                && e.contains("set it to 49152")
+                && !e.contains('\n'),
+            "{e}"
+        );
     }
 }

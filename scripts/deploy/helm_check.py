@@ -219,11 +219,27 @@ def policy_problems(objs: list[dict], values: dict) -> list[str]:
         has_gpu = gpu in (c["resources"].get("limits") or {}) and gpu in c["resources"]["requests"]
         if wants_gpu != has_gpu:
             problems.append(f"worker GPU request ({gpu}) {'missing' if wants_gpu else 'present on a cpu worker'}")
+        elif wants_gpu:
+            n = str(values["worker"]["gpusPerWorker"])
+            if c["resources"]["limits"][gpu] != n or c["resources"]["requests"][gpu] != n:
+                problems.append(f"worker {gpu} request/limit {c['resources']['requests'][gpu]}/{c['resources']['limits'][gpu]}, expected {n}")
+            if c["args"][c["args"].index("--device") + 1] != values["worker"]["device"]:
+                problems.append(f"worker --device is not {values['worker']['device']}")
+        # GPU node placement comes from the values as given
+        for key in ("nodeSelector", "tolerations"):
+            if (spec.get(key) or type(values["worker"][key])()) != values["worker"][key]:
+                problems.append(f"worker pod {key} {spec.get(key)!r} is not the values' {values['worker'][key]!r}")
+        if w["spec"]["replicas"] != values["worker"]["replicas"]:
+            problems.append(f"worker StatefulSet replicas {w['spec']['replicas']}, expected {values['worker']['replicas']}")
         if spec.get("terminationGracePeriodSeconds", 30) < 60:
             problems.append("worker terminationGracePeriodSeconds is below 60 s")
         svc = [s for s in by_kind.get("Service", []) if s["metadata"]["name"] == w["spec"]["serviceName"]]
         if not svc or svc[0]["spec"].get("clusterIP") != "None":
             problems.append("worker StatefulSet has no headless Service")
+    # the job spec the coordinator and the submit Job read is the values' spec, verbatim
+    jobs = [c for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"].endswith("-job")]
+    if len(jobs) != 1 or jobs[0]["data"].get("job.toml", "").strip() != values["job"]["spec"].strip():
+        problems.append("the job ConfigMap's job.toml is not the values' job.spec")
     etcd_sts = [s for n, s in sts.items() if n.endswith("-etcd")]
     if values["etcd"]["bundled"]["enabled"] != bool(etcd_sts):
         problems.append("bundled etcd StatefulSet present/absent contrary to etcd.bundled.enabled")
@@ -327,7 +343,7 @@ def main() -> int:
             report(not bad, f"kubernetes-validate ({name})", "; ".join(bad) if bad else detail)
             problems = policy_problems(objs, values)
             report(not problems, f"chart policies ({name})", "; ".join(problems) if problems else
-                   "non-root, read-only root fs, requests, probes, GPU requests, headless service, dashboards, helm test, "
+                   "non-root, read-only root fs, requests, probes, GPU requests and placement, job spec, headless service, dashboards, helm test, "
                    "TLS flags and files, NetworkPolicy ports")
             # the PrometheusRule must carry the alert groups (checked by promtool elsewhere)
             for o in objs:

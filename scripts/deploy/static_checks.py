@@ -108,6 +108,45 @@ def main() -> int:
         report(not problems, f"job spec of {name} fits the chart", "; ".join(problems) or
                f"{ranks} ranks = worker.replicas, device {dev}, paths under {mount}")
 
+    # every GPU job spec of deploy/jobs/ has a values file, ci/job-<name>-values.yaml, whose spec
+    # is that file with only its paths moved onto the shared volume (data.train / valid /
+    # tokenizer / cache_dir, checkpoint.dir): the chart cannot read deploy/, so this ties them
+    def without_paths(spec: dict) -> dict:
+        spec = copy.deepcopy(spec)
+        for key in ("train", "valid", "tokenizer", "cache_dir"):
+            spec.get("data", {}).pop(key, None)
+        spec.get("checkpoint", {}).pop("dir", None)
+        return spec
+    def differences(a, b, path="") -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
+        return [] if a == b else [path]
+    gpu_specs = []
+    for f in sorted((ROOT / "deploy/jobs").glob("*.toml")):
+        spec = tomllib.loads(f.read_text())
+        if spec.get("train", {}).get("device", "cpu").startswith("cuda"):
+            gpu_specs.append((f, spec))
+    for f, spec in gpu_specs:
+        vf = CHART / "ci" / f"job-{f.stem}-values.yaml"
+        if not vf.exists():
+            report(False, f"deploy/jobs/{f.name} has a Helm values file", f"missing {vf.relative_to(ROOT)}")
+            continue
+        v = merge(values, yaml.safe_load(vf.read_text()) or {})
+        chart_spec = tomllib.loads(v["job"]["spec"])
+        a, b = without_paths(spec), without_paths(chart_spec)
+        diff = differences(a, b)
+        gpu = v["worker"]["gpuResourceName"]
+        problems = []
+        if diff:
+            problems.append(f"differs from deploy/jobs/{f.name} in {', '.join(diff)}")
+        if not v["worker"]["device"].startswith("cuda") or v["worker"]["gpusPerWorker"] != 1:
+            problems.append(f"worker.device {v['worker']['device']!r}, gpusPerWorker {v['worker']['gpusPerWorker']}: one {gpu} per cuda worker expected")
+        if not v["worker"]["nodeSelector"] or not v["worker"]["tolerations"]:
+            problems.append("no GPU nodeSelector / tolerations")
+        report(not problems, f"ci/{vf.name} is deploy/jobs/{f.name} on the chart", "; ".join(problems) or
+               f"same spec but paths, {v['worker']['replicas']} cuda workers x 1 {gpu}, nodeSelector + tolerations")
+    report(len(gpu_specs) >= 2, "deploy/jobs/ has GPU job specs", ", ".join(f.name for f, _ in gpu_specs))
+
     # the chart ships copies of deploy/ files (a chart cannot read outside its directory)
     pairs = [(ROOT / "deploy/prometheus/alerts.yml", CHART / "files/alerts.yml")]
     src = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))

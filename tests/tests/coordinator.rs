@@ -1103,6 +1103,125 @@ fn a_new_job_starts_from_an_offline_grown_checkpoint() {
 }
 
 // ------------------------------------------------------------------------------------------
+// A job from an imported checkpoint takes `[model] vocab_size` from it
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_job_from_an_imported_checkpoint_takes_its_vocab_size_also_after_a_restart() {
+    let mut cl = Cluster::new("importvocab");
+    // A Hugging Face model with a 320-token vocabulary: a two-step standalone run (its
+    // byte-level BPE has 320 tokens), exported with `coordctl checkpoint export --hf` and
+    // imported back with `coordctl checkpoint import --hf`: a step-0 checkpoint with the
+    // tokenizer, as from any HF directory.
+    let src_ckpt = cl.path("src-ckpt");
+    let cache = cl.path("data-cache");
+    let src = TinyJob {
+        max_steps: 2,
+        interval: 2,
+        ..TinyJob::new("src", &src_ckpt)
+    }
+    .toml()
+    .replace("vocab_size = 512", "vocab_size = 320")
+    .replace(
+        &trellis_tests::cache_dir().display().to_string(),
+        &cache.display().to_string(),
+    );
+    let src_job = cl.write_job("src.toml", &src);
+    let out = run(
+        Command::new(bin("trellis-worker"))
+            .args(["train", "--job", src_job.to_str().unwrap(), "--out"])
+            .arg(cl.path("src-out")),
+        LONG,
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let port = free_port();
+    let store = format!("file:{}", cl.path("store").display());
+    let c = cl.coordinator("coordinator-1", port, &store, None, &[]);
+    let (hf, imported) = (cl.path("hf"), cl.path("imported/step-0"));
+    for args in [
+        vec![
+            "checkpoint",
+            "export",
+            "--hf",
+            hf.to_str().unwrap(),
+            src_ckpt.join("src/step-2").to_str().unwrap(),
+        ],
+        vec![
+            "checkpoint",
+            "import",
+            "--hf",
+            hf.to_str().unwrap(),
+            imported.to_str().unwrap(),
+        ],
+    ] {
+        let out = coordctl(&c.endpoint, &args);
+        assert!(out.status.success(), "{args:?}: {}", stderr_line(&out));
+    }
+    let ckpt = cl.path("ckpt");
+    // The job names the import's tokenizer and no [model] vocab_size; data.vocab_size (512)
+    // would be the wrong guess. It grows ×2 at step 3.
+    let job = |model_extra: &str| {
+        TinyJob {
+            name: "fromimport",
+            max_steps: 6,
+            interval: 3,
+            extra: "\n[[growth]]\nat_step = 3\nfactor = 2\noperator = \"stack\"\n",
+            ..TinyJob::new("fromimport", &ckpt)
+        }
+        .toml()
+        .replace(
+            "vocab_size = 512",
+            &format!(
+                "vocab_size = 512\ntokenizer = \"{}\"",
+                imported.join("tokenizer.json").display()
+            ),
+        )
+        .replace(
+            "preset = \"tiny\"",
+            &format!("preset = \"tiny\"\n{model_extra}"),
+        )
+        .replace(
+            "[parallel]",
+            &format!("init_from = \"{}\"\n\n[parallel]", imported.display()),
+        )
+    };
+    // A different vocab_size is refused in one line naming both numbers; nothing is submitted.
+    let p = cl.write_job("wrong.toml", &job("vocab_size = 512"));
+    let err = refused(
+        &coordctl(&c.endpoint, &["job", "submit", p.to_str().unwrap()]),
+        1,
+        "vocab_size is 512",
+    );
+    assert!(err.contains("has a vocabulary of 320"), "{err}");
+    refused(&coordctl(&c.endpoint, &["status"]), 1, "submit");
+    // Without it the checkpoint's 320 is taken, and the job trains to the end.
+    let p = cl.write_job("job.toml", &job(""));
+    let out = coordctl(&c.endpoint, &["job", "submit", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    // A coordinator that recovers the job from its store builds the same model (the value is
+    // kept with the job record; the growth is planned from it): SIGKILL before any worker
+    // joins, restart on the same store.
+    cl.procs[c.idx].kill9();
+    let c = cl.coordinator("coordinator-2", port, &store, None, &[]);
+    cl.worker(&c.endpoint, &[]);
+    let s = wait_status(&c.endpoint, "the job to finish", LONG, |s| {
+        phase(s) == "done" || phase(s) == "failed"
+    });
+    assert_eq!(phase(&s), "done", "{s}");
+    assert_eq!(u(&s["step"]), 6, "{s}");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("fromimport/step-6/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(u(&state["model"]["vocab_size"]), 320, "{state}");
+    assert_eq!(u(&state["model"]["num_hidden_layers"]), 4, "{state}");
+    // The coordinator's own count (from its model config after the growth) agrees.
+    let grown: trellis_core::config::ModelConfig =
+        serde_json::from_value(state["model"].clone()).unwrap();
+    assert_eq!(u(&s["parameters"]), grown.num_parameters(), "{s}");
+}
+
+// ------------------------------------------------------------------------------------------
 // Issue 4, acceptance 2: a growth that no longer fits one rank is re-planned to TP = 2
 // ------------------------------------------------------------------------------------------
 

@@ -1,15 +1,20 @@
 //! Faults end to end over real processes on loopback (`trellis-coordinator`, `trellis-worker
-//! --coordinator` on libtorch CPU, `coordctl`): issue #10's checkpoint volume that fills up and
-//! a rank whose training thread hangs while its heartbeats go on. Each test prints its measured
-//! figures (`cargo test -- --nocapture`).
+//! --coordinator` on libtorch CPU, `coordctl`): issue #10's checkpoint volume that fills up, a
+//! rank whose training thread hangs while its heartbeats go on (in a step, or in a growth
+//! phase), a growth stage on a full volume (retried with backoff), and the transaction deadlines
+//! (a checkpoint write held past `checkpoint_deadline_secs`, a growth phase held past
+//! `growth_phase_deadline_secs`). Each test prints its measured figures (`cargo test --
+//! --nocapture`).
 //!
 //! Started with the shared harness (`trellis_tests::cluster`): mTLS on, as in production, so
 //! workers present their own certificates and `coordctl` the operator's. The spec's paths
 //! (corpus, data cache, checkpoint root) are inside the harness's allowed roots: the checkpoint
 //! root is `ckpt/` in the test's directory, and the full-volume test mounts its tmpfs there.
 //!
-//! Worker test hook used here (off by default, documented in `worker/src/managed.rs`):
-//! `TRELLIS_FAULT_HANG_AT_STEP` (the training thread hangs for good at that step).
+//! Worker test hooks used here (off by default, documented in `worker/src/managed.rs`):
+//! `TRELLIS_FAULT_HANG_AT_STEP` (the training thread hangs for good at that step),
+//! `TRELLIS_FAULT_CKPT_DELAY_MS` (the first checkpoint's write is held),
+//! `TRELLIS_FAULT_GROW_DELAY_MS` (every growth's stack phase is held).
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,7 +160,11 @@ fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
     // Space returns: the job checkpoints again and finishes.
     std::fs::remove_file(&filler).unwrap();
     let freed_at = t0.elapsed();
-    let done = wait_status(&ep, "the job to finish", LONG, |s| phase(s) == "done");
+    // The status lists a checkpoint once its record is durable, which can come a moment after
+    // the phase reads done.
+    let done = wait_status(&ep, "the job to finish", LONG, |s| {
+        phase(s) == "done" && !s["checkpoints"].as_array().unwrap().is_empty()
+    });
     assert_eq!(u(&done["step"]), max_steps, "{done}");
     assert_eq!(u(&done["rollbacks"]), 0, "{done}");
     assert_eq!(u(&done["epoch"]), 1, "{done}");
@@ -183,6 +192,66 @@ fn a_full_checkpoint_volume_keeps_training_and_finishes_once_space_returns() {
         freed_at.as_secs_f64(),
         u(&done["step"]),
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// A growth stage of the spec whose checkpoint cannot be written (the volume is full) rolls
+/// back and is retried, never counted as a failed growth and never at once: the status names the
+/// growth's retry while its backoff runs. Once space returns, the stage grows.
+#[test]
+fn a_growth_stage_on_a_full_checkpoint_volume_is_retried_with_backoff_until_space_returns() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a tmpfs for the checkpoint volume needs root");
+        return;
+    }
+    let mut cl = Cluster::new("growfull");
+    let root = cl.path("ckpt");
+    let _vol = Tmpfs::mount(&root, "16m");
+    let filler = fill(&root, 256 * 1024);
+    let job = TinyJob {
+        dp: 2,
+        max_steps: 100000,
+        interval: 0,
+        extra: "[[growth]]\nat_step = 30\nfactor = 2\noperator = \"stack\"\n",
+        ..TinyJob::new("growfull", &root)
+    }
+    .toml();
+    let ep = coordinator(&mut cl, "checkpoint_retry_max_secs = 4.0\n", &job, &[]);
+    cl.worker(&ep, &[]);
+    cl.worker(&ep, &[]);
+    let waiting = wait_status(&ep, "the growth stage waiting out its backoff", LONG, |s| {
+        s["retry"]["what"] == "growth"
+    });
+    assert_eq!(u(&waiting["generation"]), 0, "{waiting}");
+    assert!(u(&waiting["rollbacks"]) >= 1, "{waiting}");
+    let why = waiting["checkpoint_error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("the growth checkpoint failed")
+            && why.contains("No space left on device")
+            && why.contains("growth retrying in"),
+        "{waiting}"
+    );
+    // Failure after failure: a full disk is never a failed growth, the job trains on.
+    let again = wait_status(&ep, "more failed attempts", LONG, |s| {
+        u(&s["rollbacks"]) >= 3
+    });
+    assert_ne!(phase(&again), "failed", "{again}");
+    assert_eq!(u(&again["generation"]), 0, "{again}");
+    // Space returns: the stage's next retry grows and nothing waits any more.
+    std::fs::remove_file(&filler).unwrap();
+    let grown = wait_status(&ep, "the growth stage done", LONG, |s| {
+        u(&s["generation"]) == 1 && s["growth"].is_null()
+    });
+    assert!(grown["retry"].is_null(), "{grown}");
+    assert!(
+        grown["checkpoint_error"].as_str().unwrap_or("x").is_empty(),
+        "{grown}"
+    );
+    eprintln!(
+        "growth stage on a full volume: {} rollbacks before space returned (first: {why}); grown \
+         to generation 1 after {} rollbacks",
+        u(&again["rollbacks"]),
+        u(&grown["rollbacks"])
     );
 }
 
@@ -258,5 +327,216 @@ fn a_rank_whose_training_thread_hangs_is_evicted_and_an_idle_worker_replaces_it(
         detect.as_secs_f64(),
         u(&done["rollbacks"]),
         u(&done["step"]),
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Transaction deadlines: a checkpoint whose write hangs past `checkpoint_deadline_secs` is
+// aborted and training goes on; a growth phase past `growth_phase_deadline_secs` is rolled back
+// and the old generation trains on
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_checkpoint_past_its_deadline_is_aborted_training_goes_on_and_the_retry_commits() {
+    let mut cl = Cluster::new("ckdeadline");
+    let job = spec("ckdeadline", 2, 100000, 20, 2, &cl.path("ckpt"));
+    let ep = coordinator(
+        &mut cl,
+        "heartbeat_interval_secs = 0.5\ncheckpoint_retry_max_secs = 2.0\n",
+        &job,
+        &["--checkpoint-deadline", "2"],
+    );
+    cl.worker(&ep, &[]);
+    // Rank 1's first checkpoint write is held well past the deadline (once per process: the
+    // retry writes at once). The hold stays under the ring timeout (half the 60 s progress
+    // timeout), so rank 0 waiting on it at the abort is not a collective failure.
+    cl.worker(&ep, &[("TRELLIS_FAULT_CKPT_DELAY_MS", "8000".into())]);
+    let failed = wait_status(&ep, "the first checkpoint aborted", LONG, |s| {
+        u(&s["checkpoint_failures"]) >= 1
+    });
+    let why = failed["checkpoint_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        why.contains("checkpoint step 20 failed")
+            && why.contains("not committed within the checkpoint deadline (2 s"),
+        "{failed}"
+    );
+    assert_eq!(
+        (phase(&failed), u(&failed["rollbacks"]), u(&failed["epoch"])),
+        ("training", 0, 1),
+        "aborted, not rolled back: {failed}"
+    );
+    assert!(
+        failed["checkpoints"].as_array().unwrap().is_empty(),
+        "{failed}"
+    );
+    // Training goes on, the retried checkpoint commits, and the error clears; still no
+    // rollback and the same epoch.
+    let ok = wait_status(&ep, "the retried checkpoint committed", LONG, |s| {
+        !s["checkpoints"].as_array().unwrap().is_empty()
+    });
+    let newest = u(&ok["checkpoints"].as_array().unwrap().last().unwrap()["step"]);
+    assert!(newest >= 20, "{ok}");
+    assert_eq!(
+        (u(&ok["rollbacks"]), u(&ok["epoch"])),
+        (0, 1),
+        "no rollback: {ok}"
+    );
+    assert!(
+        ok["checkpoint_error"].as_str().unwrap_or("x").is_empty(),
+        "a commit clears the error: {ok}"
+    );
+    let left = tmp_entries(&cl.path("ckpt").join("ckdeadline"));
+    assert!(
+        !left.iter().any(|n| n == "step-20.tmp"),
+        "the aborted checkpoint's temp dir is removed: {left:?}"
+    );
+    eprintln!(
+        "checkpoint deadline 2 s, rank 1's write held 8 s: aborted ({why}); committed step {newest} \
+         on the retry; {} failure(s), 0 rollbacks",
+        u(&ok["checkpoint_failures"])
+    );
+}
+
+#[test]
+fn a_growth_phase_past_its_deadline_rolls_back_and_the_old_generation_trains_on() {
+    let mut cl = Cluster::new("growdeadline");
+    let job = spec("growdeadline", 2, 100000, 0, 2, &cl.path("ckpt"));
+    let ep = coordinator(
+        &mut cl,
+        "heartbeat_interval_secs = 0.5\n",
+        &job,
+        &["--growth-phase-deadline", "2"],
+    );
+    // Both ranks hold the stack phase of every growth well past the deadline.
+    let hold = [("TRELLIS_FAULT_GROW_DELAY_MS", "8000".to_string())];
+    cl.worker(&ep, &hold);
+    cl.worker(&ep, &hold);
+    let before = wait_status(&ep, "training", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 10
+    });
+    let layers = u(&before["layers"]);
+    let out = coordctl(&ep, &["grow", "--factor", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rolled = wait_status(&ep, "the growth rolled back", LONG, |s| {
+        s["growth_history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|g| g["phase"] == "rolled_back"))
+    });
+    let g = rolled["growth_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["phase"] == "rolled_back")
+        .unwrap();
+    let why = g["error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("the growth phase (stack) ran past its deadline (2 s)"),
+        "{rolled}"
+    );
+    assert_eq!(u(&g["generation"]), 1, "{g}");
+    // The old generation trains on in a new epoch, never half-grown.
+    let back = wait_status(&ep, "training again after the rollback", LONG, |s| {
+        phase(s) == "training"
+            && u(&s["epoch"]) > u(&before["epoch"])
+            && u(&s["step"]) > u(&rolled["step"]) + 5
+    });
+    assert_eq!(
+        (
+            u(&back["generation"]),
+            u(&back["layers"]),
+            u(&back["rollbacks"])
+        ),
+        (0, layers, 1),
+        "{back}"
+    );
+    assert!(back["growth"].is_null(), "no growth in flight: {back}");
+    eprintln!(
+        "growth phase deadline 2 s, stack held 8 s: rolled back ({why}); generation 0 trains on \
+         at step {} in epoch {}",
+        u(&back["step"]),
+        u(&back["epoch"])
+    );
+}
+
+#[test]
+fn a_rank_stuck_in_a_growth_phase_is_evicted_and_a_spare_takes_its_rank() {
+    let mut cl = Cluster::new("growhang");
+    let job = spec("growhang", 2, 100000, 0, 2, &cl.path("ckpt"));
+    // The growth phase deadline stays at its default (30 min): only the progress timeout can
+    // catch the stuck rank.
+    let ep = coordinator(
+        &mut cl,
+        "heartbeat_interval_secs = 0.5\n",
+        &job,
+        &["--progress-timeout", "8"],
+    );
+    cl.worker(&ep, &[]);
+    // Its stack phase sleeps for 10 minutes: the training thread is stuck in `grow`.
+    let stuck = cl.worker(&ep, &[("TRELLIS_FAULT_GROW_DELAY_MS", "600000".into())]);
+    let before = wait_status(&ep, "training", LONG, |s| {
+        phase(s) == "training" && u(&s["step"]) >= 10
+    });
+    // The spare: idle while both ranks are taken.
+    cl.worker(&ep, &[]);
+    let out = coordctl(&ep, &["grow", "--factor", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evicted = wait_status(&ep, "the rank stuck in the growth evicted", LONG, |s| {
+        u(&s["evictions"]) >= 1
+    });
+    assert_eq!(u(&evicted["evictions"]), 1, "{evicted}");
+    // The growth rolled back; the job trains on at the old generation in a new epoch, with the
+    // spare in the stuck worker's place.
+    let back = wait_status(&ep, "training again with the spare", LONG, |s| {
+        phase(s) == "training"
+            && u(&s["epoch"]) > u(&before["epoch"])
+            && u(&s["step"]) > u(&evicted["step"]) + 5
+    });
+    assert_eq!(
+        (u(&back["generation"]), u(&back["layers"])),
+        (0, u(&before["layers"])),
+        "{back}"
+    );
+    assert_eq!(back["growth_history"][0]["phase"], "rolled_back", "{back}");
+    let workers = json(&coordctl(&ep, &["--output", "json", "workers"]));
+    let pid = cl.procs[stuck].child.id() as u64;
+    let ranked: Vec<&Value> = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| !w["rank"].is_null())
+        .collect();
+    assert_eq!(ranked.len(), 2, "{workers}");
+    assert!(
+        ranked.iter().all(|w| u(&w["pid"]) != pid),
+        "the stuck worker holds no rank: {workers}"
+    );
+    // The same growth, retried by the operator, succeeds on the healthy ranks.
+    let out = coordctl(&ep, &["grow", "--factor", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grown = wait_status(&ep, "the retried growth", LONG, |s| {
+        u(&s["generation"]) == 1 && s["growth"].is_null()
+    });
+    assert_eq!(u(&grown["layers"]), 2 * u(&before["layers"]), "{grown}");
+    eprintln!(
+        "a rank stuck in the stack phase (progress timeout 8 s): evicted at step {}, {} \
+         rollback(s); the spare trained on from epoch {}; the retried growth reached generation 1",
+        u(&evicted["step"]),
+        u(&back["rollbacks"]),
+        u(&back["epoch"])
     );
 }

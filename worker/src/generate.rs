@@ -9,9 +9,12 @@
 //! Generation stops at the tokenizer's end-of-text id, after `max_tokens`, or when the sequence
 //! fills the model's context (`max_position_embeddings`).
 //!
-//! The model has no KV cache: every new token runs the whole sequence through the model again
-//! (fine for the small models trained here; docs/benchmarks.md has the measured tokens/s). Any
-//! checkpoint layout works: the full tensors are read on one rank, as `eval` does.
+//! The prompt runs through the model once, filling a KV cache (every layer's keys and values,
+//! after RoPE); each new token then runs alone against the cache ([`Llama::forward_cached`]).
+//! `--no-kv-cache` reruns the whole sequence for every token instead (the reference the cache is
+//! tested against; docs/benchmarks.md has tokens/s of both). Any checkpoint layout works: the
+//! full tensors are read on one rank, as `eval` does.
+use crate::model::{KvCache, Llama};
 use crate::trainer::load_model;
 use crate::{Error, Result};
 use std::path::Path;
@@ -30,6 +33,9 @@ pub struct Options {
     pub top_k: Option<usize>,
     /// Seed of the sampling generator (unused when greedy).
     pub seed: u64,
+    /// Keep every layer's keys and values and run only the new token per step (`false`: rerun
+    /// the whole sequence per token, `--no-kv-cache`).
+    pub kv_cache: bool,
 }
 
 impl Default for Options {
@@ -39,6 +45,7 @@ impl Default for Options {
             temperature: 0.0,
             top_k: None,
             seed: 0,
+            kv_cache: true,
         }
     }
 }
@@ -129,6 +136,12 @@ pub fn generate(
     let prompt_ids = ids.clone();
     let (mut model, _) = load_model(&ck, device)?;
     apply_mask(&mut model, &ck);
+    let mut decoder = Decoder::new(
+        &model,
+        device,
+        opts.kv_cache
+            .then(|| (ids.len() + opts.max_tokens).min(ctx)),
+    );
     let eos = tok.eos_id();
     let mut rng = SplitMix64(opts.seed);
     let mut new: Vec<u32> = Vec::new();
@@ -141,7 +154,7 @@ pub fn generate(
         if ids.len() >= ctx {
             break Stop::Context;
         }
-        let logits = next_logits(&model, &ids, device);
+        let logits = decoder.next_logits(&ids);
         let id = pick(&logits, opts, &mut rng);
         ids.push(id);
         new.push(id);
@@ -193,21 +206,47 @@ fn resolve(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// fp32 logits of the token after `ids` (the whole sequence is run again: no KV cache).
-fn next_logits(model: &crate::model::Llama, ids: &[u32], device: Device) -> Vec<f32> {
-    tch::no_grad(|| {
-        let x: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-        let n = x.len() as i64;
-        let input = Tensor::from_slice(&x).view([1, n]).to_device(device);
-        let last = model.forward(&input).select(1, n - 1).squeeze_dim(0);
-        Vec::<f32>::try_from(&last.to_kind(Kind::Float).to_device(Device::Cpu))
-            .expect("fp32 logits")
-    })
+/// Next-token logits of a growing sequence: with a KV cache, each call runs only the ids not
+/// seen yet; without, the whole sequence every time.
+pub struct Decoder<'a> {
+    model: &'a Llama,
+    device: Device,
+    cache: Option<KvCache>,
+}
+
+impl<'a> Decoder<'a> {
+    /// `cache_capacity`: the most positions the sequence will reach (`None`: no KV cache).
+    pub fn new(model: &'a Llama, device: Device, cache_capacity: Option<usize>) -> Decoder<'a> {
+        Decoder {
+            model,
+            device,
+            cache: cache_capacity.map(|c| KvCache::new(model, c)),
+        }
+    }
+
+    /// fp32 logits of the token after `ids`; `ids` must extend the sequence of the previous
+    /// call (with a cache, its new ids are the ones after the cached positions).
+    pub fn next_logits(&mut self, ids: &[u32]) -> Vec<f32> {
+        tch::no_grad(|| {
+            let seen = self.cache.as_ref().map_or(0, KvCache::len);
+            assert!(seen < ids.len(), "next_logits: no new ids after {seen}");
+            let x: Vec<i64> = ids[seen..].iter().map(|&i| i64::from(i)).collect();
+            let n = x.len() as i64;
+            let input = Tensor::from_slice(&x).view([1, n]).to_device(self.device);
+            let logits = match &mut self.cache {
+                Some(c) => self.model.forward_cached(&input, c),
+                None => self.model.forward(&input),
+            };
+            let last = logits.select(1, n - 1).squeeze_dim(0);
+            Vec::<f32>::try_from(&last.to_kind(Kind::Float).to_device(Device::Cpu))
+                .expect("fp32 logits")
+        })
+    }
 }
 
 /// A checkpoint written during a `random` operator's mask ramp: the mask values its trainer
 /// evaluates with at that step.
-fn apply_mask(model: &mut crate::model::Llama, ck: &Checkpoint) {
+pub fn apply_mask(model: &mut Llama, ck: &Checkpoint) {
     if let Some(ms) = &ck.state.mask {
         let k = ck.state.step.saturating_sub(ms.start_step);
         let v = (k as f64 / ms.ramp_steps.max(1) as f64).min(1.0);

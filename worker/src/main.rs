@@ -4,7 +4,7 @@
 //! trellis-worker train --job JOB.toml [--out DIR] [--stop-at STEP]
 //! trellis-worker eval --checkpoint DIR --text FILE [--seq-len N] [--output json]
 //! trellis-worker generate --checkpoint DIR --prompt TEXT [--max-tokens N] [--temperature T]
-//!                         [--top-k K] [--seed S] [--output text|json]
+//!                         [--top-k K] [--seed S] [--no-kv-cache] [--output text|json]
 //! trellis-worker bench --job JOB.toml [--steps N] [--warmup N] [--precision fp32|bf16|auto]
 //!                      [--activation-checkpointing true|false]
 //! trellis-worker --coordinator URL [--device cpu|cuda[:N]]     (managed by a coordinator)
@@ -113,6 +113,10 @@ enum Cmd {
         /// for large models on an idle machine.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Rerun the whole sequence for every new token instead of keeping a KV cache (slower;
+        /// the reference the cache is tested against).
+        #[arg(long)]
+        no_kv_cache: bool,
         /// `json`: one line with the ids, the text and the speed instead of streamed text.
         #[arg(long, default_value = "text")]
         output: String,
@@ -515,6 +519,7 @@ fn main() -> ExitCode {
                 seed,
                 device,
                 threads,
+                no_kv_cache,
                 output,
             }),
             _,
@@ -526,6 +531,7 @@ fn main() -> ExitCode {
                 temperature,
                 top_k,
                 seed,
+                kv_cache: !no_kv_cache,
             },
             device,
             threads,

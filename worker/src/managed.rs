@@ -15,6 +15,9 @@
 //! - `TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS=MS`: the background writer of every growth checkpoint
 //!   sleeps MS milliseconds before writing its files (holds the growth uncommitted, the
 //!   checkpoint not durable, while the grown model trains).
+//! - `TRELLIS_FAULT_CKPT_DELAY_MS=MS`: the background writer of the first plain (not growth)
+//!   checkpoint of the process sleeps MS milliseconds before writing its files (once per
+//!   process: holds that checkpoint past the coordinator's `checkpoint_deadline_secs`).
 //! - `TRELLIS_FAULT_HANG_AT_STEP=N`: the training thread hangs for good when it starts step N
 //!   (once per process), before any collective of that step; the session and its heartbeats go
 //!   on, reporting the thread stuck in `step` (the coordinator's progress timeout evicts it).
@@ -47,11 +50,14 @@ struct Hooks {
     nan_at_step: Option<u64>,
     grow_delay_ms: u64,
     growth_ckpt_delay_ms: u64,
+    ckpt_delay_ms: u64,
     hang_at_step: Option<u64>,
 }
 
 /// `TRELLIS_FAULT_NAN_AT_STEP` fires once per process (not again after the rollback it causes).
 static NAN_FIRED: AtomicBool = AtomicBool::new(false);
+/// `TRELLIS_FAULT_CKPT_DELAY_MS` fires once per process.
+static CKPT_DELAY_FIRED: AtomicBool = AtomicBool::new(false);
 /// `TRELLIS_FAULT_HANG_AT_STEP` fires once per process.
 static HANG_FIRED: AtomicBool = AtomicBool::new(false);
 
@@ -65,6 +71,9 @@ impl Hooks {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             growth_ckpt_delay_ms: var("TRELLIS_FAULT_GROWTH_CKPT_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            ckpt_delay_ms: var("TRELLIS_FAULT_CKPT_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             hang_at_step: var("TRELLIS_FAULT_HANG_AT_STEP").and_then(|v| v.parse().ok()),
@@ -225,9 +234,23 @@ impl Runner for ManagedRunner {
                 }
             })?;
         self.pending = Some(self.trainer.state());
-        Ok(Box::new(move || match w {
-            Some(w) => Ok(Some(w.write()?)),
-            None => Ok(None),
+        let delay = match self.hooks.ckpt_delay_ms {
+            0 => 0,
+            ms if !CKPT_DELAY_FIRED.swap(true, Ordering::SeqCst) => ms,
+            _ => 0,
+        };
+        Ok(Box::new(move || {
+            if delay > 0 {
+                tracing::warn!(
+                    ms = delay,
+                    "TRELLIS_FAULT_CKPT_DELAY_MS: holding this checkpoint's write"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+            }
+            match w {
+                Some(w) => Ok(Some(w.write()?)),
+                None => Ok(None),
+            }
         }))
     }
 

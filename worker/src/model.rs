@@ -13,6 +13,11 @@
 //! parameters stay separate, with HF names), and GQA runs inside SDPA (`enable_gqa`) instead of
 //! materialising repeated k/v.
 //!
+//! Generation: [`Llama::forward_cached`] runs only the tokens after those in a [`KvCache`]
+//! (every layer's keys and values after RoPE, GQA-sized: `kv_heads`, not `heads`), through the
+//! same projection, RoPE (at the cached offset) and attention code as [`Llama::forward`], whose
+//! operations are unchanged by it (training is bit-identical with and without this path).
+//!
 //! Tensor parallelism stays outside this file (`crate::parallel`): a model can be built as one
 //! TP rank's [`Shard`] (the Megatron-split projections hold only their slice, attention holds
 //! only its heads), and the parallel code composes the per-layer pieces below with its
@@ -298,9 +303,15 @@ impl Rope {
 
     /// Apply to `x` of shape `[b, heads, seq, head_dim]` (fp32 tables; result in x's kind).
     pub fn apply(&self, x: &Tensor) -> Tensor {
+        self.apply_at(x, 0)
+    }
+
+    /// [`Rope::apply`] to positions `offset..offset + seq` (incremental decoding: the tokens
+    /// after `offset` cached ones).
+    pub fn apply_at(&self, x: &Tensor, offset: i64) -> Tensor {
         let seq = x.size()[2];
-        let cos = self.cos.narrow(0, 0, seq).to_kind(x.kind());
-        let sin = self.sin.narrow(0, 0, seq).to_kind(x.kind());
+        let cos = self.cos.narrow(0, offset, seq).to_kind(x.kind());
+        let sin = self.sin.narrow(0, offset, seq).to_kind(x.kind());
         x * cos + Self::rotate_half(x) * sin
     }
 }
@@ -347,6 +358,30 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, rope: &Rope, mats: Mats) -> Tensor {
+        let (q, k, v) = self.project(x, rope, mats, 0);
+        let y = self.attend(&q, &k, &v);
+        self.output(&y, mats)
+    }
+
+    /// [`Attention::forward`] for the tokens after the `kv.len` cached ones (generation):
+    /// their keys and values (after RoPE) are appended to `kv` and the queries attend to every
+    /// cached position and causally among themselves.
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, mats: Mats, kv: &mut LayerKv) -> Tensor {
+        let (q, k, v) = self.project(x, rope, mats, kv.len);
+        let (k, v) = kv.append(&k, &v);
+        let y = self.attend(&q, &k, &v);
+        self.output(&y, mats)
+    }
+
+    /// Queries, keys and values `[b, heads or kv_heads, s, head_dim]` of `x` at positions
+    /// `offset..offset + s`, RoPE applied.
+    fn project(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mats: Mats,
+        offset: i64,
+    ) -> (Tensor, Tensor, Tensor) {
         let (b, s, _) = x.size3().unwrap();
         let (h, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         // One GEMM for q, k and v (their weights concatenated), then split.
@@ -356,29 +391,51 @@ impl Attention {
         };
         let parts = qkv.split_with_sizes([h, kv, kv], -1);
         let shape = |t: &Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
-        let q = rope.apply(&shape(&parts[0], self.heads));
-        let k = rope.apply(&shape(&parts[1], self.kv_heads));
+        let q = rope.apply_at(&shape(&parts[0], self.heads), offset);
+        let k = rope.apply_at(&shape(&parts[1], self.kv_heads), offset);
         let v = shape(&parts[2], self.kv_heads);
-        let y = if q.kind() == Kind::BFloat16
+        (q, k, v)
+    }
+
+    /// Causal attention of the `s` queries `q` over the `t >= s` keys and values: query `i` is
+    /// position `t - s + i` and sees keys `0..=t - s + i` (`t = s` in training).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (s, t) = (q.size()[2], k.size()[2]);
+        if q.kind() == Kind::BFloat16
             && q.device() == Device::Cpu
-            && s <= CPU_BF16_MATH_ATTENTION_MAX_SEQ
+            && t <= CPU_BF16_MATH_ATTENTION_MAX_SEQ
         {
-            self.grouped_attention(&q, &k, &v)
+            return self.grouped_attention(q, k, v);
+        }
+        // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v
+        // copies. SDPA's `is_causal` aligns the mask top-left, so queries after cached keys
+        // need an explicit (bottom-right) mask, or none for a single query.
+        let (mask, causal) = if t == s {
+            (None, true)
+        } else if s == 1 {
+            (None, false)
         } else {
-            // GQA inside SDPA (`enable_gqa`), as transformers' sdpa path does: no repeated k/v
-            // copies.
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                true,
-                None,
-                self.heads != self.kv_heads,
-            )
+            let m = Tensor::ones([s, t], (Kind::Bool, q.device())).tril(t - s);
+            (Some(m), false)
         };
-        let y = y.transpose(1, 2).reshape([b, s, h]);
+        Tensor::scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask.as_ref(),
+            0.0,
+            causal,
+            None,
+            self.heads != self.kv_heads,
+        )
+    }
+
+    /// `o_proj` of the attention output `y` `[b, heads, s, head_dim]`.
+    fn output(&self, y: &Tensor, mats: Mats) -> Tensor {
+        let (b, _, s, _) = y.size4().unwrap();
+        let y = y
+            .transpose(1, 2)
+            .reshape([b, s, self.heads * self.head_dim]);
         match mats {
             Mats::Params(prec) => self.o_proj.forward(&y, prec),
             Mats::Copies(c) => linear_bf16(&y, &c.o),
@@ -393,19 +450,22 @@ impl Attention {
     /// On a 2-core CPU at s = 256 this takes ~15% less CPU time per training step than
     /// libtorch's flash-attention CPU kernel in bf16 (docs/benchmarks.md); it keeps the
     /// `[b, heads, s, s]` probabilities for backward, hence the sequence-length cap.
+    /// With `t > s` keys (generation after cached positions) query `i` is position
+    /// `t - s + i`, as in [`Attention::attend`].
     fn grouped_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let (b, _, s, d) = q.size4().unwrap();
+        let t = k.size()[2];
         let (kv, rep) = (self.kv_heads, self.heads / self.kv_heads);
         let scores = q
             .reshape([b, kv, rep * s, d])
             .matmul(&k.transpose(-1, -2))
-            .view([b, kv, rep, s, s]);
-        let future = Tensor::ones([s, s], (Kind::Bool, q.device())).triu(1);
+            .view([b, kv, rep, s, t]);
+        let future = Tensor::ones([s, t], (Kind::Bool, q.device())).triu(t - s + 1);
         let p = (scores * (d as f64).powf(-0.5))
             .masked_fill(&future, f64::NEG_INFINITY)
             .softmax(-1, Kind::Float)
             .to_kind(q.kind())
-            .view([b, kv, rep * s, s]);
+            .view([b, kv, rep * s, t]);
         p.matmul(v).view([b, self.heads, s, d])
     }
 }
@@ -490,6 +550,25 @@ impl Block {
         Block::residual_out(x, &h, &m.to_kind(Kind::Float), mask)
     }
 
+    /// [`Block::forward`] for the tokens after those cached in `kv` (generation).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mats: Mats,
+        mask: Option<f64>,
+        kv: &mut LayerKv,
+    ) -> Tensor {
+        let a = self
+            .self_attn
+            .forward_cached(&self.input_layernorm.forward(x), rope, mats, kv);
+        let h = x + a.to_kind(Kind::Float);
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h), mats);
+        Block::residual_out(x, &h, &m.to_kind(Kind::Float), mask)
+    }
+
     /// The layer's output from its input `x`, the mid-layer residual `h = x + attn` and the
     /// MLP output `m` (fp32), under the mask scalar (`None` = 1).
     pub fn residual_out(x: &Tensor, h: &Tensor, m: &Tensor, mask: Option<f64>) -> Tensor {
@@ -498,6 +577,73 @@ impl Block {
             None => out,
             Some(m) => out * m + x * (1.0 - m),
         }
+    }
+}
+
+/// One layer's cached keys and values (after RoPE): `[b, kv_heads, capacity, head_dim]`
+/// buffers in the attention's kind, of which the first `len` positions are filled. Allocated at
+/// the first append, so the cache takes the kind and batch of what it is fed.
+#[derive(Debug)]
+pub struct LayerKv {
+    kv: Option<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl LayerKv {
+    /// Write `k`, `v` `[b, kv_heads, s, head_dim]` after the cached positions; returns every
+    /// cached position's keys and values (views of the buffers).
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let s = k.size()[2];
+        assert!(
+            self.len + s <= self.capacity,
+            "KV cache of {} positions cannot take {s} more after {}",
+            self.capacity,
+            self.len
+        );
+        let (kb, vb) = self.kv.get_or_insert_with(|| {
+            let mut shape = k.size();
+            shape[2] = self.capacity;
+            let opts = (k.kind(), k.device());
+            (Tensor::zeros(&shape, opts), Tensor::zeros(&shape, opts))
+        });
+        kb.narrow(2, self.len, s).copy_(k);
+        vb.narrow(2, self.len, s).copy_(v);
+        self.len += s;
+        (kb.narrow(2, 0, self.len), vb.narrow(2, 0, self.len))
+    }
+}
+
+/// The keys and values of every layer for the positions a model has seen, so that generation
+/// runs only the new token through the model ([`Llama::forward_cached`]) instead of the whole
+/// sequence. Holds at most `capacity` positions (memory: `2 · layers · b · kv_heads · capacity
+/// · head_dim` elements).
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// An empty cache for `model` of at most `capacity` positions.
+    pub fn new(model: &Llama, capacity: usize) -> KvCache {
+        KvCache {
+            layers: (0..model.layers.len())
+                .map(|_| LayerKv {
+                    kv: None,
+                    len: 0,
+                    capacity: capacity as i64,
+                })
+                .collect(),
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len as usize)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -821,6 +967,34 @@ impl Llama {
     /// shard runs through `crate::parallel::tp`.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
         self.head(&self.body(&self.embed(input_ids)))
+    }
+
+    /// Logits `[b, s, vocab]` (fp32) of the `s` tokens `input_ids` that follow the positions
+    /// already in `cache`, whose keys and values are appended to it: feeding a sequence in
+    /// pieces gives the logits of [`Llama::forward`] on the whole (to float rounding), with each
+    /// piece run through the model once. Single-device only; no gradients are meant to flow.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        assert!(
+            self.shard.is_full(),
+            "Llama::forward_cached on TP shard {:?}: generation runs single-device",
+            self.shard
+        );
+        assert_eq!(
+            cache.layers.len(),
+            self.layers.len(),
+            "KV cache of another model"
+        );
+        let mut x = self.embed(input_ids);
+        for (i, ((layer, mask), kv)) in self
+            .layers
+            .iter()
+            .zip(&self.masks)
+            .zip(&mut cache.layers)
+            .enumerate()
+        {
+            x = layer.forward_cached(&x, &self.rope, self.mats(i), *mask, kv);
+        }
+        self.head(&x)
     }
 
     /// Every decoder layer on the embeddings `x` (single-device).

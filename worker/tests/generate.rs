@@ -1,7 +1,9 @@
 //! `trellis-worker generate` end to end (real processes, libtorch on CPU): greedy ids equal
 //! `transformers`' greedy `generate` on the Hugging Face export of the same checkpoint, before
 //! and after a G_stack growth, with and without a BOS-adding tokenizer; the same seed gives the
-//! same text; bad input is one line on stderr and exit code 2.
+//! same text; bad input is one line on stderr and exit code 2. The KV cache: a sequence fed in
+//! pieces gives a full forward's logits (fp32 and bf16, masked layers, GQA, llama3 RoPE), and
+//! greedy decoding with the cache writes the ids of decoding without it.
 mod common;
 use common::*;
 use serde_json::Value;
@@ -126,6 +128,12 @@ fn check_greedy_parity(ckpt: &Path, hf: &Path, layers: u64, max_tokens: usize) -
         .trim(),
     )
     .unwrap();
+    // The reference path without the KV cache writes the same ids.
+    let uncached = generate_json(
+        ckpt,
+        &["--max-tokens", &max_tokens.to_string(), "--no-kv-cache"],
+    );
+    assert_eq!(ours["ids"], uncached["ids"], "KV cache changed the ids");
     assert_eq!(
         ids(&ours["prompt_ids"]),
         ids(&theirs["prompt_ids"]),
@@ -324,5 +332,117 @@ fn bad_input_is_one_line_and_exit_2() {
             "{needle:?} not in {err}"
         );
         assert!(o.stdout.is_empty(), "nothing on stdout for {all:?}");
+    }
+}
+
+/// Relative logit difference: max |a − b| over max |b|.
+fn rel_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    max_abs_diff(a, b) / b.abs().max().double_value(&[]).max(1e-12)
+}
+
+#[test]
+fn kv_cache_logits_match_a_full_forward_fp32_and_bf16() {
+    use tch::{Device, Kind, Tensor};
+    use trellis_worker::model::{KvCache, Llama, Precision};
+    let _g = tch::no_grad_guard();
+    // GQA (4 / 2 heads), head_dim 12 ≠ 32 / 4, llama3 RoPE, tied; layer 1 masked mid-ramp.
+    let cfg = tied_llama3_cfg(3, 2);
+    let mut model = Llama::init(&cfg, Device::Cpu, 7);
+    model.masks[1] = Some(0.4);
+    let n = 40i64;
+    let ids = Tensor::randint(cfg.vocab_size as i64, [1, n], (Kind::Int64, Device::Cpu));
+    // Pieces: a prompt, single tokens (the generation case), and several tokens after cached
+    // ones (SDPA needs an explicit bottom-right mask there).
+    let pieces = [7i64, 1, 1, 5, 1, 12, 1, 1, 11];
+    assert_eq!(pieces.iter().sum::<i64>(), n);
+    // Stated tolerances (relative to the largest logit): fp32 1e-5; bf16 2e-2 (the cached
+    // path multiplies other shapes, so bf16 roundings differ; the logits themselves are bf16
+    // matmuls, ~3 significant digits).
+    for (prec, tol) in [(Precision::F32, 1e-5), (Precision::Bf16, 2e-2)] {
+        model.precision = prec;
+        let full = model.forward(&ids);
+        let mut cache = KvCache::new(&model, n as usize);
+        let mut at = 0;
+        let mut worst = 0f64;
+        for &p in &pieces {
+            let got = model.forward_cached(&ids.narrow(1, at, p), &mut cache);
+            let want = full.narrow(1, at, p);
+            assert_eq!(got.size(), want.size());
+            let d = rel_diff(&got, &want);
+            assert!(
+                d <= tol,
+                "{}: positions {at}..{}: relative difference {d:e} > {tol:e}",
+                prec.name(),
+                at + p
+            );
+            worst = worst.max(d);
+            at += p;
+        }
+        assert_eq!(cache.len(), n as usize);
+        eprintln!(
+            "{}: cached vs full logits, worst relative difference {worst:.2e} (tolerance {tol:e})",
+            prec.name()
+        );
+    }
+}
+
+#[test]
+fn greedy_decoding_with_the_kv_cache_equals_decoding_without_fp32_and_bf16() {
+    use trellis_core::checkpoint::Checkpoint;
+    use trellis_worker::generate::{apply_mask, pick, Decoder, Options, SplitMix64};
+    use trellis_worker::model::Precision;
+    let root = trained();
+    let prompt: Vec<u32> = generate_json(&root.join("step-160"), &["--max-tokens", "1"])
+        ["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let steps = 48;
+    // (checkpoint, precision, tolerance on the relative logit difference per step)
+    for (step, prec, tol) in [
+        (101, Precision::F32, 1e-5),
+        (160, Precision::F32, 1e-5),
+        (160, Precision::Bf16, 2e-2),
+    ] {
+        let ck = Checkpoint::open(&root.join(format!("step-{step}"))).unwrap();
+        let (mut model, _) = trellis_worker::trainer::load_model(&ck, tch::Device::Cpu).unwrap();
+        apply_mask(&mut model, &ck);
+        model.precision = prec;
+        let greedy = |cache: bool| {
+            let mut dec = Decoder::new(
+                &model,
+                tch::Device::Cpu,
+                cache.then_some(prompt.len() + steps),
+            );
+            let mut ids = prompt.clone();
+            let mut all = Vec::new();
+            for _ in 0..steps {
+                let l = dec.next_logits(&ids);
+                ids.push(pick(&l, &Options::default(), &mut SplitMix64(0)));
+                all.push(l);
+            }
+            (ids[prompt.len()..].to_vec(), all)
+        };
+        let (with, lw) = greedy(true);
+        let (without, lo) = greedy(false);
+        assert_eq!(with, without, "step {step} {}: ids differ", prec.name());
+        let mut worst = 0f64;
+        for (a, b) in lw.iter().zip(&lo) {
+            let d = rel_diff(&tch::Tensor::from_slice(a), &tch::Tensor::from_slice(b));
+            worst = worst.max(d);
+        }
+        assert!(
+            worst <= tol,
+            "step {step} {}: {worst:e} > {tol:e}",
+            prec.name()
+        );
+        let distinct: std::collections::BTreeSet<_> = with.iter().collect();
+        assert!(distinct.len() >= 5, "a weak check: {with:?}");
+        eprintln!(
+            "step {step} {}: {steps} greedy ids equal with and without the cache; worst relative logit difference {worst:.2e}",
+            prec.name()
+        );
     }
 }

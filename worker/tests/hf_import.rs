@@ -16,7 +16,8 @@ use trellis_worker::model::Rope;
 
 /// Python: train a byte-level BPE on `argv[2]` with Llama-3-style special tokens (BOS added by
 /// the post-processor), wrap it so `save_pretrained` writes the tokenizer files, and save a
-/// randomly initialised LlamaForCausalLM in bf16 into `argv[1]`.
+/// randomly initialised LlamaForCausalLM in `argv[3]` (a torch dtype name; default bf16) into
+/// `argv[1]`.
 const MAKE_MODEL: &str = r#"
 import sys, torch
 from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors
@@ -47,7 +48,7 @@ with torch.no_grad():  # far from the default init, so every weight shows in the
     for n, p in m.named_parameters():
         p.copy_(torch.rand_like(p) + 0.5 if p.dim() == 1 else torch.randn_like(p) * 0.15)
 assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
-m.to(torch.bfloat16).save_pretrained(out)
+m.to(getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16).save_pretrained(out)
 print(tk.get_vocab_size())
 "#;
 
@@ -87,11 +88,40 @@ print(json.dumps([v.item() for v in inv.float()]))
 "#;
 
 fn make_hf_model(dir: &Path) -> PathBuf {
+    make_hf_model_as(dir, "bfloat16")
+}
+
+/// [`MAKE_MODEL`] saved in `dtype` (`bfloat16`, `float16`, `float32`).
+fn make_hf_model_as(dir: &Path, dtype: &str) -> PathBuf {
     let hf = dir.join("hf");
     let (train, _) = small_corpus();
-    run_python(MAKE_MODEL, &[hf.to_str().unwrap(), train.to_str().unwrap()]);
+    run_python(
+        MAKE_MODEL,
+        &[hf.to_str().unwrap(), train.to_str().unwrap(), dtype],
+    );
     hf
 }
+
+/// Python: the source's tensors (`argv[1]`, as saved) against an fp32 export (`argv[2]`)
+/// bit for bit after upcasting, and transformers' greedy ids (fp32, its own KV cache) for
+/// prompt `argv[3]`, `argv[4]` new tokens.
+const EXACT_AND_GREEDY: &str = r#"
+import sys, json, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+src, exp, prompt, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(1)
+a, b = load_file(src + "/model.safetensors"), load_file(exp + "/model.safetensors")
+m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(src)
+ids = tok(prompt)["input_ids"]
+out = m.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+print(json.dumps({
+    "dtypes": sorted({str(t.dtype) for t in a.values()}), "same_names": sorted(a) == sorted(b),
+    "names": len(a), "unequal": [k for k in a if not torch.equal(a[k].float(), b[k])],
+    "prompt_ids": ids, "ids": out[0, len(ids):].tolist()}))
+"#;
 
 fn check_export(dir: &Path) -> serde_json::Value {
     serde_json::from_str(run_python(CHECK_EXPORT, &[dir.to_str().unwrap()]).trim()).unwrap()
@@ -193,6 +223,87 @@ fn an_hf_model_imports_evaluates_grows_and_exports_with_the_same_loss() {
     let (theirs, hf_tokens) = hf_eval_loss(&out, &text, SEQ);
     assert_eq!((tokens, layers), (hf_tokens, 4));
     assert_close(ours, theirs, "grown ×2 and exported");
+}
+
+/// fp16 weights as transformers and safetensors write them: imported exactly (fp16 → fp32 is
+/// exact; compared bit for bit through an fp32 export), evaluated to transformers' loss, and
+/// `trellis-worker generate` (KV cache, and without) writes transformers' greedy ids.
+#[test]
+fn an_fp16_model_written_by_transformers_imports_exactly_and_generates_its_greedy_ids() {
+    let d = tempfile::tempdir().unwrap();
+    let hf = make_hf_model_as(d.path(), "float16");
+    let ck0 = d.path().join("ck0");
+    let r = trellis_core::import::import_hf(&hf, &ck0).unwrap();
+    assert_eq!(r.source_dtypes.iter().collect::<Vec<_>>(), ["F16"]);
+    let out = d.path().join("export");
+    trellis_core::offline::export_hf(&ck0, &out).unwrap();
+    let prompt = "First Citizen:\nBefore we proceed";
+    let n = 24;
+    let seen: serde_json::Value = serde_json::from_str(
+        run_python(
+            EXACT_AND_GREEDY,
+            &[
+                hf.to_str().unwrap(),
+                out.to_str().unwrap(),
+                prompt,
+                &n.to_string(),
+            ],
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        seen["dtypes"],
+        serde_json::json!(["torch.float16"]),
+        "{seen}"
+    );
+    assert_eq!(seen["same_names"], true, "{seen}");
+    assert_eq!(seen["names"], r.tensors, "{seen}");
+    assert_eq!(seen["unequal"], serde_json::json!([]), "not exact: {seen}");
+
+    let (_, text) = small_corpus();
+    let (ours, _, _) = worker_eval_loss(&ck0, &text, SEQ);
+    let (theirs, _) = hf_eval_loss(&hf, &text, SEQ);
+    assert_close(ours, theirs, "fp16 import");
+
+    let generate = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            ck0.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "24",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let o = Command::new(worker_bin()).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let cached = generate(&[]);
+    assert_eq!(
+        cached["prompt_ids"], seen["prompt_ids"],
+        "BOS and prompt ids"
+    );
+    assert_eq!(
+        cached["ids"], seen["ids"],
+        "greedy ids differ from transformers': {cached} vs {seen}"
+    );
+    assert_eq!(cached["ids"], generate(&["--no-kv-cache"])["ids"]);
+    let distinct: std::collections::BTreeSet<u64> = cached["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(distinct.len() >= 5, "a weak check: {cached}");
+    eprintln!(
+        "fp16 import: {} tensors exact; greedy {:?} = transformers'",
+        r.tensors, cached["ids"]
+    );
 }
 
 /// The export of a checkpoint with only a trained `tokenizer.json` (no HF side files) gets a

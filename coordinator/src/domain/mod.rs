@@ -53,7 +53,8 @@ pub struct DomainOptions {
     pub verify_checkpoints: bool,
     /// Most workers in the registry (`max_workers`).
     pub max_workers: usize,
-    /// Evict a worker stuck this long inside one step; `None`: max(60 s, 20 × step time).
+    /// Evict a worker stuck this long inside one step, evaluation or growth phase; `None`:
+    /// max(60 s, 20 × step time).
     pub progress_timeout: Option<Duration>,
     /// Every wait on a peer in the ranks' collectives; `None`: half the progress timeout.
     pub ring_timeout: Option<Duration>,
@@ -61,7 +62,8 @@ pub struct DomainOptions {
     pub checkpoint_deadline: Duration,
     /// A growth phase past this rolls the growth back.
     pub growth_phase_deadline: Duration,
-    /// The longest wait before retrying a failed checkpoint (from 1 s, doubling).
+    /// The longest wait before retrying a failed checkpoint or a growth stage whose checkpoint
+    /// failed (from 1 s, doubling; [`job::Backoff`]).
     pub checkpoint_retry_max: Duration,
 }
 
@@ -90,14 +92,14 @@ impl Default for DomainOptions {
 const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// The automatic progress timeout is this many measured step times (when above the floor).
 const PROGRESS_TIMEOUT_STEPS: f64 = 20.0;
-/// The first retry of a failed checkpoint.
-const CHECKPOINT_RETRY_MIN: Duration = Duration::from_secs(1);
 
-/// Training-thread activities in which a worker must make progress (a step or an evaluation
-/// completing) within the progress timeout. Checkpoint, commit and growth work is bounded by
-/// the transaction deadlines instead; idle, hold and paused are waits for the coordinator.
+/// Training-thread activities in which a worker must make progress (a step, an evaluation or
+/// a growth's stack, reshard and resume completing: compute on the rank's own tensors) within
+/// the progress timeout. Checkpoint and commit work waits on storage, whose speed is not the
+/// rank's: it is bounded by the checkpoint deadline instead (an abort, not an eviction); idle,
+/// assign, hold and paused are waits for the coordinator or the group.
 fn busy(activity: &str) -> bool {
-    matches!(activity, "step" | "evaluate")
+    matches!(activity, "step" | "evaluate" | "grow")
 }
 
 /// A worker's Ack, decoded at the edge ([`crate::wire::ack`]).
@@ -171,7 +173,8 @@ impl WorkerEntry {
     }
 }
 
-/// A failed checkpoint waiting for its retry.
+/// Scheduled work whose checkpoint failed, waiting for its retry: a checkpoint, or a growth
+/// stage (`reason` = growth); no scheduled work starts before `at`.
 #[derive(Debug, Clone, Copy)]
 struct Retry {
     reason: Reason,
@@ -223,9 +226,9 @@ pub(crate) struct Job {
     plateau_seen: bool,
     /// Rank 0's step time, smoothed (seconds; 0 before the first report).
     step_seconds: f64,
-    /// A failed checkpoint's retry, and the wait before the next one.
+    /// Failed work's retry, and the wait before the next one.
     retry: Option<Retry>,
-    retry_backoff: Duration,
+    backoff: job::Backoff,
     /// `metrics.jsonl` and TensorBoard events in the job's directory.
     tracker: Option<crate::tracking::RunTracker>,
 }
@@ -238,6 +241,7 @@ impl Job {
         model0: ModelConfig,
         state: JobState,
         loss: LossWatcher,
+        retry_max: Duration,
     ) -> Job {
         Job {
             id,
@@ -262,7 +266,7 @@ impl Job {
             plateau_seen: false,
             step_seconds: 0.0,
             retry: None,
-            retry_backoff: CHECKPOINT_RETRY_MIN,
+            backoff: job::Backoff::new(retry_max),
             tracker: None,
         }
     }
@@ -300,6 +304,13 @@ impl Job {
             }) => Some(g),
             _ => None,
         }
+    }
+    /// Failed work waiting for its retry: what (a checkpoint reason; "growth" for a growth
+    /// stage) and the seconds left, while the wait lasts.
+    pub(crate) fn retry_in(&self, now: Instant) -> Option<(&'static str, f64)> {
+        let r = self.retry?;
+        let left = r.at.checked_duration_since(now)?;
+        Some((r.reason.label(), left.as_secs_f64()))
     }
     fn growth_record(&mut self, gen: Generation) -> &mut GrowthRecordState {
         self.growths
@@ -557,9 +568,17 @@ impl Domain {
             std::path::Path::new(&record.base_dir),
             "stored job spec",
         )?;
-        let model0 = model_config(&spec)?;
+        let model0 = model_config(&spec, record.init_vocab_size)?;
         info!(job_id = %id, phase = ?state.phase, epoch = %state.epoch, generation = %state.generation, step = %state.step, "recovered job from the store");
-        let mut job = Job::new(id, record, spec, model0, state, loss);
+        let mut job = Job::new(
+            id,
+            record,
+            spec,
+            model0,
+            state,
+            loss,
+            self.opts.checkpoint_retry_max,
+        );
         job.checkpoints = checkpoints;
         job.growths = growths;
         job.loss_flushed = loss_flushed;
@@ -714,14 +733,17 @@ impl Domain {
         }
         let base = if base_dir.is_empty() { "." } else { base_dir };
         let spec = JobSpec::from_toml(spec_toml, std::path::Path::new(base), "submitted job spec")?;
-        let model0 = model_config(&spec)?;
         let id = JobId(spec.job.name.clone());
         keys::check_segment("job name", &id.0)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let world = spec.parallel.dp * spec.parallel.tp;
-        let init = match &spec.checkpoint.init_from {
-            Some(dir) => Some(init_checkpoint(dir, &spec, &model0).await?),
-            None => None,
+        // A job from a checkpoint takes its vocabulary from it ([model] vocab_size optional).
+        let (init, model0) = match &spec.checkpoint.init_from {
+            Some(dir) => {
+                let (rec, cfg, model0) = init_checkpoint(dir, &spec).await?;
+                (Some((rec, cfg)), model0)
+            }
+            None => (None, model_config(&spec, None)?),
         };
         let cfg = init.as_ref().map_or(model0.clone(), |(_, c)| c.clone());
         let layout = submitted_layout(&spec, &cfg, world, self.opts.device_memory_bytes)?;
@@ -730,6 +752,7 @@ impl Domain {
             spec_toml: spec_toml.to_string(),
             base_dir: base.to_string(),
             submitted_at: now_unix(),
+            init_vocab_size: init.as_ref().map(|_| model0.vocab_size),
         };
         let mut state = JobState {
             phase: Phase::Pending,
@@ -771,7 +794,15 @@ impl Domain {
         self.persist.put(keys::job_state(&id), json(&state));
         info!(job_id = %id, world, layers = state.layers, "job submitted");
         let loss = LossWatcher::new(self.opts.watcher.clone());
-        let mut job = Job::new(id.clone(), record, spec, model0, state, loss);
+        let mut job = Job::new(
+            id.clone(),
+            record,
+            spec,
+            model0,
+            state,
+            loss,
+            self.opts.checkpoint_retry_max,
+        );
         job.track(&self.opts);
         self.job = Some(job);
         self.try_start_epoch().await?;

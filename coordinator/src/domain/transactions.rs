@@ -891,31 +891,46 @@ impl Domain {
     /// checkpoint is retried after a backoff (a manual one is not). A growth whose checkpoint
     /// failed while the ranks held (a re-layout growth) is aborted with the reason and the job
     /// keeps training the old generation. One whose Grow already went out (the grown model
-    /// trains while its checkpoint is written) rolls back to the restore point before it. An
-    /// I/O error never counts as a failed growth or a stalled rollback.
+    /// trains while its checkpoint is written) rolls back to the restore point before it. A
+    /// growth stage of the spec is retried after the same backoff ([`job::Backoff`]); an
+    /// operator's growth is not. An I/O error never counts as a failed growth or a stalled
+    /// rollback.
     pub(super) async fn abort_checkpoint(
         &mut self,
         why: &str,
         label: &'static str,
         step: Option<Step>,
     ) -> Result<()> {
-        let retry_max = self.opts.checkpoint_retry_max;
         let job = self.job.as_mut().expect("a job");
-        let (cmd, reason, growth) = match job.active.as_ref().map(|a| &a.txn) {
-            Some(Txn::Checkpoint(c)) => (c.cmd, c.reason, None),
+        let (cmd, reason, barrier, growth) = match job.active.as_ref().map(|a| &a.txn) {
+            Some(Txn::Checkpoint(c)) => (c.cmd, c.reason, c.at_step, None),
             Some(Txn::Growth(g)) => match g.checkpoint() {
                 // The Grow went out with the checkpoint: the ranks train the grown model, whose
                 // restore point ("checkpoint + plan") will never exist. Back to the restore
                 // point before the growth (never half-grown), counted as an I/O failure only.
+                // A growth stage of the spec is retried after the backoff, like a failed
+                // checkpoint (never at once: a full disk would be hammered in a loop).
                 Some(_) if g.grow_sent() => {
-                    let why = format!("the growth checkpoint failed: {why}");
+                    let stage = job.growths.get(&g.generation).and_then(|r| r.stage);
+                    let wait = job.backoff.failed(Reason::Growth, stage.is_some());
+                    let why = format!(
+                        "the growth checkpoint failed: {why}; growth {}",
+                        job::retrying(wait)
+                    );
                     self.metrics
                         .checkpoint_failures_total
                         .get_or_create(&[("reason", label)])
                         .inc();
-                    return self.rollback_io(&why).await;
+                    self.rollback_io(&why).await?;
+                    if let (Some(job), Some(wait)) = (self.job.as_mut(), wait) {
+                        job.retry = Some(Retry {
+                            reason: Reason::Growth,
+                            at: Instant::now() + wait,
+                        });
+                    }
+                    return Ok(());
                 }
-                Some(c) => (c.cmd, Reason::Growth, Some(g.generation)),
+                Some(c) => (c.cmd, Reason::Growth, c.at_step, Some(g.generation)),
                 None => return Ok(()),
             },
             None => return Ok(()),
@@ -923,16 +938,24 @@ impl Domain {
         let active = job.active.take().expect("checked");
         active.clock.span.record("otel.status_code", "error");
         active.clock.span.record("otel.status_message", why);
-        let backoff = job.retry_backoff.min(retry_max);
-        if reason != Reason::Manual {
+        let spec_stage = growth
+            .and_then(|gen| job.growths.get(&gen))
+            .is_some_and(|r| r.stage.is_some());
+        let wait = job.backoff.failed(reason, spec_stage);
+        if let Some(w) = wait {
             job.retry = Some(Retry {
                 reason,
-                at: Instant::now() + backoff,
+                at: Instant::now() + w,
             });
-            job.retry_backoff = (backoff * 2).min(retry_max);
         }
-        let step = step.unwrap_or(job.state.step);
-        let msg = job::checkpoint_failed(&mut job.state, step, why, backoff.as_secs_f64());
+        // The step it was written at (a rank's failed ack says it), else its barrier (a
+        // deadline), else, for one taken at once, the job's step.
+        let step = step.unwrap_or(if barrier > Step(0) {
+            barrier
+        } else {
+            job.state.step
+        });
+        let msg = job::checkpoint_failed(&mut job.state, step, why, wait);
         self.metrics
             .checkpoint_failures_total
             .get_or_create(&[("reason", label)])
@@ -1119,7 +1142,7 @@ impl Domain {
         let job = self.job.as_mut().expect("a job");
         job.last_commit = Some(Instant::now());
         job.retry = None;
-        job.retry_backoff = CHECKPOINT_RETRY_MIN;
+        job.backoff.reset();
         let secs = clock
             .started
             .unwrap_or(clock.issued)

@@ -14,7 +14,9 @@
 //!                 Failed (3 stalled rollbacks or 3 failed growths)      Done (final checkpoint)
 //! ```
 use crate::state::{CheckpointRecord, GrowthRecordState, JobState, Phase};
+use crate::txn::checkpoint::Reason;
 use std::collections::BTreeMap;
+use std::time::Duration;
 use trellis_core::config::ModelConfig;
 use trellis_core::ids::{Generation, Step};
 use trellis_core::job::JobSpec;
@@ -30,6 +32,51 @@ pub const MAX_STALLED_ROLLBACKS: u32 = 3;
 /// How many steps further than the previous rollback a job must get before a new rollback
 /// counts as progress rather than the same failure again.
 pub const STALL_SLACK_STEPS: u64 = 2 * LOOKAHEAD_STEPS;
+
+/// The first retry of scheduled work whose checkpoint failed.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// The wait before retrying scheduled work whose checkpoint failed (a periodic or final
+/// checkpoint, a growth stage, whether its checkpoint failed to write, to commit or in time):
+/// [`RETRY_MIN`] after the first failure, doubling up to the cap (`checkpoint_retry_max_secs`);
+/// a recorded checkpoint resets it. A pure count: the driver turns the wait into a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: RETRY_MIN.min(max),
+            max,
+        }
+    }
+
+    /// The work that failed is retried only if the schedule re-derives it: a periodic or final
+    /// checkpoint, a growth stage of the spec. An operator's checkpoint or growth
+    /// (`spec_stage = false`) is not retried (`None`, the backoff unchanged); otherwise the
+    /// wait before the retry, and the next failure waits twice as long (up to the cap).
+    pub fn failed(&mut self, reason: Reason, spec_stage: bool) -> Option<Duration> {
+        let scheduled = match reason {
+            Reason::Manual | Reason::InitFrom => false,
+            Reason::Growth => spec_stage,
+            Reason::Periodic | Reason::Final | Reason::PostGrowth => true,
+        };
+        if !scheduled {
+            return None;
+        }
+        let wait = self.next;
+        self.next = (wait * 2).min(self.max);
+        Some(wait)
+    }
+
+    /// A checkpoint was recorded: the next failure waits [`RETRY_MIN`] again.
+    pub fn reset(&mut self) {
+        self.next = RETRY_MIN.min(self.max);
+    }
+}
 
 /// The one place a job's phase changes.
 pub fn transition(state: &mut JobState, to: Phase, message: impl Into<String>) {
@@ -186,7 +233,13 @@ pub fn committed(state: &mut JobState, rec: &CheckpointRecord) {
 /// A checkpoint was aborted (its files could not be written or committed, or it ran past its
 /// deadline). Not a training failure: no rollback, no epoch, and it never counts toward the
 /// stalled-rollback or failed-growth limits. Returns the status message.
-pub fn checkpoint_failed(state: &mut JobState, step: Step, why: &str, retry_secs: f64) -> String {
+/// `retry`: the wait before it is retried ([`Backoff::failed`]; `None`: not retried).
+pub fn checkpoint_failed(
+    state: &mut JobState,
+    step: Step,
+    why: &str,
+    retry: Option<Duration>,
+) -> String {
     state.checkpoint_failures += 1;
     state.checkpoint_error = format!("checkpoint step {step} failed: {why}");
     let restore = state
@@ -194,9 +247,25 @@ pub fn checkpoint_failed(state: &mut JobState, step: Step, why: &str, retry_secs
         .as_ref()
         .map_or("none yet".to_string(), |c| format!("step {}", c.step));
     format!(
-        "{}; training goes on (restore point: {restore}), retrying in {retry_secs:.0} s",
-        state.checkpoint_error
+        "{}; training goes on (restore point: {restore}), {}",
+        state.checkpoint_error,
+        retrying(retry)
     )
+}
+
+/// How a status message says when failed work is retried.
+pub fn retrying(retry: Option<Duration>) -> String {
+    match retry {
+        Some(w) => {
+            let s = w.as_secs_f64();
+            if s.fract() == 0.0 {
+                format!("retrying in {s:.0} s")
+            } else {
+                format!("retrying in {s:.1} s")
+            }
+        }
+        None => "not retried automatically (the operator's request; ask again)".into(),
+    }
 }
 
 /// A growth is done (its checkpoint recorded, every rank resumed): the restore point becomes
@@ -386,7 +455,7 @@ mod tests {
             &mut s,
             Step(20),
             "rank 1 could not write it: disk full",
-            4.0,
+            Some(Duration::from_secs(4)),
         );
         assert_eq!(
             (
@@ -417,6 +486,40 @@ mod tests {
         };
         committed(&mut s, &rec);
         assert!(s.checkpoint_error.is_empty(), "a commit clears the error");
+    }
+
+    #[test]
+    fn failed_scheduled_work_is_retried_after_one_second_doubling_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let secs = |w: Option<Duration>| w.map(|w| w.as_secs_f64());
+        // A growth stage whose checkpoint failed (disk full), again and again: 1, 2, 4, then
+        // the cap; a periodic checkpoint's failure shares the same backoff.
+        let waits: Vec<_> = (0..5)
+            .map(|_| secs(b.failed(Reason::Growth, true)))
+            .collect();
+        assert_eq!(
+            waits,
+            [Some(1.0), Some(2.0), Some(4.0), Some(5.0), Some(5.0)]
+        );
+        assert_eq!(secs(b.failed(Reason::Periodic, false)), Some(5.0));
+        // An operator's growth or checkpoint is not retried, and leaves the backoff as it was.
+        let before = b;
+        assert_eq!(b.failed(Reason::Growth, false), None);
+        assert_eq!(b.failed(Reason::Manual, false), None);
+        assert_eq!(b, before);
+        // A recorded checkpoint resets it.
+        b.reset();
+        assert_eq!(secs(b.failed(Reason::Final, false)), Some(1.0));
+        assert_eq!(secs(b.failed(Reason::Growth, true)), Some(2.0));
+        // A cap under the first wait is the wait.
+        let mut small = Backoff::new(Duration::from_millis(200));
+        assert_eq!(secs(small.failed(Reason::Growth, true)), Some(0.2));
+        assert_eq!(secs(small.failed(Reason::Growth, true)), Some(0.2));
+        assert_eq!(
+            retrying(Some(Duration::from_millis(200))),
+            "retrying in 0.2 s"
+        );
+        assert!(retrying(None).contains("not retried"));
     }
 
     #[test]
