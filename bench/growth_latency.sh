@@ -458,14 +458,17 @@ T_ISSUE=$(now)
 "$COORDCTL" --endpoint "$EP_A" --output json grow --factor "$FACTOR" >"$WORK/grow-answer.json" \
   || die "coordctl grow failed"
 T_ANSWER=$(now)
-# Keep the growth checkpoint's manifest (written in the background while the grown model trains).
+# Keep the growth checkpoint's manifest (written in the background once the grown model's
+# first step is done; under load that can take minutes: wait while the watcher does).
 m=
-for _ in $(seq 1200); do
+for _ in $(seq $((TIMEOUT * 20))); do
+  watching=1
+  kill -0 "$WATCH_PID" 2>/dev/null || watching=0 # ended: the growth is done (or failed)
   for d in "$CKPT"/growth-online/step-*; do
     [[ $d == *.tmp || $d == *.old ]] && continue
     [[ -f $d/manifest.json ]] && m=$d
   done
-  [[ -n $m ]] && break
+  [[ -n $m || $watching == 0 ]] && break
   sleep 0.05
 done
 if [[ -n $m ]]; then
