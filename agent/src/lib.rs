@@ -1,8 +1,9 @@
 //! The worker's side of the coordinator session (no libtorch).
 //!
 //! [`run`] connects to the coordinator, sends `Hello` (with the ring listen address, bound
-//! first), receives an `Assignment`, builds the rank's collective ([`TcpRing`], or [`Solo`] for
-//! world 1), asks the worker's [`RunnerFactory`] for a [`Runner`] and drives it on **one
+//! first, and fresh NCCL ids when this worker can run NCCL), receives an `Assignment`, builds
+//! the rank's collectives ([`TcpRing`], [`Solo`] for a group of one, or an NCCL communicator
+//! from the relayed id beside the ring when the group's backend is `nccl`), asks the worker's [`RunnerFactory`] for a [`Runner`] and drives it on **one
 //! dedicated OS thread** that owns it (tch tensors are `Send`, not `Sync`):
 //!
 //! ```text
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn, Span};
 use trellis_comm::{Collective, Solo, TcpRing};
+use trellis_core::backend::{Backend, NCCL_IDS_OFFERED, NCCL_ID_BYTES};
 use trellis_core::checkpoint::ShardReport;
 use trellis_core::growth::GrowthSpec;
 use trellis_core::ids::{JobId, Rank};
@@ -112,6 +114,12 @@ pub struct Assignment {
     /// TP ring listen addresses of every rank, by rank (used when `tp > 1`).
     pub tp_peers: Vec<String>,
     pub group_token: String,
+    /// The backends of this rank's DP and TP groups.
+    pub dp_backend: Backend,
+    pub tp_backend: Backend,
+    /// With backend `nccl`: the group's NCCL unique id, relayed from its rank 0.
+    pub dp_nccl_id: Vec<u8>,
+    pub tp_nccl_id: Vec<u8>,
 }
 
 impl Assignment {
@@ -129,7 +137,8 @@ impl Assignment {
 
 /// A rank's two process groups, built by the agent from its assignment: `dp` joins the ranks
 /// with this rank's TP slice (gradients are averaged over it), `tp` the ranks holding the
-/// slices of this rank's model replica. A group of one is [`Solo`].
+/// slices of this rank's model replica. A group of one is [`Solo`]; an NCCL group is a
+/// [`trellis_comm::nccl::NcclGroup`] (its [`Collective::device`] moves device memory).
 pub struct Collectives {
     pub dp: Box<dyn Collective>,
     pub tp: Box<dyn Collective>,
@@ -270,6 +279,36 @@ pub struct AgentOptions {
     /// mTLS to the coordinator (`https://` endpoints): the job's CA and this worker's
     /// certificate (`trellis_auth::tls::client_tls`); its worker id must be `worker_id`.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Set when this worker can run NCCL (a CUDA device, libcuda and libnccl load): makes one
+    /// fresh NCCL unique id ([`nccl_unique_id`]). The agent says `nccl` in `Hello` and offers
+    /// fresh ids in every `Hello` and after every assignment.
+    pub nccl: Option<NcclIdSource>,
+}
+
+/// Makes a fresh NCCL unique id (128 bytes) in this process, or says why it cannot.
+pub type NcclIdSource = fn() -> std::result::Result<Vec<u8>, String>;
+
+/// The real [`NcclIdSource`]: `ncclGetUniqueId` (NCCL's bootstrap root for the id runs in
+/// this process).
+pub fn nccl_unique_id() -> std::result::Result<Vec<u8>, String> {
+    trellis_comm::nccl::unique_id()
+        .map(|id| id.0.to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// `n` fresh ids from `source` (none when it fails: logged, and the coordinator waits for a
+/// later offer before it forms an NCCL group with this rank as root).
+fn fresh_nccl_ids(source: Option<NcclIdSource>, n: usize) -> Vec<Vec<u8>> {
+    let Some(make) = source else {
+        return Vec::new();
+    };
+    (0..n)
+        .map(|_| make())
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .unwrap_or_else(|e| {
+            warn!("cannot make an NCCL unique id: {e}");
+            Vec::new()
+        })
 }
 
 impl Default for AgentOptions {
@@ -285,6 +324,7 @@ impl Default for AgentOptions {
             give_up_after: None,
             idle_poll: Duration::from_millis(20),
             tls: None,
+            nccl: None,
         }
     }
 }
@@ -387,6 +427,9 @@ pub async fn run<F: RunnerFactory>(
         device: options.device.clone(),
         ring_address,
         tp_ring_address,
+        nccl: options.nccl.is_some(),
+        // Fresh ones per session (see `session`).
+        nccl_ids: Vec::new(),
     };
     // Dropping this future (or returning) detaches the trainer from the session and, through the
     // closed control channel, ends the training thread.
@@ -415,7 +458,11 @@ pub async fn run<F: RunnerFactory>(
         let session = session(
             &current,
             options.tls.as_ref(),
-            hello.clone(),
+            pb::Hello {
+                nccl_ids: fresh_nccl_ids(options.nccl, NCCL_IDS_OFFERED),
+                ..hello.clone()
+            },
+            options.nccl,
             &sink,
             &ctl_tx,
             &progress,
@@ -576,6 +623,7 @@ async fn session(
     endpoint: &str,
     tls: Option<&tonic::transport::ClientTlsConfig>,
     hello: pb::Hello,
+    nccl: Option<NcclIdSource>,
     sink: &Sink,
     ctl: &std::sync::mpsc::Sender<Control>,
     progress: &Arc<Progress>,
@@ -637,7 +685,7 @@ async fn session(
             }
         })
     });
-    drop(tx);
+    let tx_offer = tx;
     let result = loop {
         match inbound.next().await {
             Some(Ok(m)) => match m.kind {
@@ -648,7 +696,17 @@ async fn session(
                             Ordering::Relaxed,
                         );
                     }
+                    // The assignment used one offered id per NCCL group this rank is rank 0
+                    // of: replace exactly those (an unused id keeps NCCL's bootstrap root
+                    // thread alive in this process, so none is made in vain).
+                    let used = nccl_ids_used(&a);
                     let _ = ctl.send(Control::Assign(a));
+                    if nccl.is_some() && used > 0 {
+                        let ids = fresh_nccl_ids(nccl, used);
+                        let _ = tx_offer.send(pb::WorkerMessage {
+                            kind: Some(pb::worker_message::Kind::NcclIds(pb::NcclIds { ids })),
+                        });
+                    }
                 }
                 Some(pb::coordinator_message::Kind::Command(c)) => {
                     let _ = ctl.send(Control::Command(c));
@@ -669,6 +727,15 @@ async fn session(
         }
     };
     result
+}
+
+/// How many of this worker's offered NCCL ids assignment `a` used: one per NCCL group whose
+/// rank 0 it is (its DP group when its DP rank is 0, its TP group when its TP rank is 0).
+fn nccl_ids_used(a: &pb::Assignment) -> usize {
+    let tp = a.tp.max(1);
+    let dp_root = a.dp_backend == "nccl" && a.rank / tp == 0;
+    let tp_root = a.tp_backend == "nccl" && a.rank % tp == 0;
+    dp_root as usize + tp_root as usize
 }
 
 /// The state of one epoch on the training thread.
@@ -731,6 +798,23 @@ fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxE
         &a.base_dir
     });
     let spec = JobSpec::from_toml(&a.spec_toml, &base, "assigned job spec")?;
+    let (dp, tp) = (a.dp.max(1) as usize, a.tp.max(1) as usize);
+    // A coordinator that names no backend (older) means the TCP ring.
+    let default = |n: usize| if n == 1 { Backend::Solo } else { Backend::Ring };
+    let dp_backend = Backend::parse(&a.dp_backend)?.unwrap_or(default(dp));
+    let tp_backend = Backend::parse(&a.tp_backend)?.unwrap_or(default(tp));
+    for (kind, b, id) in [
+        ("DP", dp_backend, &a.dp_nccl_id),
+        ("TP", tp_backend, &a.tp_nccl_id),
+    ] {
+        if b == Backend::Nccl && id.len() != NCCL_ID_BYTES {
+            return Err(format!(
+                "the assignment names backend nccl for the {kind} group but relays a {}-byte NCCL id (expected {NCCL_ID_BYTES})",
+                id.len()
+            )
+            .into());
+        }
+    }
     Ok(Assignment {
         epoch: a.epoch,
         generation: a.generation,
@@ -739,8 +823,8 @@ fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxE
         spec_toml: a.spec_toml.clone(),
         base_dir: base,
         rank: Rank(a.rank),
-        dp: a.dp.max(1) as usize,
-        tp: a.tp.max(1) as usize,
+        dp,
+        tp,
         restore_from: (!a.restore_from.is_empty()).then(|| PathBuf::from(&a.restore_from)),
         job_root: PathBuf::from(&a.job_root),
         skip: a.skip.iter().map(|w| (w.from, w.to)).collect(),
@@ -748,13 +832,20 @@ fn decode_assignment(a: &pb::Assignment) -> std::result::Result<Assignment, BoxE
         peers: a.peers.clone(),
         tp_peers: a.tp_peers.clone(),
         group_token: a.group_token.clone(),
+        dp_backend,
+        tp_backend,
+        dp_nccl_id: a.dp_nccl_id.clone(),
+        tp_nccl_id: a.tp_nccl_id.clone(),
     })
 }
 
 /// The ring of `members` (global ranks, in group-rank order) that this rank (group rank `me`)
 /// joins over `listener`, or [`Solo`] for a group of one. `kind` + `index` make the group's
-/// token distinct from every other group of the epoch.
+/// token distinct from every other group of the epoch. With backend `nccl` the ring stays for
+/// control-plane agreements and an NCCL communicator joins the relayed id `nccl_id` beside it.
 fn form_group(
+    backend: Backend,
+    nccl_id: &[u8],
     listener: &TcpListener,
     addrs: &[String],
     members: &[usize],
@@ -799,7 +890,19 @@ fn form_group(
     if let Some(t) = op_timeout {
         ring.set_timeout(t)?;
     }
-    Ok(Box::new(ring))
+    if backend != Backend::Nccl {
+        return Ok(Box::new(ring));
+    }
+    let mut id = [0u8; NCCL_ID_BYTES];
+    id.copy_from_slice(nccl_id);
+    // Every rank of the group has joined the ring, so every rank is here to join NCCL too.
+    let comm =
+        trellis_comm::nccl::NcclComm::new(me, members.len(), &trellis_comm::nccl::UniqueId(id))
+            .map_err(|e| format!("{kind} group {index}: {e}"))?;
+    Ok(Box::new(trellis_comm::nccl::NcclGroup::new(
+        Box::new(ring),
+        comm,
+    )?))
 }
 
 fn resolve(addr: &str) -> std::result::Result<SocketAddr, BoxError> {
@@ -931,6 +1034,8 @@ impl<F: RunnerFactory> Trainer<F> {
             // that a peer will only join later.
             let tp_members: Vec<usize> = (0..a.tp).map(|j| dp_rank * a.tp + j).collect();
             let tp = form_group(
+                a.tp_backend,
+                &a.tp_nccl_id,
                 &self.tp_listener,
                 &a.tp_peers,
                 &tp_members,
@@ -943,6 +1048,8 @@ impl<F: RunnerFactory> Trainer<F> {
             )?;
             let dp_members: Vec<usize> = (0..a.dp).map(|i| i * a.tp + tp_rank).collect();
             let dp = form_group(
+                a.dp_backend,
+                &a.dp_nccl_id,
                 &self.listener,
                 &a.peers,
                 &dp_members,
@@ -975,6 +1082,8 @@ impl<F: RunnerFactory> Trainer<F> {
                     dp = e.a.dp,
                     tp = e.a.tp,
                     generation = e.a.generation,
+                    dp_backend = %e.a.dp_backend,
+                    tp_backend = %e.a.tp_backend,
                     seconds = t0.elapsed().as_secs_f64(),
                     "assignment: runner ready"
                 );
@@ -1533,4 +1642,31 @@ fn grow_order(g: &pb::GrowCmd) -> std::result::Result<GrowOrder, String> {
         dp: g.dp.max(1) as usize,
         tp: g.tp.max(1) as usize,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assignment_uses_one_offered_id_per_nccl_group_this_rank_roots() {
+        let a = |rank: u32, dp: u32, tp: u32, dpb: &str, tpb: &str| pb::Assignment {
+            rank,
+            dp,
+            tp,
+            dp_backend: dpb.into(),
+            tp_backend: tpb.into(),
+            ..Default::default()
+        };
+        // DP = 2 × TP = 2, both NCCL: rank 0 roots both groups, 1 its DP group, 2 its TP group.
+        let used: Vec<usize> = (0..4)
+            .map(|r| nccl_ids_used(&a(r, 2, 2, "nccl", "nccl")))
+            .collect();
+        assert_eq!(used, vec![2, 1, 1, 0]);
+        // DP only: rank 0 roots the one DP group; a TP group of one is solo.
+        assert_eq!(nccl_ids_used(&a(0, 2, 1, "nccl", "solo")), 1);
+        assert_eq!(nccl_ids_used(&a(1, 2, 1, "nccl", "solo")), 0);
+        // Ring groups use no ids.
+        assert_eq!(nccl_ids_used(&a(0, 2, 2, "ring", "ring")), 0);
+    }
 }

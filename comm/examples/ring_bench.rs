@@ -4,8 +4,9 @@
 //!
 //! Each repeat forms two rings in turn, one with message MACs off (the unauthenticated wire
 //! format) and one with them on (keyed BLAKE3 per message, the default); the figure of each is
-//! the median over repeats, and the ratio is on / off. It then compares the two MACs the ring
-//! could use on one core: HMAC-SHA256 and keyed BLAKE3 over the same 64 MiB.
+//! the median over repeats, and the ratio is on / off. It then times a scatter (rank 0 sends
+//! each other rank its own MIB MiB, what a peers reshard does) the same way, and compares the
+//! two MACs the ring could use on one core: HMAC-SHA256 and keyed BLAKE3 over the same 64 MiB.
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::net::TcpListener;
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 use trellis_comm::ring::derive_key;
 use trellis_comm::{Collective, RingOptions, TcpRing};
 
-/// Seconds per all-reduce of `n` f32 on a ring of `world` threads (the slowest rank's mean).
-fn run(world: usize, n: usize, iters: usize, message_mac: bool) -> f64 {
+/// Seconds per all-reduce of `n` f32 (`scatter`: per scatter from rank 0 of `n` f32 to every
+/// other rank) on a ring of `world` threads (the slowest rank's mean).
+fn run(world: usize, n: usize, iters: usize, message_mac: bool, scatter: bool) -> f64 {
     let ls: Vec<TcpListener> = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
@@ -32,11 +34,25 @@ fn run(world: usize, n: usize, iters: usize, message_mac: bool) -> f64 {
                 };
                 let mut ring = TcpRing::with_options(r, world, l, addrs, &key, opts).expect("ring");
                 let mut buf = vec![r as f32 + 1.0; n];
-                ring.all_reduce_sum(&mut buf).expect("warm-up");
+                let src = vec![2.0f32; n];
+                let mut mine = vec![0f32; if r == 0 { 0 } else { n }];
+                let runs: Vec<&[f32]> = vec![&src];
+                let pieces: Vec<&[&[f32]]> = (0..world)
+                    .map(|to| if to == 0 { &[][..] } else { runs.as_slice() })
+                    .collect();
+                let mut op = |ring: &mut TcpRing| {
+                    if scatter {
+                        let send: &[&[&[f32]]] = if r == 0 { &pieces } else { &[] };
+                        ring.scatter(0, send, &mut mine).expect("scatter")
+                    } else {
+                        ring.all_reduce_sum(&mut buf).expect("all_reduce")
+                    }
+                };
+                op(&mut ring); // warm-up
                 ring.barrier().expect("barrier");
                 let t0 = Instant::now();
                 for _ in 0..iters {
-                    ring.all_reduce_sum(&mut buf).expect("all_reduce");
+                    op(&mut ring);
                 }
                 t0.elapsed() / iters as u32
             })
@@ -67,8 +83,8 @@ fn main() {
 
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
-        off.push(run(world, n, iters, false));
-        on.push(run(world, n, iters, true));
+        off.push(run(world, n, iters, false, false));
+        on.push(run(world, n, iters, true, false));
     }
     let (t_off, t_on) = (median(off), median(on));
     let bytes = (n * 4) as f64;
@@ -88,6 +104,24 @@ fn main() {
         "time ratio MAC on / off: {:.3} (median of {repeats} alternating repeats)",
         t_on / t_off
     );
+
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        off.push(run(world, n, iters, false, true));
+        on.push(run(world, n, iters, true, true));
+    }
+    let (s_off, s_on) = (median(off), median(on));
+    for (name, t) in [
+        ("message MACs off", s_off),
+        ("keyed BLAKE3 per message", s_on),
+    ] {
+        println!(
+            "ring scatter from rank 0, {name}: world {world}, {mib} MiB to each other rank: {:.1} ms/iter, {:.2} GB/s per receiving rank",
+            t * 1e3,
+            bytes / t / 1e9
+        );
+    }
+    println!("scatter time ratio MAC on / off: {:.3}", s_on / s_off);
 
     // The MACs on one core, over the same 64 MiB (best of 3 each).
     let data = vec![0x5au8; 64 << 20];

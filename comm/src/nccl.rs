@@ -6,18 +6,22 @@
 //! The [`Collective`](crate::Collective) trait moves host `f32` slices; NCCL moves device
 //! memory on a CUDA stream, so it has its own small trait, [`DeviceCollective`], over raw
 //! device pointers (`Tensor::data_ptr()` of a contiguous fp32 CUDA tensor) and the stream
-//! libtorch computes on (the default stream, null, unless the caller changed it).
+//! libtorch computes on (the default stream, null, unless the caller changed it). An
+//! [`NcclGroup`] pairs a communicator with the group's host collective (the TCP ring, for
+//! control-plane agreements): the trainer sees one [`Collective`].
 //!
 //! Rendezvous: one rank calls [`unique_id`] and every rank of the group must receive the same
 //! 128 bytes before [`NcclComm::new`]. In Trellis the coordinator relays them like the TCP
-//! ring's peer addresses: the group's rank 0 reports the id, the coordinator puts it into every
-//! rank's assignment (next to `group_token`), and each rank builds its communicator from it.
-//! That relay is not wired yet (docs/parallelism.md, "NCCL").
+//! ring's peer addresses: every NCCL-capable worker offers fresh ids (in `Hello`, then after
+//! every assignment), the coordinator takes one from each group's rank 0 and puts it into every
+//! rank's assignment (next to `group_token`), and each rank builds its communicator from it
+//! (docs/parallelism.md, "NCCL").
 //!
 //! Library names: cudarc looks for `libnccl.so`, `libnccl.so.<major>`…; the pip package
 //! `nvidia-nccl-cu13` ships only `libnccl.so.2`, so provide a `libnccl.so` symlink on
 //! `LD_LIBRARY_PATH` (docs/design.md §10).
-use crate::{Error, Result};
+pub use crate::DeviceCollective;
+use crate::{Collective, Error, Result};
 use cudarc::nccl::{result as nccl, sys};
 use std::ffi::c_void;
 
@@ -68,35 +72,6 @@ pub fn unique_id() -> Result<UniqueId> {
         *o = *c as u8;
     }
     Ok(UniqueId(out))
-}
-
-/// A collective over CUDA device memory.
-pub trait DeviceCollective: Send {
-    fn rank(&self) -> usize;
-    fn world(&self) -> usize;
-    /// In-place element-wise sum of `len` f32 at device address `ptr` over all ranks, enqueued
-    /// on `stream` (null: the default stream).
-    ///
-    /// # Safety
-    /// `ptr` must point to `len` f32 of device memory of this communicator's GPU that stay
-    /// valid until the stream has run the operation.
-    unsafe fn all_reduce_sum_f32(
-        &mut self,
-        ptr: *mut f32,
-        len: usize,
-        stream: *mut c_void,
-    ) -> Result<()>;
-    /// In-place broadcast of `len` f32 from `root`.
-    ///
-    /// # Safety
-    /// As [`DeviceCollective::all_reduce_sum_f32`].
-    unsafe fn broadcast_f32(
-        &mut self,
-        ptr: *mut f32,
-        len: usize,
-        root: usize,
-        stream: *mut c_void,
-    ) -> Result<()>;
 }
 
 /// One rank's NCCL communicator.
@@ -199,5 +174,59 @@ impl DeviceCollective for NcclComm {
         )
         .map(|_| ())
         .map_err(|e| nccl_err("ncclBroadcast", e))
+    }
+}
+
+/// A process group whose tensors move over NCCL and whose control-plane agreements (u64
+/// maxima, barriers, host buffers) move over `host`, the group's TCP ring.
+pub struct NcclGroup {
+    host: Box<dyn Collective>,
+    comm: NcclComm,
+}
+
+impl NcclGroup {
+    /// `comm` and `host` must be the same group (same rank, same world).
+    pub fn new(host: Box<dyn Collective>, comm: NcclComm) -> Result<NcclGroup> {
+        if host.rank() != comm.rank || host.world() != comm.world {
+            return Err(Error::Protocol(format!(
+                "NCCL communicator is rank {} of {} but the group's ring is rank {} of {}",
+                comm.rank,
+                comm.world,
+                host.rank(),
+                host.world()
+            )));
+        }
+        Ok(NcclGroup { host, comm })
+    }
+}
+
+impl Collective for NcclGroup {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+    fn world(&self) -> usize {
+        self.host.world()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.host.all_reduce_sum(buf)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.host.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.host.barrier()
+    }
+    fn all_reduce_max_u64(&mut self, v: u64) -> Result<u64> {
+        self.host.all_reduce_max_u64(v)
+    }
+    fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64> {
+        self.host.all_reduce_min_u64(v)
+    }
+    /// The ring's scatter (each rank gets only its piece): the reshard's host transport.
+    fn scatter(&mut self, root: usize, pieces: &[crate::Runs<'_>], mine: &mut [f32]) -> Result<()> {
+        self.host.scatter(root, pieces, mine)
+    }
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        Some(&mut self.comm)
     }
 }

@@ -39,7 +39,7 @@
 //! error the buffer's contents are unspecified (a tampered chunk may already have been added).
 //!
 //! Data travels in native byte order: every rank of a group must share one architecture.
-use crate::{Collective, Error, Result};
+use crate::{runs_len, Collective, Error, Result, Runs};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -110,6 +110,7 @@ const OP_BROADCAST: u32 = 2;
 const OP_BARRIER: u32 = 3;
 const OP_MAX: u32 = 4;
 const OP_MIN: u32 = 5;
+const OP_SCATTER: u32 = 6;
 
 fn op_name(op: u32) -> &'static str {
     match op {
@@ -118,6 +119,7 @@ fn op_name(op: u32) -> &'static str {
         OP_BARRIER => "barrier",
         OP_MAX => "all_reduce_max_u64",
         OP_MIN => "all_reduce_min_u64",
+        OP_SCATTER => "scatter",
         _ => "unknown",
     }
 }
@@ -161,6 +163,9 @@ pub struct TcpRing {
     links: Option<(Link, Link)>,
     seq: u64,
     scratch: Vec<u8>,
+    /// Two segments a scatter relays (receive one while forwarding the other) or, on its root,
+    /// gathers from several runs; allocated on first use.
+    relay: Vec<u8>,
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -197,6 +202,43 @@ fn f32_bytes(f: &[f32]) -> &[u8] {
 fn f32_bytes_mut(f: &mut [f32]) -> &mut [u8] {
     // SAFETY: as above, and every bit pattern is a valid f32.
     unsafe { std::slice::from_raw_parts_mut(f.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(f)) }
+}
+
+/// Bytes `range` of `runs` back to back: borrowed when inside one run, else gathered into
+/// `buf` (at least as long as the range).
+fn runs_bytes<'a>(
+    runs: &[&'a [f32]],
+    range: std::ops::Range<usize>,
+    buf: &'a mut [u8],
+) -> &'a [u8] {
+    let len = range.len();
+    // The first run that reaches past range.start, and where it starts.
+    let mut start = 0;
+    let mut k = 0;
+    while k < runs.len() && start + 4 * runs[k].len() <= range.start {
+        start += 4 * runs[k].len();
+        k += 1;
+    }
+    if k == runs.len() {
+        return &[];
+    }
+    let first = f32_bytes(runs[k]);
+    let lo = range.start - start;
+    if lo + len <= first.len() {
+        return &first[lo..lo + len];
+    }
+    let mut filled = first.len() - lo;
+    buf[..filled].copy_from_slice(&first[lo..]);
+    for r in &runs[k + 1..] {
+        let r = f32_bytes(r);
+        let n = r.len().min(len - filled);
+        buf[filled..filled + n].copy_from_slice(&r[..n]);
+        filled += n;
+        if filled == len {
+            break;
+        }
+    }
+    &buf[..len]
 }
 
 /// Chunk `i` of `n` elements split `world` ways.
@@ -337,6 +379,7 @@ impl TcpRing {
             links: None,
             seq: 0,
             scratch: Vec::new(),
+            relay: Vec::new(),
         };
         if world == 1 {
             return Ok(ring);
@@ -1071,5 +1114,124 @@ impl Collective for TcpRing {
 
     fn all_reduce_min_u64(&mut self, v: u64) -> Result<u64> {
         self.reduce_u64(OP_MIN, v, u64::min)
+    }
+
+    /// Root sends the pieces round the ring farthest rank first, each cut into segments of
+    /// [`SCRATCH`] bytes (one message, with its MAC, per segment and link). A rank receives the
+    /// pieces of the ranks after it and its own (straight into `mine`) and forwards the others
+    /// while receiving the next segment; so a piece crosses only the links between root and
+    /// its rank, and no rank holds more than two segments of another's data.
+    fn scatter(&mut self, root: usize, pieces: &[Runs<'_>], mine: &mut [f32]) -> Result<()> {
+        let (w, me) = (self.world, self.rank);
+        crate::check_scatter(root, w, me, pieces, mine.len())?;
+        if w == 1 {
+            crate::copy_runs(pieces[0], mine);
+            return Ok(());
+        }
+        let prev_root = self.header(OP_SCATTER, 0, root as u64)?;
+        if prev_root != root as u64 {
+            return Err(Error::Protocol(format!(
+                "rank {me} scatters from rank {root} but rank {} from rank {prev_root}; every \
+                 rank must call the same collectives with the same root",
+                (me + w - 1) % w
+            )));
+        }
+        let dist = (me + w - root) % w;
+        // The piece lengths in bytes by distance from root (0: root's own, never sent), passed
+        // down the ring.
+        let mut table = vec![0u8; 8 * w];
+        if dist == 0 {
+            for (d, t) in table.chunks_exact_mut(8).enumerate() {
+                let bytes = 4 * runs_len(pieces[(root + d) % w]) as u64;
+                t.copy_from_slice(&bytes.to_le_bytes());
+            }
+            self.exchange(&table, Sink::Bytes(&mut []))?;
+        } else {
+            self.exchange(&[], Sink::Bytes(&mut table))?;
+            if dist < w - 1 {
+                self.exchange(&table, Sink::Bytes(&mut []))?;
+            }
+        }
+        let len = |d: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&table[8 * d..8 * d + 8]);
+            u64::from_le_bytes(b) as usize
+        };
+        if dist > 0 && len(dist) != 4 * mine.len() {
+            return Err(crate::scatter_len_mismatch(
+                me,
+                root,
+                len(dist) / 4,
+                mine.len(),
+            ));
+        }
+        // (distance, byte range within that piece), farthest piece first: what rank `d`
+        // receives is the prefix with distance >= d, what it forwards the prefix with > d.
+        let segs: Vec<(usize, std::ops::Range<usize>)> = (1..w)
+            .rev()
+            .flat_map(|d| {
+                let n = len(d);
+                (0..n.div_ceil(SCRATCH)).map(move |k| (d, k * SCRATCH..((k + 1) * SCRATCH).min(n)))
+            })
+            .collect();
+        let mut relay = std::mem::take(&mut self.relay);
+        if dist == 0 {
+            // A segment inside one run goes from the caller's memory; one across runs is
+            // gathered into a relay half first (cache-sized, reused).
+            let mut res = Ok(());
+            for (d, r) in &segs {
+                let piece = pieces[(root + d) % w];
+                if piece.len() > 1 && relay.len() < 2 * SCRATCH {
+                    relay = vec![0u8; 2 * SCRATCH];
+                }
+                res = self.exchange(
+                    runs_bytes(piece, r.clone(), &mut relay),
+                    Sink::Bytes(&mut []),
+                );
+                if res.is_err() {
+                    break;
+                }
+            }
+            self.relay = relay;
+            res?;
+            crate::copy_runs(pieces[root], mine);
+        } else {
+            let fwd = segs.iter().take_while(|(d, _)| *d > dist).count();
+            let inbound = segs.iter().take_while(|(d, _)| *d >= dist).count();
+            if fwd > 0 && relay.len() < 2 * SCRATCH {
+                relay = vec![0u8; 2 * SCRATCH];
+            }
+            let mine = f32_bytes_mut(mine);
+            let mut res = Ok(());
+            // Step i receives inbound segment i and forwards segment i - 1: relayed segments
+            // alternate between the two halves of `relay`.
+            for i in 0..=inbound {
+                let half = SCRATCH.min(relay.len());
+                let (even, odd) = relay.split_at_mut(half);
+                let (rx_half, tx_half) = if i % 2 == 0 { (even, odd) } else { (odd, even) };
+                let tx: &[u8] = match i.checked_sub(1) {
+                    Some(j) if j < fwd => &tx_half[..segs[j].1.len()],
+                    _ => &[],
+                };
+                let rx: &mut [u8] = if i < fwd {
+                    &mut rx_half[..segs[i].1.len()]
+                } else if i < inbound {
+                    &mut mine[segs[i].1.clone()]
+                } else {
+                    &mut []
+                };
+                if tx.is_empty() && rx.is_empty() {
+                    continue;
+                }
+                res = self.exchange(tx, Sink::Bytes(rx));
+                if res.is_err() {
+                    break;
+                }
+            }
+            self.relay = relay;
+            res?;
+        }
+        self.seq += 1;
+        Ok(())
     }
 }

@@ -158,6 +158,123 @@ fn broadcast_every_root() {
     }
 }
 
+/// The length of rank `r`'s piece from `root` in the scatter tests: empty, small and larger than
+/// one 1 MiB segment, so every relay path (empty pieces, several segments) is taken.
+fn piece_len(root: usize, r: usize) -> usize {
+    [0usize, 5, 300_001, 1][(root + 2 * r) % 4]
+}
+
+/// Run scatters from every root on `world` ranks of `ring_of(ring)`; check each rank got
+/// exactly its piece, bit for bit.
+fn check_scatter<C: Collective + 'static>(world: usize, ring_of: fn(TcpRing) -> C) {
+    let res = with_ring(world, TIMEOUT, move |r, ring| {
+        let mut ring = ring_of(ring);
+        let mut out = Vec::new();
+        for root in 0..world {
+            let pieces: Vec<Vec<f32>> = (0..world)
+                .map(|to| data(to, piece_len(root, to), root as u64))
+                .collect();
+            // Each piece as runs of uneven lengths (an empty one included), as a strided
+            // slice would be.
+            let runs: Vec<Vec<&[f32]>> = pieces
+                .iter()
+                .map(|p| {
+                    let (a, rest) = p.split_at(p.len() / 3);
+                    let (b, c) = rest.split_at(rest.len().min(7));
+                    vec![a, &[][..], b, c]
+                })
+                .collect();
+            let refs: Vec<&[&[f32]]> = runs.iter().map(|p| p.as_slice()).collect();
+            let mut mine = vec![f32::NAN; piece_len(root, r)];
+            let send: &[&[&[f32]]] = if r == root { &refs } else { &[] };
+            ring.scatter(root, send, &mut mine).unwrap();
+            out.push(mine);
+        }
+        assert!(matches!(
+            ring.scatter(world, &[], &mut []),
+            Err(Error::Protocol(_))
+        ));
+        out
+    });
+    for (r, got) in res.iter().enumerate() {
+        for (root, mine) in got.iter().enumerate() {
+            let want = data(r, piece_len(root, r), root as u64);
+            assert!(
+                mine.iter()
+                    .map(|x| x.to_bits())
+                    .eq(want.iter().map(|x| x.to_bits())),
+                "world {world}: rank {r}'s piece from root {root} ({} values) is wrong",
+                want.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn scatter_sends_every_rank_its_piece() {
+    for world in 1..=4 {
+        check_scatter(world, |ring| ring);
+    }
+}
+
+/// A collective that keeps the trait's default `scatter` (one broadcast per piece).
+struct DefaultScatter(TcpRing);
+
+impl Collective for DefaultScatter {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> trellis_comm::Result<()> {
+        self.0.all_reduce_sum(buf)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> trellis_comm::Result<()> {
+        self.0.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> trellis_comm::Result<()> {
+        self.0.barrier()
+    }
+    fn all_reduce_max_u64(&mut self, v: u64) -> trellis_comm::Result<u64> {
+        self.0.all_reduce_max_u64(v)
+    }
+    fn all_reduce_min_u64(&mut self, v: u64) -> trellis_comm::Result<u64> {
+        self.0.all_reduce_min_u64(v)
+    }
+}
+
+#[test]
+fn default_scatter_sends_every_rank_its_piece() {
+    for world in [1, 3] {
+        check_scatter(world, DefaultScatter);
+    }
+}
+
+#[test]
+fn scatter_into_a_buffer_of_the_wrong_size_is_a_protocol_error() {
+    let res = with_ring(2, TIMEOUT, move |r, mut ring| {
+        let pieces = [&[&[1.0f32][..]][..], &[&[2.0; 10][..]][..]];
+        if r == 0 {
+            ring.scatter(0, &pieces, &mut [0.0]).map(|_| String::new())
+        } else {
+            let mut mine = [0f32; 9];
+            ring.scatter(0, &[], &mut mine).map(|_| String::new())
+        }
+    });
+    // The root finishes or sees rank 1 leave; it does not hang.
+    if let Err(e) = &res[0] {
+        assert!(matches!(e, Error::Peer { peer: 1, .. }), "{e}");
+    }
+    let e = res[1].as_ref().unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("10 values") && msg.contains("holds 9"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn barrier_and_u64_reductions() {
     for world in 1..=4 {
@@ -414,6 +531,30 @@ fn tampered_gradient_message_is_rejected_and_names_the_peer() {
         res[0].is_err(),
         "rank 0 finished an all-reduce its peer rejected"
     );
+}
+
+#[test]
+fn tampered_scatter_piece_is_rejected() {
+    // Flip one bit inside the piece rank 0 scatters to rank 1 (after the header and the table).
+    let at = HANDSHAKE_OUT + HEADER_MSG + (16 + 32) + 5000;
+    let res = two_ranks_via_proxy(
+        move |off, chunk| {
+            if (off..off + chunk.len()).contains(&at) {
+                chunk[at - off] ^= 0x10;
+            }
+        },
+        |r, ring| {
+            let piece = data(1, 1 << 18, 2);
+            let mut mine = vec![0f32; if r == 0 { 0 } else { piece.len() }];
+            let pieces = [&[][..], &[piece.as_slice()][..]];
+            ring.scatter(0, if r == 0 { &pieces } else { &[] }, &mut mine)
+        },
+    );
+    let e = res[1].as_ref().unwrap_err();
+    match e {
+        Error::Auth { peer, .. } => assert_eq!(*peer, 0, "{e}"),
+        _ => panic!("rank 1 accepted a tampered scatter piece: {e}"),
+    }
 }
 
 #[test]

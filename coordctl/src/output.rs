@@ -131,10 +131,19 @@ pub struct StatusView {
     pub evictions: u64,
     /// Ranks whose last step took over 1.5x the group's median.
     pub slow_ranks: Vec<u32>,
+    /// Collective backends of the current epoch's groups (solo | ring | nccl); empty before
+    /// the first epoch.
+    pub backend: BackendView,
     /// Scheduled work whose checkpoint failed, waiting out its backoff ("periodic", "growth",
     /// ...); absent when nothing waits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendView {
+    pub dp: String,
+    pub tp: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -404,6 +413,10 @@ impl From<&pb::JobStatus> for StatusView {
             checkpoint_error: s.checkpoint_error.clone(),
             evictions: s.evictions,
             slow_ranks: s.slow_ranks.clone(),
+            backend: BackendView {
+                dp: s.dp_backend.clone(),
+                tp: s.tp_backend.clone(),
+            },
             retry: (!s.retry.is_empty()).then(|| RetryView {
                 what: s.retry.clone(),
                 in_seconds: s.retry_in_seconds,
@@ -666,6 +679,14 @@ pub fn status_table(s: &StatusView) -> String {
             ),
         ),
         ("layout", layout_line(&s.layout)),
+        (
+            "backend",
+            if s.backend.dp.is_empty() {
+                "not chosen yet (no epoch)".into()
+            } else {
+                format!("dp {}, tp {}", s.backend.dp, s.backend.tp)
+            },
+        ),
         (
             "loss",
             format!("train {}  val {}", loss(s.train_loss), loss(s.val_loss)),

@@ -100,6 +100,8 @@ fn status(phase: pb::JobPhase, step: u64) -> pb::JobStatus {
         loss_anomalies: 0,
         rollbacks: 0,
         next_growth_stage: 1,
+        dp_backend: "nccl".into(),
+        tp_backend: "solo".into(),
         retry: "growth".into(),
         retry_in_seconds: 3.5,
         ..Default::default()
@@ -344,6 +346,8 @@ fn status_json_and_table() {
     assert!(v["val_loss"].is_null());
     assert!(v["growth"].is_null());
     assert_eq!(v["layout"]["dp"], 2);
+    assert_eq!(v["backend"]["dp"], "nccl");
+    assert_eq!(v["backend"]["tp"], "solo");
     assert_eq!(v["workers"]["active"], 2);
     assert_eq!(v["growth_history"][0]["phase"], "done");
     assert_eq!(v["growth_history"][0]["optimizer"], "reset");
@@ -361,6 +365,7 @@ fn status_json_and_table() {
         "train 3.2500",
         "2 active / 2 expected",
         "2 → 8 layers",
+        "dp nccl, tp solo",
         "growth stage in 3.5 s",
     ] {
         assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);

@@ -282,6 +282,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
                         d.heartbeat(&worker, session, &hb);
                         Ok(())
                     }
+                    Some(pb::worker_message::Kind::NcclIds(o)) => match wire::nccl_ids(&o.ids) {
+                        Ok(ids) => d.nccl_offer(&worker, session, ids).await,
+                        Err(e) => Err(e),
+                    },
                     Some(pb::worker_message::Kind::Hello(_)) | None => Ok(()),
                 };
                 if let Err(e) = res {

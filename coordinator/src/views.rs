@@ -79,6 +79,14 @@ impl Domain {
                 .filter(|(_, x)| *x > SLOW)
                 .map(|(r, _)| r)
                 .collect(),
+            dp_backend: job
+                .backends
+                .map(|b| b.0.name().to_string())
+                .unwrap_or_default(),
+            tp_backend: job
+                .backends
+                .map(|b| b.1.name().to_string())
+                .unwrap_or_default(),
             retry: retry.map(|r| r.0.to_string()).unwrap_or_default(),
             retry_in_seconds: retry.map_or(0.0, |r| r.1),
         })

@@ -3,6 +3,8 @@ use crate::domain::{Ack, AckKind, GrowRequest};
 use crate::error::{Error, Result};
 use crate::txn::checkpoint::ShardAck;
 use crate::txn::growth::WorkerPhase;
+use std::collections::VecDeque;
+use trellis_core::backend::{NCCL_IDS_OFFERED, NCCL_ID_BYTES};
 use trellis_core::growth::GrowthSpec;
 use trellis_core::ids::{CommandId, Epoch, Generation, Rank, Step};
 use trellis_proto::convert::operator_from_pb;
@@ -87,4 +89,22 @@ pub fn grow_request(r: &pb::GrowRequest) -> Result<GrowRequest> {
         min_lr: r.min_lr,
         warmup_steps: r.warmup_steps,
     })
+}
+
+/// The NCCL unique ids a worker offers (`Hello.nccl_ids`, `NcclIds.ids`): each exactly 128
+/// bytes, at most [`NCCL_IDS_OFFERED`].
+pub fn nccl_ids(ids: &[Vec<u8>]) -> Result<VecDeque<Vec<u8>>> {
+    if ids.len() > NCCL_IDS_OFFERED {
+        return Err(Error::InvalidArgument(format!(
+            "a worker offered {} NCCL ids; at most {NCCL_IDS_OFFERED} (one per group it may be rank 0 of)",
+            ids.len()
+        )));
+    }
+    if let Some(bad) = ids.iter().find(|id| id.len() != NCCL_ID_BYTES) {
+        return Err(Error::InvalidArgument(format!(
+            "an offered NCCL id has {} bytes; an ncclUniqueId has {NCCL_ID_BYTES}",
+            bad.len()
+        )));
+    }
+    Ok(ids.iter().cloned().collect())
 }

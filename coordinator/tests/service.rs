@@ -1045,6 +1045,7 @@ fn hello(id: &str) -> pb::WorkerMessage {
             device: "cpu".into(),
             ring_address: "127.0.0.1:9".into(),
             tp_ring_address: "127.0.0.1:9".into(),
+            ..Default::default()
         })),
     }
 }
@@ -1228,6 +1229,346 @@ async fn watch_streams_beyond_max_watch_streams_are_refused_until_one_closes() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+    co.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// NCCL: backend choice and the unique-id relay, with raw worker sessions that claim CUDA + NCCL
+// (fake 128-byte ids: the coordinator only relays them).
+
+/// A fake NCCL id: (worker, offer, slot) in its first bytes, so a relayed id names its maker.
+fn fake_id(worker: u8, offer: u8, slot: u8) -> Vec<u8> {
+    let mut id = vec![0u8; 128];
+    id[..4].copy_from_slice(&[0xcc, worker, offer, slot]);
+    id
+}
+
+fn offer(worker: u8, n: u8) -> Vec<Vec<u8>> {
+    vec![fake_id(worker, n, 0), fake_id(worker, n, 1)]
+}
+
+/// A raw worker session: Hello as `device` (`nccl` capable, offering `ids`) and a heartbeat
+/// every 300 ms; dropping it (and aborting the heartbeat) ends the session.
+struct RawWorker {
+    tx: tokio::sync::mpsc::UnboundedSender<pb::WorkerMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl RawWorker {
+    async fn open(
+        addr: std::net::SocketAddr,
+        id: &str,
+        device: &str,
+        nccl: bool,
+        ids: Vec<Vec<u8>>,
+    ) -> RawWorker {
+        let mut w = WorkerClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+                worker_id: id.into(),
+                host: "test".into(),
+                pid: 1,
+                device: device.into(),
+                ring_address: "127.0.0.1:9".into(),
+                tp_ring_address: "127.0.0.1:9".into(),
+                nccl,
+                nccl_ids: ids,
+            })),
+        })
+        .unwrap();
+        let inbound = w
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let hb = tx.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let m = pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {
+                        phase: "idle".into(),
+                        ..Default::default()
+                    })),
+                };
+                if hb.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        RawWorker {
+            tx,
+            inbound,
+            heartbeat,
+        }
+    }
+
+    /// The next Assignment (other messages skipped), bounded.
+    async fn assignment(&mut self) -> pb::Assignment {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .expect("an assignment within 30 s")
+                .unwrap()
+                .expect("the session is open");
+            if let Some(pb::coordinator_message::Kind::Assignment(a)) = m.kind {
+                return a;
+            }
+        }
+    }
+
+    fn offer(&self, ids: Vec<Vec<u8>>) {
+        self.tx
+            .send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::NcclIds(pb::NcclIds { ids })),
+            })
+            .unwrap();
+    }
+
+    fn kill(self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// Every rank of a DP = 2 × TP = 2 epoch gets the ids its groups' ranks 0 offered (DP and TP
+/// ids distinct), `coordctl status` shows `nccl`, and after a worker is lost the next epoch
+/// waits for the survivors' fresh offers and relays only fresh ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_ids_are_relayed_from_each_groups_rank_0_fresh_per_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("nccl", 2, 100_000, 0, "tp = 2")).await;
+    let mut ws = Vec::new();
+    for w in 0..4u8 {
+        ws.push(RawWorker::open(co.grpc_addr, &format!("w{w}"), "cuda:0", true, offer(w, 0)).await);
+    }
+    // (worker index by rank, assignments by rank)
+    let check_epoch = |got: &[(u8, pb::Assignment)], epoch: u64| -> Vec<Vec<u8>> {
+        let mut by_rank: Vec<(u8, pb::Assignment)> = got.to_vec();
+        by_rank.sort_by_key(|(_, a)| a.rank);
+        let worker_at = |r: usize| by_rank[r].0;
+        let mut used = Vec::new();
+        for (r, (_, a)) in by_rank.iter().enumerate() {
+            assert_eq!(a.rank as usize, r);
+            assert_eq!(a.epoch, epoch);
+            assert_eq!((a.dp, a.tp), (2, 2));
+            assert_eq!(
+                (a.dp_backend.as_str(), a.tp_backend.as_str()),
+                ("nccl", "nccl")
+            );
+            // DP group of tp_rank t: rank 0 is global rank t; TP group of dp_rank d: d * 2.
+            let (d, t) = (r / 2, r % 2);
+            assert_eq!(a.dp_nccl_id.len(), 128);
+            assert_eq!(a.tp_nccl_id.len(), 128);
+            assert_eq!(
+                a.dp_nccl_id[1],
+                worker_at(t),
+                "rank {r}: DP id not from its root"
+            );
+            assert_eq!(
+                a.tp_nccl_id[1],
+                worker_at(d * 2),
+                "rank {r}: TP id not from its root"
+            );
+            assert_ne!(
+                a.dp_nccl_id, a.tp_nccl_id,
+                "rank {r}: one id for two groups"
+            );
+            used.push(a.dp_nccl_id.clone());
+            used.push(a.tp_nccl_id.clone());
+        }
+        // Members of one group got the same id; the four groups got four different ids.
+        used.sort();
+        used.dedup();
+        assert_eq!(used.len(), 4, "four groups, four ids");
+        used
+    };
+    let mut got = Vec::new();
+    for (i, w) in ws.iter_mut().enumerate() {
+        got.push((i as u8, w.assignment().await));
+    }
+    let first = check_epoch(&got, 1);
+    let s = wait_status(&mut c, "training", 30, |s| s.epoch == 1).await;
+    assert_eq!(
+        (s.dp_backend.as_str(), s.tp_backend.as_str()),
+        ("nccl", "nccl")
+    );
+    // The rank-3 worker dies. The survivors have not re-offered yet: the new epoch waits for
+    // the fresh ids of its groups' ranks 0 instead of reusing the consumed ones.
+    let dead = got.iter().find(|(_, a)| a.rank == 3).unwrap().0 as usize;
+    let victim = ws.remove(dead);
+    victim.kill();
+    let w4 = RawWorker::open(co.grpc_addr, "w4", "cuda:0", true, offer(4, 0)).await;
+    wait_status(&mut c, "a rollback", 30, |s| s.rollbacks >= 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let s = c
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.epoch, 1, "an epoch formed without fresh ids: {s:#?}");
+    // The survivors offer fresh ids (an agent offers one per id an assignment used; two each
+    // here: they join the unused ones and the coordinator keeps the newest two).
+    let mut names: Vec<u8> = got
+        .iter()
+        .map(|(w, _)| *w)
+        .filter(|&w| w as usize != dead)
+        .collect();
+    names.sort();
+    for (w, rw) in names.iter().zip(&ws) {
+        rw.offer(offer(*w, 1));
+    }
+    ws.push(w4);
+    names.push(4);
+    let mut got2 = Vec::new();
+    for (w, rw) in names.iter().zip(ws.iter_mut()) {
+        got2.push((*w, rw.assignment().await));
+    }
+    let second = check_epoch(&got2, 2);
+    for id in &second {
+        assert!(!first.contains(id), "an id of epoch 1 was relayed again");
+        // An id a survivor offered and epoch 1 left unused is still fresh; the dead worker's
+        // never travel again.
+        assert_ne!(
+            id[1] as usize,
+            dead,
+            "an id of the dead worker: {:?}",
+            &id[..4]
+        );
+    }
+    let s = wait_status(&mut c, "epoch 2", 30, |s| s.epoch == 2).await;
+    assert_eq!(
+        (s.dp_backend.as_str(), s.tp_backend.as_str()),
+        ("nccl", "nccl")
+    );
+    co.stop().await;
+}
+
+/// A group mixing a CUDA and a CPU worker is never formed: the job waits and says why in one
+/// line; a CPU group is a `ring`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_mixing_cuda_and_cpu_workers_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("mixed", 2, 100_000, 0, "")).await;
+    let gpu = RawWorker::open(co.grpc_addr, "gpu", "cuda:0", true, offer(1, 0)).await;
+    let mut cpu = RawWorker::open(co.grpc_addr, "cpu", "cpu", false, vec![]).await;
+    let s = wait_status(&mut c, "the refusal", 30, |s| {
+        s.message.contains("cannot form the groups")
+    })
+    .await;
+    assert_eq!(s.phase, pb::JobPhase::WaitingForWorkers as i32);
+    assert_eq!(s.epoch, 0);
+    assert!(!s.message.contains('\n'), "{}", s.message);
+    assert!(
+        s.message.contains("mix CUDA and CPU")
+            && s.message.contains("gpu on cuda:0")
+            && s.message.contains("cpu on cpu"),
+        "{}",
+        s.message
+    );
+    // A second CPU worker joins: two of one kind are idle, so the coordinator takes them (the
+    // GPU worker, registered first, stays idle) and a ring group forms.
+    let mut cpu2 = RawWorker::open(co.grpc_addr, "cpu2", "cpu", false, vec![]).await;
+    let a = cpu.assignment().await;
+    let b = cpu2.assignment().await;
+    for a in [&a, &b] {
+        assert_eq!(
+            (a.dp_backend.as_str(), a.tp_backend.as_str()),
+            ("ring", "solo")
+        );
+        assert!(a.dp_nccl_id.is_empty() && a.tp_nccl_id.is_empty());
+    }
+    let s = wait_status(&mut c, "ring", 30, |s| s.epoch == 1).await;
+    assert_eq!(s.dp_backend, "ring");
+    let ws = c
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let gpu_rank = ws.iter().find(|w| w.worker_id == "gpu").unwrap().rank;
+    assert_eq!(gpu_rank, -1, "the GPU worker got a rank in a CPU job");
+    gpu.kill();
+    // A malformed offer (not 128 bytes) is refused at Hello.
+    let mut w = WorkerClient::connect(format!("http://{}", co.grpc_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: "short".into(),
+            device: "cuda:0".into(),
+            nccl: true,
+            nccl_ids: vec![vec![1; 16]],
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    let e = w
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("16 bytes"), "{}", e.message());
+    co.stop().await;
+}
+
+/// Fake NCCL ids for real agents on this CPU machine: unique per call.
+fn counted_nccl_id() -> Result<Vec<u8>, String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut id = vec![0u8; 128];
+    id[..4].copy_from_slice(&n.to_le_bytes());
+    Ok(id)
+}
+
+/// Real agents that claim CUDA + NCCL on this CPU machine: the coordinator assigns `nccl`, each
+/// agent forms its TCP ring, then fails to build the NCCL communicator with the one-line reason
+/// (no CUDA driver here), and every new epoch is formed from the agents' fresh re-offered ids,
+/// until the stalled rollbacks fail the job with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_relay_fresh_ids_each_epoch_and_refuse_nccl_without_cuda() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = coordinator(dir.path()).await;
+    let mut c = control(co.grpc_addr).await;
+    submit(&mut c, &spec("nccl-cpu", 2, 1000, 0, "")).await;
+    let endpoint = format!("http://{}", co.grpc_addr);
+    let agents: Vec<_> = (0..2)
+        .map(|i| {
+            let opts = trellis_agent::AgentOptions {
+                worker_id: Some(format!("gpu{i}")),
+                device: "cuda:0".into(),
+                nccl: Some(counted_nccl_id),
+                ..agent_opts()
+            };
+            tokio::spawn(trellis_agent::run(
+                endpoint.clone(),
+                opts,
+                trellis_agent::fake::FakeRunner::factory(fake(1)),
+            ))
+        })
+        .collect();
+    let s = wait_status(&mut c, "the job to fail", 90, |s| {
+        s.phase == pb::JobPhase::Failed as i32
+    })
+    .await;
+    assert_eq!(s.dp_backend, "nccl");
+    assert!(
+        s.epoch >= 3,
+        "each epoch needs fresh ids from the agents' re-offers: {s:#?}"
+    );
+    assert!(s.message.contains("NCCL needs CUDA"), "{}", s.message);
+    for a in agents {
+        a.abort();
     }
     co.stop().await;
 }

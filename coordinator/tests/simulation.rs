@@ -243,6 +243,7 @@ impl Sim {
                     device: "cpu".into(),
                     ring_address: format!("127.0.0.1:{n}"),
                     tp_ring_address: String::new(),
+                    ..Default::default()
                 },
                 tx,
             )
@@ -584,6 +585,14 @@ impl Sim {
             }
             pb::worker_message::Kind::ValLoss(v) => d.val_loss(id, session, v),
             pb::worker_message::Kind::Heartbeat(hb) => d.heartbeat(id, session, &hb),
+            pb::worker_message::Kind::NcclIds(o) => d
+                .nccl_offer(
+                    id,
+                    session,
+                    trellis_coordinator::wire::nccl_ids(&o.ids).unwrap(),
+                )
+                .await
+                .unwrap(),
             pb::worker_message::Kind::Hello(_) => {}
         }
     }

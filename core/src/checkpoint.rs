@@ -1186,28 +1186,36 @@ impl Checkpoint {
     /// Read the part of logical tensor `name` that TP rank `tp_rank` of `tp` holds, touching only
     /// the files whose slices overlap it. Replicated tensors come back whole for every rank.
     pub fn read(&self, name: &str, tp_rank: usize, tp: usize) -> Result<HostTensor> {
-        check_tp(tp_rank, tp)?;
-        let e =
-            self.manifest.tensors.get(name).ok_or_else(|| {
-                ck_err(&self.dir, format!("the checkpoint has no tensor '{name}'"))
-            })?;
-        let (dim, range) = match e.shard_dim {
-            None => (0, None),
-            Some(d) => {
-                let len = e.shape[d];
-                if len % tp != 0 {
-                    return Err(Error::Layout(format!(
-                        "tensor {name} has {len} rows/cols on dim {d}, not divisible by tp {tp}; choose a tp that divides it"
-                    )));
-                }
-                (d, Some(shard_range(len, tp_rank, tp)))
-            }
-        };
+        let mut out = HostTensor::zeros(&self.slice_shape(name, tp_rank, tp)?);
+        self.read_into(name, tp_rank, tp, &mut out.data)?;
+        Ok(out)
+    }
+
+    /// The shape of what [`Checkpoint::read`] returns.
+    pub fn slice_shape(&self, name: &str, tp_rank: usize, tp: usize) -> Result<Vec<usize>> {
+        let (e, dim, range) = self.locate(name, tp_rank, tp)?;
+        let mut shape = e.shape.clone();
+        if let Some(r) = range {
+            shape[dim] = r.len();
+        }
+        Ok(shape)
+    }
+
+    /// [`Checkpoint::read`] into `out` (row-major, exactly as long as the slice), e.g. the
+    /// memory of the tensor it is for: every value written once, nothing allocated.
+    pub fn read_into(&self, name: &str, tp_rank: usize, tp: usize, out: &mut [f32]) -> Result<()> {
+        let (e, dim, range) = self.locate(name, tp_rank, tp)?;
         let mut out_shape = e.shape.clone();
         if let Some(r) = &range {
             out_shape[dim] = r.len();
         }
-        let mut out = HostTensor::zeros(&out_shape);
+        let want: usize = out_shape.iter().product();
+        if out.len() != want {
+            return Err(Error::Layout(format!(
+                "cannot read tensor {name} {out_shape:?} into a buffer of {} values; it needs {want}",
+                out.len()
+            )));
+        }
         let outer: usize = e.shape[..dim.min(e.shape.len())].iter().product();
         let inner: usize = if e.shape.is_empty() {
             1
@@ -1250,7 +1258,7 @@ impl Checkpoint {
             }
             let bytes = view.data();
             if e.shard_dim.is_none() {
-                copy_le_f32(&mut out.data, bytes);
+                copy_le_f32(out, bytes);
                 continue;
             }
             let src_off = range.as_ref().map_or(0, |_| lo - s.offset);
@@ -1259,10 +1267,38 @@ impl Checkpoint {
             for o in 0..outer {
                 let src = (o * s.length + src_off) * inner;
                 let dst = (o * out_len + dst_off) * inner;
-                copy_le_f32(&mut out.data[dst..dst + n], &bytes[src * 4..(src + n) * 4]);
+                copy_le_f32(&mut out[dst..dst + n], &bytes[src * 4..(src + n) * 4]);
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Tensor `name`'s manifest entry, its shard dimension (0 when replicated) and the range of
+    /// it that TP rank `tp_rank` of `tp` holds (`None`: the whole tensor).
+    fn locate(
+        &self,
+        name: &str,
+        tp_rank: usize,
+        tp: usize,
+    ) -> Result<(&TensorEntry, usize, Option<std::ops::Range<usize>>)> {
+        check_tp(tp_rank, tp)?;
+        let e =
+            self.manifest.tensors.get(name).ok_or_else(|| {
+                ck_err(&self.dir, format!("the checkpoint has no tensor '{name}'"))
+            })?;
+        let (dim, range) = match e.shard_dim {
+            None => (0, None),
+            Some(d) => {
+                let len = e.shape[d];
+                if len % tp != 0 {
+                    return Err(Error::Layout(format!(
+                        "tensor {name} has {len} rows/cols on dim {d}, not divisible by tp {tp}; choose a tp that divides it"
+                    )));
+                }
+                (d, Some(shard_range(len, tp_rank, tp)))
+            }
+        };
+        Ok((e, dim, range))
     }
 
     /// The whole logical tensor.

@@ -4,6 +4,7 @@
 //! coordinator and the worker share one definition of the model config, the job spec, the
 //! growth plan and the checkpoint format.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

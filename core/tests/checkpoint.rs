@@ -61,6 +61,12 @@ fn assert_all_equal(ck: &Checkpoint, full: &[(String, HostTensor)], tp: usize) {
             let gb: Vec<u32> = got.data.iter().map(|v| v.to_bits()).collect();
             let wb: Vec<u32> = want.data.iter().map(|v| v.to_bits()).collect();
             assert!(gb == wb, "{name} rank {r}/{tp} differs");
+            // read_into: the same values straight into a caller's buffer (every one written).
+            assert_eq!(ck.slice_shape(name, r, tp).unwrap(), want.shape);
+            let mut buf = vec![f32::NAN; want.data.len()];
+            ck.read_into(name, r, tp, &mut buf).unwrap();
+            let ib: Vec<u32> = buf.iter().map(|v| v.to_bits()).collect();
+            assert!(ib == wb, "{name} rank {r}/{tp}: read_into differs");
         }
     }
 }
@@ -363,6 +369,16 @@ fn bad_inputs_are_errors_not_panics() {
         .to_string()
         .contains("no tensor 'nope'"));
     assert!(ck.read(names::EMBED, 1, 1).is_err());
+    let n = ck
+        .slice_shape(names::EMBED, 0, 1)
+        .unwrap()
+        .iter()
+        .product::<usize>();
+    let e = ck
+        .read_into(names::EMBED, 0, 1, &mut vec![0.0; n - 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("needs {n}")), "{e}");
     assert!(ck
         .read("model.layers.0.self_attn.q_proj.weight", 0, 3)
         .is_err());

@@ -860,6 +860,7 @@ fn bad_requests_are_refused_with_a_code_and_change_nothing() {
             device: "cpu".into(),
             ring_address: "127.0.0.1:9".into(),
             tp_ring_address: "127.0.0.1:9".into(),
+            ..Default::default()
         })))
         .unwrap();
         tx.send(msg(pb::worker_message::Kind::Ack(pb::Ack {
@@ -1396,6 +1397,10 @@ fn dp2_tp2_over_four_processes_matches_one_rank() {
         assert_eq!(phase(&s), "done", "{s}");
         assert_eq!(u(&s["layout"]["tp"]), tp as u64, "{s}");
         assert_eq!(u(&s["layout"]["dp"]), dp as u64, "{s}");
+        // CPU workers: TCP rings for groups of several, solo for groups of one.
+        let want = |n: usize| if n > 1 { "ring" } else { "solo" };
+        assert_eq!(s["backend"]["dp"], want(dp), "{s}");
+        assert_eq!(s["backend"]["tp"], want(tp), "{s}");
         let l = train_losses(&c.endpoint);
         assert_eq!(l.len() as u64, steps, "{l:?}");
         l

@@ -372,6 +372,7 @@ fn mtls_roles_worker_identities_and_confined_paths() {
                     device: "cpu".into(),
                     ring_address: "127.0.0.1:1".into(),
                     tp_ring_address: "127.0.0.1:2".into(),
+                    ..Default::default()
                 })),
             };
             client

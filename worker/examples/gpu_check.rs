@@ -3,14 +3,18 @@
 //!
 //! ```text
 //! gpu_check parity   CUDA forward/backward of a tiny LLaMA against CPU fp32 (fp32 and bf16)
-//! gpu_check nccl     NCCL all-reduce and broadcast on CUDA tensors, world size 1
+//! gpu_check nccl     NCCL all-reduce and broadcast on CUDA tensors, world size 1: the raw
+//!                    communicator, then the trainer's tensor path (`parallel::all_reduce_sum_`,
+//!                    `broadcast_`, `all_reduce_tensor`) through an `NcclGroup`
 //! ```
 //! Without a CUDA device both refuse with one line on stderr (exit 2).
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use trellis_comm::nccl::{self, DeviceCollective, NcclComm};
+use trellis_comm::nccl::{self, DeviceCollective, NcclComm, NcclGroup};
+use trellis_comm::{Collective, Solo};
 use trellis_core::config::ModelConfig;
 use trellis_worker::model::{Llama, Precision};
+use trellis_worker::parallel;
 
 /// fp32 on CUDA vs CPU: the same math, other kernels and summation orders (no TF32: libtorch's
 /// default keeps cuBLAS fp32 GEMMs in fp32). Relative to the reference's largest magnitude.
@@ -111,11 +115,30 @@ fn nccl_check() -> Result<bool, String> {
     unsafe { comm.broadcast_f32(t.data_ptr() as *mut f32, n, 0, stream) }
         .map_err(|e| e.to_string())?;
     tch::Cuda::synchronize(0);
-    let ok = same && t.equal(&before);
+    let raw_ok = same && t.equal(&before);
+    drop(t);
+    // The trainer's path: an NCCL group (a fresh id: ids are single-use) beside a control
+    // collective, driven by the same functions the DP buckets and TP cuts call.
+    let id2 = nccl::unique_id().map_err(|e| e.to_string())?;
+    let comm2 = NcclComm::new(0, 1, &id2).map_err(|e| e.to_string())?;
+    let mut group = NcclGroup::new(Box::new(Solo), comm2).map_err(|e| e.to_string())?;
+    let g: &mut dyn Collective = &mut group;
+    let mut bucket = Tensor::randn([1 << 20], (Kind::Float, Device::Cuda(0)));
+    let b0 = bucket.copy();
+    let path = (|| -> Result<bool, String> {
+        parallel::all_reduce_sum_(g, &mut bucket).map_err(|e| e.to_string())?;
+        parallel::broadcast_(g, &mut bucket, 0).map_err(|e| e.to_string())?;
+        let cut =
+            parallel::all_reduce_tensor(g, &b0.view([1024, 1024])).map_err(|e| e.to_string())?;
+        tch::Cuda::synchronize(0);
+        Ok(bucket.equal(&b0) && cut.view([-1]).equal(&b0) && cut.device() == Device::Cuda(0))
+    })()?;
+    let ok = raw_ok && path;
     println!(
         "{}",
         serde_json::json!({
-            "check": "nccl", "ok": ok, "world": comm.world(), "values": n,
+            "check": "nccl", "ok": ok, "raw_ok": raw_ok, "trainer_path_ok": path,
+            "world": comm.world(), "values": n,
             "all_reduce_seconds": secs, "all_reduce_gb_per_s": (n * 4) as f64 / secs / 1e9,
             "note": "world size 1: the sum is the identity; this checks the device-memory path, not bandwidth between GPUs",
         })

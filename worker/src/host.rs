@@ -27,3 +27,34 @@ pub fn from_host(h: &HostTensor, device: Device) -> Tensor {
         .reshape(dims.as_slice())
         .to_device(device)
 }
+
+/// The values of a contiguous fp32 host tensor, borrowed (no copy).
+pub fn host_f32(t: &Tensor) -> &[f32] {
+    assert!(
+        t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous(),
+        "host_f32 needs a contiguous fp32 host tensor"
+    );
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous fp32 CPU tensor has `n` f32 values at its data pointer, which live as
+    // long as `t` (it holds its storage) and are not resized while borrowed.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
+}
+
+/// [`host_f32`], writable: writes land in `t`'s storage (which a view shares with its base),
+/// e.g. to fill a tensor allocated with `Tensor::empty` in place.
+pub fn host_f32_mut(t: &mut Tensor) -> &mut [f32] {
+    assert!(
+        t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous(),
+        "host_f32_mut needs a contiguous fp32 host tensor"
+    );
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: as in `host_f32`; `&mut t` keeps this handle from being used elsewhere for the
+    // borrow's duration (writes through other views of the same storage are the caller's).
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
+}

@@ -587,7 +587,25 @@ fn main() -> ExitCode {
 /// `TRELLIS_WORKER_ID`, `TRELLIS_RING_PORT` (listen on 0.0.0.0:PORT), `TRELLIS_ADVERTISE_HOST`
 /// (the name peers reach this pod by).
 fn managed(url: &str, device: &str, give_up_after: u64, tls: &TlsArgs) -> Result<()> {
-    parse_device(device).context("--device")?;
+    let dev = parse_device(device).context("--device")?;
+    // A CUDA rank shares tensors over NCCL: say so in Hello (with fresh unique ids) when it
+    // loads; the coordinator refuses to put a CUDA rank that cannot into a group of several.
+    let nccl: Option<trellis_agent::NcclIdSource> = match dev {
+        tch::Device::Cuda(_) => match trellis_comm::nccl::available() {
+            Ok(()) => {
+                tracing::info!(device, "collective capability: NCCL");
+                Some(trellis_agent::nccl_unique_id)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    device,
+                    "no NCCL on this worker ({e}); it can only train alone (world 1)"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     // mTLS: the worker id is the one in the certificate (the coordinator refuses any other).
     let (tls, cert_id) = match (&tls.tls_cert, &tls.tls_key, &tls.ca) {
         (Some(cert), Some(key), Some(ca)) => {
@@ -617,6 +635,7 @@ fn managed(url: &str, device: &str, give_up_after: u64, tls: &TlsArgs) -> Result
         // A coordinator that stays away this long is gone for good: exit so an orchestrator
         // restarts the worker.
         give_up_after: Some(std::time::Duration::from_secs(give_up_after)),
+        nccl,
         ..Default::default()
     };
     if let Ok(port) = std::env::var("TRELLIS_RING_PORT") {

@@ -9,7 +9,7 @@
 //! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
 //! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::host::{from_host, to_host};
+use crate::host::{host_f32_mut, to_host};
 use crate::model::{Llama, Precision, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
 use crate::parallel::{self, Groups};
@@ -87,8 +87,30 @@ pub fn load_model(
     load_model_shard(ck, device, Shard::FULL)
 }
 
+/// Tensor `name`'s slice for `shard`, read from `ck` straight into a new (uninitialised) fp32
+/// host tensor ([`Checkpoint::read_into`]: no intermediate host copy), then moved to `device`.
+fn read_slice(
+    ck: &Checkpoint,
+    name: &str,
+    shard: Shard,
+    device: Device,
+) -> trellis_core::Result<Tensor> {
+    let shape: Vec<i64> = ck
+        .slice_shape(name, shard.rank, shard.tp)?
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    let mut t = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
+    ck.read_into(name, shard.rank, shard.tp, host_f32_mut(&mut t))?;
+    Ok(t.to_device(device))
+}
+
+fn dims_of(t: &Tensor) -> Vec<usize> {
+    t.size().iter().map(|&d| d as usize).collect()
+}
+
 /// [`load_model`] for TP rank `shard.rank` of `shard.tp`: reads only that rank's slices
-/// ([`Checkpoint::read`]), whatever layout the checkpoint was written with.
+/// ([`Checkpoint::read_into`]), whatever layout the checkpoint was written with.
 pub fn load_model_shard(
     ck: &Checkpoint,
     device: Device,
@@ -101,19 +123,19 @@ pub fn load_model_shard(
     let mut tensors = HashMap::new();
     for (name, shape) in cfg.tensor_shapes() {
         let shape = shard.local_shape(&name, &shape);
-        let h = ck.read(&name, shard.rank, shard.tp).map_err(|e| match e {
+        let t = read_slice(ck, &name, shard, device).map_err(|e| match e {
             trellis_core::Error::HashMismatch { .. } => Error::Core(e),
             other => Error::Invalid(format!(
                 "checkpoint {dir}: cannot read tensor {name}: {other}; the checkpoint does not fit its own config"
             )),
         })?;
-        if h.shape != shape {
+        if dims_of(&t) != shape {
             return Err(Error::Invalid(format!(
                 "checkpoint {dir}: tensor {name} has shape {:?} but its config needs {shape:?}",
-                h.shape
+                dims_of(&t)
             )));
         }
-        tensors.insert(name, from_host(&h, device));
+        tensors.insert(name, t);
     }
     let optim_names = ck.names(ShardKind::Optim);
     let moments = if optim_names.is_empty() {
@@ -124,16 +146,16 @@ pub fn load_model_shard(
             let shape = shard.local_shape(&name, &shape);
             let read = |suffix: &str| -> Result<Tensor> {
                 let n = format!("{name}.{suffix}");
-                let h = ck.read(&n, shard.rank, shard.tp).map_err(|e| {
+                let t = read_slice(ck, &n, shard, device).map_err(|e| {
                     Error::Invalid(format!("checkpoint {dir}: optimizer state {n}: {e}"))
                 })?;
-                if h.shape != shape {
+                if dims_of(&t) != shape {
                     return Err(Error::Invalid(format!(
                         "checkpoint {dir}: {n} has shape {:?}, expected {shape:?}",
-                        h.shape
+                        dims_of(&t)
                     )));
                 }
-                Ok(from_host(&h, device))
+                Ok(t)
             };
             let exp_avg = read("exp_avg")?;
             let exp_avg_sq = read("exp_avg_sq")?;
@@ -328,6 +350,20 @@ impl Trainer {
         Ok(t)
     }
 
+    /// [`Trainer::with_groups`] with its weights allocated but not drawn and no optimizer
+    /// moments: the target of a peers reshard ([`parallel::reshard::from_peers`]), which
+    /// replaces the whole state (drawing a fresh init first would cost seconds at 100M+
+    /// parameters). Not trainable until filled.
+    pub fn for_reshard(
+        spec: &JobSpec,
+        out_dir: &Path,
+        dp_rank: usize,
+        dp: usize,
+        groups: Groups,
+    ) -> Result<Trainer> {
+        Trainer::build(spec, out_dir, dp_rank, dp, groups, false)
+    }
+
     fn build(
         spec: &JobSpec,
         out_dir: &Path,
@@ -410,10 +446,15 @@ impl Trainer {
             Llama::placeholder_shard(&cfg, device, shard)
         };
         model.precision = precision;
-        let optim = AdamW::new(
-            AdamWConfig::from_train(&spec.train),
-            model.named_parameters(),
-        );
+        let optim = if init {
+            AdamW::new(
+                AdamWConfig::from_train(&spec.train),
+                model.named_parameters(),
+            )
+        } else {
+            // A restore or reshard brings the moments.
+            AdamW::fresh(AdamWConfig::from_train(&spec.train))
+        };
         let schedule = ScheduleState {
             start_step: 0,
             end_step: spec.train.max_steps,
@@ -767,7 +808,9 @@ impl Trainer {
         Ok((loss, data_seconds, compute_seconds, comm_seconds))
     }
 
-    /// Sum the gradients over the DP group in flat f32 buckets and divide by `dp`.
+    /// Sum the gradients over the DP group in flat fp32 buckets on the training device and
+    /// divide by `dp` ([`parallel::all_reduce_sum_`]: NCCL in device memory on CUDA ranks, the
+    /// host ring in the bucket's own memory on CPU ranks).
     fn all_reduce_grads(&mut self) -> Result<()> {
         let params = self.model.named_parameters();
         let mut grads: Vec<Tensor> = Vec::with_capacity(params.len());
@@ -775,7 +818,7 @@ impl Trainer {
             let g = p.grad();
             grads.push(if g.defined() { g } else { p.zeros_like() });
         }
-        let scale = 1.0 / self.dp as f32;
+        let scale = 1.0 / self.dp as f64;
         let mut start = 0;
         while start < grads.len() {
             let mut end = start;
@@ -785,29 +828,23 @@ impl Trainer {
                 total += grads[end].numel();
                 end += 1;
             }
-            let mut buf = vec![0f32; total];
-            let mut off = 0;
-            for g in &grads[start..end] {
-                let n = g.numel();
-                let h = g.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                h.copy_data(&mut buf[off..off + n], n);
-                off += n;
-            }
-            self.comm.all_reduce_sum(&mut buf)?;
-            for x in buf.iter_mut() {
-                *x *= scale;
-            }
-            let mut off = 0;
-            tch::no_grad(|| {
+            tch::no_grad(|| -> Result<()> {
+                let flat: Vec<Tensor> = grads[start..end]
+                    .iter()
+                    .map(|g| g.detach().to_kind(Kind::Float).reshape([-1]))
+                    .collect();
+                // A fresh contiguous buffer on the device (`cat` always allocates).
+                let mut bucket = Tensor::cat(&flat, 0);
+                parallel::all_reduce_sum_(self.comm.as_mut(), &mut bucket)?;
+                bucket *= scale;
+                let mut off = 0i64;
                 for g in &mut grads[start..end] {
-                    let n = g.numel();
-                    let t = Tensor::from_slice(&buf[off..off + n])
-                        .view(g.size().as_slice())
-                        .to_device(self.device);
-                    g.copy_(&t);
+                    let n = g.numel() as i64;
+                    g.copy_(&bucket.narrow(0, off, n).view(g.size().as_slice()));
                     off += n;
                 }
-            });
+                Ok(())
+            })?;
             start = end;
         }
         Ok(())
@@ -1044,16 +1081,18 @@ impl Trainer {
         let st = &st;
         let dir = format!("step {}", st.step);
         model.precision = self.model.precision;
-        let mut optim = AdamW::new(self.optim.cfg, model.named_parameters());
-        match moments {
-            Some(m) => {
-                optim.moments = m;
-                optim.step = st.optimizer_step;
-            }
+        let optim = match moments {
+            // The moments as given (a parameter without an entry has unallocated zero ones).
+            Some(m) => AdamW {
+                cfg: self.optim.cfg,
+                step: st.optimizer_step,
+                moments: m,
+            },
             None => {
-                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments")
+                tracing::warn!(checkpoint = %dir, "checkpoint has no optimizer state; starting with fresh AdamW moments");
+                AdamW::new(self.optim.cfg, model.named_parameters())
             }
-        }
+        };
         // Commit.
         self.model = model;
         self.optim = optim;

@@ -155,6 +155,28 @@ fn bad_job_specs_are_refused_with_exit_2() {
     );
 }
 
+/// A managed worker asked for a CUDA device on a machine without one (this CPU machine, or a
+/// CPU build of libtorch) refuses at start with one line, before it registers anywhere (the
+/// coordinator address is never dialled).
+#[test]
+fn a_managed_worker_on_cuda_without_a_gpu_refuses_with_one_line() {
+    if tch::Cuda::is_available() {
+        println!("skipped: this machine has a CUDA device, so --device cuda is not refused");
+        return;
+    }
+    for dev in ["cuda", "cuda:1"] {
+        let o = run(&["--coordinator", "http://127.0.0.1:9", "--device", dev]);
+        assert!(!o.status.success(), "--device {dev} started");
+        let line = stderr_line(&o);
+        assert!(
+            line.contains("--device")
+                && line.contains(&format!("device {dev} requested"))
+                && line.contains("0 CUDA device"),
+            "{line}"
+        );
+    }
+}
+
 #[test]
 fn corrupt_or_mismatched_checkpoints_are_refused_with_exit_2() {
     let d = tempfile::tempdir().unwrap();

@@ -565,3 +565,189 @@ fn resume_with_another_dp_degree_reads_the_same_samples() {
         assert_eq!(orig[2], (8..12).collect::<Vec<u64>>());
     }
 }
+
+/// A spec whose model splits 2, 3 and 6 ways (6 heads and 6 KV heads of 8, FFN 96), so a
+/// reshard can go 1 → 2 → 3 (a new slice of 3 spans two old slices of 2).
+fn reshard_spec(name: &str, extra: &str) -> JobSpec {
+    let toml = test_job_toml_with(name, 20, "precision = \"fp32\"", extra)
+        .replace("hidden_size = 32", "hidden_size = 48")
+        .replace(
+            "intermediate_size = 88",
+            "intermediate_size = 96\nnum_attention_heads = 6\nnum_key_value_heads = 6",
+        );
+    JobSpec::from_toml(&toml, std::path::Path::new("."), "test").unwrap()
+}
+
+/// Every parameter of `t`'s slice and both its moments (zeros where not allocated), copied.
+fn slice_state(t: &Trainer) -> Vec<(String, Tensor)> {
+    let mut v = Vec::new();
+    for (n, p) in t.model().named_parameters() {
+        let m = t.optimizer().moments_of(n, p);
+        let [a, b] = trellis_core::checkpoint::moment_names(n);
+        v.push((n.clone(), p.detach().copy()));
+        v.push((a, m.exp_avg.copy()));
+        v.push((b, m.exp_avg_sq.copy()));
+    }
+    v
+}
+
+/// `got` (TP slice `shard`) is the direct slice of the unsharded `full`, bit for bit.
+fn assert_slice_of(full: &[(String, Tensor)], got: &[(String, Tensor)], shard: Shard, what: &str) {
+    assert_eq!(full.len(), got.len(), "{what}: tensor count");
+    for ((n, f), (gn, g)) in full.iter().zip(got) {
+        assert_eq!(n, gn, "{what}: tensor order");
+        let want = shard.slice(n, f);
+        let same = want.size() == g.size()
+            && want
+                .view([-1])
+                .iter::<f64>()
+                .unwrap()
+                .zip(g.view([-1]).iter::<f64>().unwrap())
+                .all(|(a, b)| (a as f32).to_bits() == (b as f32).to_bits());
+        assert!(
+            same,
+            "{what}: rank {} of {}: {n} {:?} is not the direct slice {:?} of the unsharded state",
+            shard.rank,
+            shard.tp,
+            g.size(),
+            want.size()
+        );
+    }
+}
+
+/// The trainer state without its layout (which a reshard changes).
+fn state_json(t: &Trainer) -> serde_json::Value {
+    let mut v = serde_json::to_value(t.state()).unwrap();
+    v.as_object_mut().unwrap().remove("layout");
+    v
+}
+
+/// Resharding moves the state exactly: a trained TP = 1 state (weights and both Adam moments)
+/// resharded over the peers path to TP = 2, then TP = 3 (old holders in another order; the
+/// middle rank's new slice is cut from two old slices), then back to TP = 1 through a TP = 3
+/// checkpoint, gives at every stage each rank exactly the direct slice of the unsharded
+/// state, bit for bit, and the same step, schedule, cursor and optimizer step.
+#[test]
+fn reshard_1_to_2_to_3_to_1_is_the_direct_slice_bit_for_bit() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().to_path_buf();
+    let spec = reshard_spec("reshard-exact", "");
+    let mut t = Trainer::new(&spec, &out, 0, 1, Box::new(Solo)).unwrap();
+    for _ in 0..3 {
+        t.step().unwrap();
+    }
+    let full = slice_state(&t);
+    let state = state_json(&t);
+    assert!(
+        t.optimizer().moments.len() == t.model().named_parameters().len(),
+        "the trained state must have allocated moments"
+    );
+
+    // 1 → 2: the old trainer is rank 0 of the new group.
+    let old = std::sync::Arc::new(std::sync::Mutex::new(vec![Some(t)]));
+    let (spec2, out2, old2) = (spec.clone(), out.clone(), old.clone());
+    let tp2 = run_world(1, 2, move |_, g| {
+        let me = g.tp.rank();
+        let mut n = Trainer::for_reshard(&spec2, &out2, 0, 1, g).unwrap();
+        let mine = if me == 0 {
+            old2.lock().unwrap()[0].take()
+        } else {
+            None
+        };
+        reshard::from_peers(&mut n, mine.as_ref(), 1, &[0]).unwrap();
+        n
+    });
+    for (r, n) in tp2.iter().enumerate() {
+        assert_slice_of(&full, &slice_state(n), Shard { rank: r, tp: 2 }, "1 → 2");
+        assert_eq!(state_json(n), state, "1 → 2: rank {r}'s trainer state");
+    }
+
+    // 2 → 3: old slice 0 on new rank 2, old slice 1 on new rank 0.
+    let holders = [2usize, 0];
+    *old.lock().unwrap() = tp2.into_iter().map(Some).collect();
+    let (spec3, out3, old3) = (spec.clone(), out.clone(), old.clone());
+    let tp3 = run_world(1, 3, move |_, g| {
+        let me = g.tp.rank();
+        let mut n = Trainer::for_reshard(&spec3, &out3, 0, 1, g).unwrap();
+        let mine = holders
+            .iter()
+            .position(|&h| h == me)
+            .and_then(|o| old3.lock().unwrap()[o].take());
+        reshard::from_peers(&mut n, mine.as_ref(), 2, &holders).unwrap();
+        n
+    });
+    for (r, n) in tp3.iter().enumerate() {
+        assert_slice_of(&full, &slice_state(n), Shard { rank: r, tp: 3 }, "2 → 3");
+        assert_eq!(state_json(n), state, "2 → 3: rank {r}'s trainer state");
+    }
+
+    // 3 → 1 through the checkpoint the TP = 3 ranks write together.
+    let root = out.join("ck");
+    let writers: Vec<_> = tp3
+        .into_iter()
+        .map(|mut n| {
+            let root = root.clone();
+            std::thread::spawn(move || n.save_checkpoint(&root, 3).unwrap())
+        })
+        .collect();
+    let dirs: Vec<_> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut back =
+        Trainer::for_reshard(&spec, &out, 0, 1, Groups::dp_only(Box::new(Solo))).unwrap();
+    reshard::from_checkpoint(&mut back, &dirs[0]).unwrap();
+    assert_slice_of(&full, &slice_state(&back), Shard::FULL, "3 → 1");
+    assert_eq!(state_json(&back), state, "3 → 1: trainer state");
+}
+
+/// DP = 2 × TP = 1 → DP = 2 × TP = 2 right after a `reset` growth: each replica's old trainer
+/// is rank 0 of its new TP group; every rank gets the direct slice of its replica's grown
+/// weights, and the moments the `reset` left unallocated stay unallocated (nothing is sent for
+/// them). The resharded job then trains.
+#[test]
+fn dp2_reshard_after_a_reset_growth_keeps_moments_unallocated() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().to_path_buf();
+    let spec = reshard_spec(
+        "reshard-dp",
+        "[[growth]]\nat_step = 2\nfactor = 2\noperator = \"stack\"\noptimizer = \"reset\"\n",
+    );
+    let (spec1, out1) = (spec.clone(), out.clone());
+    let olds = run_world(2, 1, move |dp_rank, g| {
+        let mut t = Trainer::with_groups(&spec1, &out1, dp_rank, 2, g).unwrap();
+        for _ in 0..2 {
+            t.step().unwrap();
+        }
+        let i = t.pending_growth_stage().unwrap();
+        t.grow_stage(i).unwrap();
+        assert!(
+            t.optimizer().moments.is_empty(),
+            "reset leaves moments unallocated"
+        );
+        t
+    });
+    let fulls: Vec<_> = olds.iter().map(slice_state).collect();
+    let states: Vec<_> = olds.iter().map(state_json).collect();
+    let old = std::sync::Arc::new(std::sync::Mutex::new(
+        olds.into_iter().map(Some).collect::<Vec<_>>(),
+    ));
+    let (spec2, out2) = (spec.clone(), out.clone());
+    let res = run_world(2, 2, move |dp_rank, g| {
+        let me = g.tp.rank();
+        let mut n = Trainer::for_reshard(&spec2, &out2, dp_rank, 2, g).unwrap();
+        let mine = if me == 0 {
+            old.lock().unwrap()[dp_rank].take()
+        } else {
+            None
+        };
+        reshard::from_peers(&mut n, mine.as_ref(), 1, &[0]).unwrap();
+        let got = (slice_state(&n), state_json(&n), n.optimizer().moments.len());
+        let loss = n.step().unwrap().loss;
+        (dp_rank, me, got, loss)
+    });
+    for (dp_rank, me, (got, st, moments), loss) in &res {
+        let what = format!("DP rank {dp_rank}");
+        assert_slice_of(&fulls[*dp_rank], got, Shard { rank: *me, tp: 2 }, &what);
+        assert_eq!(st, &states[*dp_rank], "{what}: trainer state");
+        assert_eq!(*moments, 0, "{what} TP rank {me}: moments were allocated");
+        assert!(loss.is_finite(), "{what}: the step after the reshard");
+    }
+}

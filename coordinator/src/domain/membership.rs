@@ -10,6 +10,7 @@ impl Domain {
                 "Hello.worker_id must not be empty".into(),
             ));
         }
+        let offered = crate::wire::nccl_ids(&hello.nccl_ids)?;
         let id = WorkerId(hello.worker_id.clone());
         if !self.workers.contains_key(&id) && self.workers.len() >= self.opts.max_workers {
             self.make_room_for_a_worker()?;
@@ -24,7 +25,7 @@ impl Domain {
                 )));
             }
         }
-        info!(worker_id = %id, host = %hello.host, pid = hello.pid, ring = %hello.ring_address, "worker registered");
+        info!(worker_id = %id, host = %hello.host, pid = hello.pid, device = %hello.device, nccl = hello.nccl, ring = %hello.ring_address, "worker registered");
         self.workers.insert(
             id.clone(),
             WorkerEntry {
@@ -35,6 +36,8 @@ impl Domain {
                 device: hello.device,
                 ring_address: hello.ring_address,
                 tp_ring_address: hello.tp_ring_address,
+                nccl: hello.nccl,
+                nccl_ids: offered,
                 tx: Some(tx),
                 last_seen: Instant::now(),
                 lost: false,
@@ -404,13 +407,75 @@ impl Domain {
             }
             return Ok(());
         }
+        // A group may not mix devices: take `world` workers of one kind (CPU, CUDA with NCCL,
+        // CUDA without) when enough of a kind are idle — the first candidate's kind first —
+        // else the first `world`, which the backend choice below refuses with the reason.
+        let kind = |id: &WorkerId| {
+            let e = &self.workers[id];
+            let cuda = backend::is_cuda(&e.device);
+            (cuda, cuda && e.nccl)
+        };
+        let enough = idle
+            .iter()
+            .map(|(_, id)| kind(id))
+            .find(|k| idle.iter().filter(|(_, id)| kind(id) == *k).count() >= world);
+        let chosen: Vec<WorkerId> = idle
+            .iter()
+            .filter(|(_, id)| enough.is_none_or(|k| kind(id) == k))
+            .take(world)
+            .map(|(_, id)| id.clone())
+            .collect();
+        // The groups' backends (from what the chosen workers said in Hello), and for NCCL
+        // groups one fresh id from each group's rank 0 (all or none).
+        let layout = relayout.as_ref().unwrap_or(&job.state.layout);
+        let (dp, tp) = (layout.dp, layout.tp);
+        let members: Vec<backend::Member> = chosen
+            .iter()
+            .map(|id| backend::Member {
+                worker: id.0.clone(),
+                device: self.workers[id].device.clone(),
+                nccl: self.workers[id].nccl,
+            })
+            .collect();
+        let backends = match backend::choose_layout(dp, tp, &members) {
+            Ok(b) => b,
+            Err(refusal) => {
+                let msg = format!("cannot form the groups: {refusal}");
+                if relayout.is_some() {
+                    return self.rollback(&msg, None).await;
+                }
+                let job = self.job.as_mut().expect("a job");
+                if job.state.phase != Phase::WaitingForWorkers || job.state.message != msg {
+                    warn!(job_id = %job.id, "{msg}");
+                    job::transition(&mut job.state, Phase::WaitingForWorkers, msg);
+                    self.persist_state().await?;
+                }
+                return Ok(());
+            }
+        };
+        let mut offers: Vec<VecDeque<Vec<u8>>> = chosen
+            .iter()
+            .map(|id| self.workers[id].nccl_ids.clone())
+            .collect();
+        let nccl_ids = match backend::relay(dp, tp, backends, &mut offers) {
+            Ok(ids) => ids,
+            Err(rank) => {
+                // It offers fresh ids right after its current assignment; the offer retries.
+                debug!(worker_id = %chosen[rank], rank, "waiting for a fresh NCCL id from a group's rank 0");
+                return Ok(());
+            }
+        };
+        for (id, left) in chosen.iter().zip(offers) {
+            self.workers.get_mut(id).expect("chosen").nccl_ids = left;
+        }
         let token = self.fresh_token();
         let ring_timeout = self.ring_timeout();
         let opts = self.opts.clone();
         let job = self.job.as_mut().expect("a job");
         job::start_epoch(&mut job.state, relayout.is_some());
-        job.ranks = idle.into_iter().take(world).map(|(_, id)| id).collect();
+        job.ranks = chosen;
         job.group_token = token;
+        job.backends = Some(backends);
         job.ids.reset();
         if relayout.is_none() {
             job.active = None;
@@ -433,7 +498,7 @@ impl Domain {
             }),
             _ => None,
         };
-        info!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, world, restore = %restore, restore_grow = restore_grow.is_some(), "starting epoch");
+        info!(job_id = %job.id, epoch = %job.state.epoch, generation = %job.state.generation, step = %job.state.step, world, restore = %restore, restore_grow = restore_grow.is_some(), dp_backend = %backends.0, tp_backend = %backends.1, "starting epoch");
         let base = pb::Assignment {
             epoch: job.state.epoch.0,
             generation: job.state.generation.0,
@@ -467,14 +532,21 @@ impl Domain {
             command_base: 0,
             ring_timeout_seconds: ring_timeout.as_secs_f64(),
             restore_grow,
+            dp_backend: backends.0.name().into(),
+            tp_backend: backends.1.name().into(),
+            dp_nccl_id: Vec::new(),
+            tp_nccl_id: Vec::new(),
         };
         let ranks = job.ranks.clone();
         let paused = job.state.paused;
         for (rank, w) in ranks.iter().enumerate() {
             let e = self.workers.get_mut(w).unwrap();
             e.rank = Some(Rank(rank as u32));
+            let (dp_nccl_id, tp_nccl_id) = nccl_ids.for_rank(rank, layout.tp);
             let a = pb::Assignment {
                 rank: rank as u32,
+                dp_nccl_id,
+                tp_nccl_id,
                 ..base.clone()
             };
             if let Some(tx) = &e.tx {
@@ -555,6 +627,29 @@ impl Domain {
         if !e.stuck_for(now, timeout) && self.stalled.remove(worker) {
             info!(worker_id = %worker, phase = %e.activity, "an evicted worker makes progress again");
         }
+    }
+
+    /// `worker` offers fresh NCCL ids (after an assignment used some of its earlier ones): they
+    /// join its unused ones (the newest [`backend::NCCL_IDS_OFFERED`] are kept), and an epoch
+    /// waiting for them can start.
+    pub async fn nccl_offer(
+        &mut self,
+        worker: &WorkerId,
+        session: u64,
+        ids: VecDeque<Vec<u8>>,
+    ) -> Result<()> {
+        let Some(e) = self.workers.get_mut(worker) else {
+            return Ok(());
+        };
+        if e.session != session {
+            return Ok(());
+        }
+        e.last_seen = Instant::now();
+        e.nccl_ids.extend(ids);
+        while e.nccl_ids.len() > backend::NCCL_IDS_OFFERED {
+            e.nccl_ids.pop_front();
+        }
+        self.try_start_epoch().await
     }
 
     /// The training thread of `worker` failed a command and waits for a new assignment.

@@ -15,12 +15,13 @@ use crate::txn::growth::{self, GrowthTxn, WorkerPhase};
 use crate::txn::job::{self, Due, Verdict};
 use crate::txn::{CommandIds, Txn};
 use crate::views;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, info_span, warn, Span};
+use tracing::{debug, error, info, info_span, warn, Span};
+use trellis_core::backend::{self as backend, Backend};
 use trellis_core::checkpoint::ShardReport;
 use trellis_core::config::ModelConfig;
 use trellis_core::growth::{GrowthSpec, Operator};
@@ -152,6 +153,10 @@ pub(crate) struct WorkerEntry {
     pub(crate) device: String,
     pub(crate) ring_address: String,
     tp_ring_address: String,
+    /// It can run NCCL (`Hello.nccl`).
+    pub(crate) nccl: bool,
+    /// Fresh NCCL unique ids it offered and no assignment has used yet (oldest first).
+    nccl_ids: VecDeque<Vec<u8>>,
     tx: Option<Outbox>,
     pub(crate) last_seen: Instant,
     pub(crate) lost: bool,
@@ -210,6 +215,8 @@ pub(crate) struct Job {
     pub(crate) growths: BTreeMap<Generation, GrowthRecordState>,
     ranks: Vec<WorkerId>,
     group_token: String,
+    /// The collective backends of the current epoch's (DP, TP) groups.
+    pub(crate) backends: Option<(Backend, Backend)>,
     ids: CommandIds,
     active: Option<Active>,
     pub(crate) loss: LossWatcher,
@@ -253,6 +260,7 @@ impl Job {
             growths: BTreeMap::new(),
             ranks: Vec::new(),
             group_token: String::new(),
+            backends: None,
             ids: CommandIds::default(),
             active: None,
             loss,

@@ -8,8 +8,12 @@
 //! * [`grad_norm`]: the global gradient norm across TP slices (for clipping).
 //! * [`reshard`]: moving a trainer's state to another layout, from a checkpoint or from peers.
 //!
-//! Collectives move host `f32` buffers ([`Collective`]); the helpers here copy tensors through
-//! them.
+//! Tensors move through one code path, [`all_reduce_sum_`] and [`broadcast_`], on fp32
+//! contiguous tensors: a CUDA tensor in a group with a device collective (NCCL) is reduced in
+//! device memory, a CPU tensor over the host ring in its own memory (no copy). The DP gradient
+//! buckets and the TP cuts use only these, so the CPU tests run the code a GPU runs up to the
+//! backend call. Control-plane agreements (u64 maxima, barriers, the gathers below, scalars)
+//! stay on the group's host [`Collective`] (an NCCL group's TCP ring).
 pub mod reshard;
 pub mod tp;
 
@@ -86,15 +90,98 @@ pub fn from_vec(buf: &[f32], shape: &[i64], device: Device) -> Tensor {
     Tensor::from_slice(buf).view(shape).to_device(device)
 }
 
-/// Element-wise sum of `t` over the group (fp32, on `t`'s device; no graph). Identity (a
-/// detached fp32 copy) for world size 1.
+/// Element-wise sum of `t` over the group (fp32, on `t`'s device; no graph), as a new tensor
+/// (`t` is left alone: it may be saved by the graph). Identity (a detached fp32 view) for
+/// world size 1.
 pub fn all_reduce_tensor(comm: &mut dyn Collective, t: &Tensor) -> Result<Tensor> {
     if comm.world() == 1 {
         return Ok(t.detach().to_kind(Kind::Float));
     }
-    let mut buf = to_vec(t);
-    comm.all_reduce_sum(&mut buf)?;
-    Ok(from_vec(&buf, &t.size(), t.device()))
+    let mut out = t.detach().to_kind(Kind::Float).copy().contiguous();
+    all_reduce_sum_(comm, &mut out)?;
+    Ok(out)
+}
+
+/// `t` must be a defined, contiguous fp32 tensor (the collectives read its memory as `f32`).
+fn check_flat_f32(t: &Tensor, what: &str) -> Result<()> {
+    if !t.defined() || t.kind() != Kind::Float || !t.is_contiguous() {
+        return Err(Error::Invalid(format!(
+            "{what} needs a contiguous fp32 tensor, got {}",
+            if t.defined() {
+                format!("{:?} (contiguous: {})", t.kind(), t.is_contiguous())
+            } else {
+                "an undefined tensor".into()
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// The memory of a contiguous fp32 CPU tensor as a slice.
+///
+/// # Safety
+/// `t` must be a contiguous fp32 CPU tensor ([`check_flat_f32`]) whose storage nothing else
+/// reads or writes while the slice lives.
+unsafe fn host_slice(t: &mut Tensor) -> &mut [f32] {
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n)
+}
+
+/// In-place element-wise sum of the contiguous fp32 tensor `t` over the group: NCCL in device
+/// memory for a CUDA tensor of an NCCL group (on the default stream, which libtorch computes
+/// on), the host collective on the tensor's own memory for a CPU tensor. A CUDA tensor in a
+/// group without a device collective (never assigned by the coordinator, which refuses CUDA
+/// groups without NCCL; possible in a hand-built group) goes through a host copy.
+pub fn all_reduce_sum_(comm: &mut dyn Collective, t: &mut Tensor) -> Result<()> {
+    // A group of one is the identity, except an NCCL group of one (only `gpu_check` builds
+    // one: the coordinator gives a group of one the `solo` backend), which runs NCCL.
+    if t.numel() == 0 || (comm.world() == 1 && comm.device().is_none()) {
+        return Ok(());
+    }
+    check_flat_f32(t, "all-reduce")?;
+    let n = t.numel();
+    if t.device().is_cuda() {
+        if let Some(dev) = comm.device() {
+            // SAFETY: `t` is a contiguous fp32 CUDA tensor of `n` elements that outlives the
+            // call; the reduction is enqueued on the default stream, before any later kernel.
+            unsafe { dev.all_reduce_sum_f32(t.data_ptr() as *mut f32, n, std::ptr::null_mut())? };
+            return Ok(());
+        }
+        let mut buf = to_vec(t);
+        comm.all_reduce_sum(&mut buf)?;
+        tch::no_grad(|| t.copy_(&from_vec(&buf, &t.size(), t.device())));
+        return Ok(());
+    }
+    // SAFETY: checked contiguous fp32 CPU; `t` is borrowed mutably for the call.
+    comm.all_reduce_sum(unsafe { host_slice(t) })?;
+    Ok(())
+}
+
+/// In-place broadcast of the contiguous fp32 tensor `t` from group rank `root` (the same
+/// backends as [`all_reduce_sum_`]).
+pub fn broadcast_(comm: &mut dyn Collective, t: &mut Tensor, root: usize) -> Result<()> {
+    if t.numel() == 0 || (comm.world() == 1 && comm.device().is_none()) {
+        return Ok(());
+    }
+    check_flat_f32(t, "broadcast")?;
+    let n = t.numel();
+    if t.device().is_cuda() {
+        if let Some(dev) = comm.device() {
+            // SAFETY: as in `all_reduce_sum_`.
+            unsafe { dev.broadcast_f32(t.data_ptr() as *mut f32, n, root, std::ptr::null_mut())? };
+            return Ok(());
+        }
+        let mut buf = to_vec(t);
+        comm.broadcast(&mut buf, root)?;
+        tch::no_grad(|| t.copy_(&from_vec(&buf, &t.size(), t.device())));
+        return Ok(());
+    }
+    // SAFETY: as in `all_reduce_sum_`.
+    comm.broadcast(unsafe { host_slice(t) }, root)?;
+    Ok(())
 }
 
 /// Every rank's bytes, by rank (one [`broadcast_bytes`] per rank).

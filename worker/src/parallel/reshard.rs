@@ -10,23 +10,27 @@
 //!   files overlapping its slice are touched, every file's hash verified on open). Works for
 //!   any old and new layout and needs no old rank alive.
 //! * [`from_peers`]: the ranks holding the old slices send them over the new TP group: for
-//!   every tensor each old slice is broadcast by its holder and every new rank cuts its own
-//!   slice from the assembled tensor. Simple (every rank receives the whole tensor) and needs
-//!   the old holders to be members of the new TP group (true for TP growing 1 → 2 → 4 with the
-//!   old ranks kept).
+//!   every tensor each holder keeps locally what falls in its own new slice and scatters to
+//!   every other rank only the part of its slice that rank's new slice needs. Needs the old
+//!   holders to be members of the new TP group (true for TP growing 1 → 2 → 4 with the old
+//!   ranks kept); a shrinking TP (2 → 1) goes through the checkpoint.
 //!
 //! [`DEFAULT`] is the faster of the two as measured by `examples/reshard_bench.rs` on CPU
 //! (docs/benchmarks.md).
+use crate::host::{host_f32, host_f32_mut};
 use crate::model::{Llama, Shard};
 use crate::optim::Moments;
-use crate::parallel::{broadcast_bytes, from_vec, to_vec};
+use crate::parallel::broadcast_bytes;
 use crate::trainer::Trainer;
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Instant;
-use tch::Tensor;
-use trellis_core::checkpoint::{moment_names, shard_dim, TrainerState};
+use tch::{Device, Kind, Tensor};
+use trellis_comm::Collective;
+use trellis_core::checkpoint::{moment_names, shard_dim, shard_range, TrainerState};
 
 /// Which way a reshard moves the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,6 +80,17 @@ pub fn from_checkpoint(new: &mut Trainer, dir: &Path) -> Result<ReshardReport> {
 /// old layout if it holds an old slice, `old_tp` the old TP degree, and `holders[o]` the rank
 /// (in the new TP group) that holds old slice `o`. The state (step, schedule, cursor, …) comes
 /// from the holder of old slice 0. On success `new` holds its slice of the old state.
+///
+/// Only what each rank lacks travels: for every tensor and old slice, the holder copies the
+/// part of its slice that falls in its own new slice locally and [scatters](Collective::scatter)
+/// to every other rank just the part that falls in that rank's new slice (a replicated tensor
+/// goes whole to the ranks that do not hold old slice 0). Pieces go from the old tensors'
+/// memory (a column slice as one run per row, gathered by the ring segment by segment, not
+/// staged whole) and arrive in the new tensors' memory (allocated once, uninitialised); only a
+/// part that is not contiguous in the new slice (row-parallel `o_proj`/`down_proj` when a new
+/// slice spans old ones, e.g. TP 2 → 3) is received into a staging buffer first. The parts a
+/// holder keeps are copied by a second thread while it sends. Moments that are not allocated
+/// yet (a fresh optimizer after a `reset` growth) stay unallocated and are not sent.
 pub fn from_peers(
     new: &mut Trainer,
     old: Option<&Trainer>,
@@ -84,10 +99,10 @@ pub fn from_peers(
 ) -> Result<ReshardReport> {
     let t0 = Instant::now();
     let me = new.tp_comm_mut().rank();
-    if holders.len() != old_tp || holders.iter().any(|&h| h >= new.tp()) {
+    let distinct = holders.iter().collect::<HashSet<_>>().len() == holders.len();
+    if holders.len() != old_tp || !distinct || holders.iter().any(|&h| h >= new.tp()) {
         return Err(Error::Invalid(format!(
-            "reshard from peers: {} holders for old tp {old_tp}, each must be a rank of the new TP group of {}",
-            holders.len(),
+            "reshard from peers: holders {holders:?} for old tp {old_tp}: need one per old slice, each a different rank of the new TP group of {}",
             new.tp()
         )));
     }
@@ -112,85 +127,232 @@ pub fn from_peers(
             )));
         }
     }
-    // The training state, from the holder of old slice 0.
-    let st_bytes = match old {
-        Some(o) if mine_old == Some(0) => serde_json::to_vec(&o.state())
-            .map_err(|e| Error::Invalid(format!("cannot serialise the trainer state: {e}")))?,
+    // The training state and which parameters have no moments yet, from the holder of old
+    // slice 0.
+    let head = match old {
+        Some(o) if mine_old == Some(0) => {
+            let unallocated: Vec<String> = o
+                .model()
+                .named_parameters()
+                .iter()
+                .filter(|(n, _)| !o.optimizer().moments.contains_key(n))
+                .map(|(n, _)| n.clone())
+                .collect();
+            serde_json::to_vec(&(o.state(), unallocated))
+                .map_err(|e| Error::Invalid(format!("cannot serialise the trainer state: {e}")))?
+        }
         _ => Vec::new(),
     };
-    let st_bytes = broadcast_bytes(new.tp_comm_mut(), holders[0], &st_bytes)?;
-    let st: TrainerState = serde_json::from_slice(&st_bytes)
+    let head = broadcast_bytes(new.tp_comm_mut(), holders[0], &head)?;
+    let (st, unallocated): (TrainerState, HashSet<String>) = serde_json::from_slice(&head)
         .map_err(|e| Error::Invalid(format!("reshard from peers: bad trainer state: {e}")))?;
     crate::parallel::check_tp(&st.model, new.tp())?;
-    let new_shard = Shard {
-        rank: me,
-        tp: new.tp(),
-    };
-    let old_shard = |o: usize| Shard {
-        rank: o,
-        tp: old_tp,
+    let moved = Moved {
+        me,
+        new_tp: new.tp(),
+        old_tp,
+        holders,
     };
     let device = new.device();
-    // One tensor (a parameter or a moment): assemble it from the old slices, keep mine.
-    let fetch = |new: &mut Trainer,
-                 name: &str,
-                 full: &[usize],
-                 local_old: Option<&Tensor>|
-     -> Result<Tensor> {
-        let comm = new.tp_comm_mut();
-        let d = shard_dim(name);
-        let owners: Vec<usize> = match d {
-            Some(_) => (0..old_tp).collect(),
-            None => vec![0],
-        };
-        let mut pieces = Vec::with_capacity(owners.len());
-        for o in owners {
-            let shape: Vec<i64> = old_shard(o)
-                .local_shape(name, full)
-                .iter()
-                .map(|&x| x as i64)
-                .collect();
-            let mut buf = match (mine_old, local_old) {
-                (Some(m), Some(t)) if m == o => to_vec(t),
-                _ => vec![0f32; shape.iter().product::<i64>() as usize],
-            };
-            comm.broadcast(&mut buf, holders[o])?;
-            pieces.push(from_vec(&buf, &shape, device));
-        }
-        let whole = match d {
-            Some(d) if pieces.len() > 1 => Tensor::cat(&pieces, d as i64),
-            _ => pieces.pop().expect("one piece"),
-        };
-        Ok(new_shard.slice(name, &whole))
+    let missing = |name: &str| {
+        Error::Invalid(format!(
+            "reshard from peers: rank {me}'s old model has no {name}; every old slice must be of the model in the state"
+        ))
     };
     let mut tensors = HashMap::new();
     let mut moments = HashMap::new();
-    for (name, full) in st.model.tensor_shapes() {
-        let p = old
-            .and_then(|o| o.model().parameter(&name))
-            .map(|t| t.detach());
-        let m = old.and_then(|o| {
-            let p = o.model().parameter(&name)?;
-            Some(o.optimizer().moments_of(&name, p))
+    // The parts a rank keeps from its own old slice are copied by a second thread while this
+    // one sends and receives (a copy is memory-bound, a send mostly the kernel's and the MAC's);
+    // the scope joins it before anything reads the new tensors.
+    std::thread::scope(|s| -> Result<()> {
+        let (local, jobs) = mpsc::channel::<(Tensor, Tensor)>();
+        s.spawn(move || {
+            tch::no_grad(|| {
+                for (mut dst, src) in jobs {
+                    dst.copy_(&src);
+                }
+            })
         });
-        let w = fetch(new, &name, &full, p.as_ref())?;
-        let [n1, n2] = moment_names(&name);
-        let exp_avg = fetch(new, &n1, &full, m.as_ref().map(|m| &m.exp_avg))?;
-        let exp_avg_sq = fetch(new, &n2, &full, m.as_ref().map(|m| &m.exp_avg_sq))?;
-        tensors.insert(name.clone(), w);
-        moments.insert(
-            name,
-            Moments {
-                exp_avg,
-                exp_avg_sq,
-            },
-        );
+        tch::no_grad(|| -> Result<()> {
+            for (name, full) in st.model.tensor_shapes() {
+                let p = old
+                    .map(|o| o.model().parameter(&name).ok_or_else(|| missing(&name)))
+                    .transpose()?;
+                let comm = new.tp_comm_mut();
+                tensors.insert(name.clone(), moved.tensor(comm, &local, &name, &full, p)?);
+                if unallocated.contains(&name) {
+                    continue;
+                }
+                let m = old.zip(p).map(|(o, p)| o.optimizer().moments_of(&name, p));
+                let [n1, n2] = moment_names(&name);
+                let exp_avg =
+                    moved.tensor(comm, &local, &n1, &full, m.as_ref().map(|m| &m.exp_avg))?;
+                let exp_avg_sq =
+                    moved.tensor(comm, &local, &n2, &full, m.as_ref().map(|m| &m.exp_avg_sq))?;
+                moments.insert(
+                    name,
+                    Moments {
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                );
+            }
+            Ok(())
+        })
+    })?;
+    if device != Device::Cpu {
+        for t in tensors.values_mut() {
+            *t = t.to_device(device);
+        }
+        for m in moments.values_mut() {
+            m.exp_avg = m.exp_avg.to_device(device);
+            m.exp_avg_sq = m.exp_avg_sq.to_device(device);
+        }
     }
-    let model = Llama::from_tensors_shard(&st.model, device, new_shard, &mut tensors);
+    let model = Llama::from_tensors_shard(&st.model, device, moved.new_shard(), &mut tensors);
     new.install(st, model, Some(moments));
     Ok(ReshardReport {
         path: ReshardPath::Peers,
         seconds: t0.elapsed().as_secs_f64(),
         bytes: state_bytes(new),
     })
+}
+
+/// Who holds what in a peers reshard.
+struct Moved<'a> {
+    me: usize,
+    new_tp: usize,
+    old_tp: usize,
+    holders: &'a [usize],
+}
+
+impl Moved<'_> {
+    fn new_shard(&self) -> Shard {
+        Shard {
+            rank: self.me,
+            tp: self.new_tp,
+        }
+    }
+
+    /// The part of tensor `name`'s dimension `d` (its shard dimension, 0 for a replicated
+    /// tensor) that old slice `o` holds: a replicated tensor is taken from old slice 0 whole.
+    fn old_range(&self, name: &str, n: usize, o: usize) -> Range<usize> {
+        match shard_dim(name) {
+            Some(_) => shard_range(n, o, self.old_tp),
+            None if o == 0 => 0..n,
+            None => 0..0,
+        }
+    }
+
+    /// The part new rank `r` holds.
+    fn new_range(&self, name: &str, n: usize, r: usize) -> Range<usize> {
+        match shard_dim(name) {
+            Some(_) => shard_range(n, r, self.new_tp),
+            None => 0..n,
+        }
+    }
+
+    /// This rank's new slice of tensor `name` (global shape `full`), as an fp32 host tensor;
+    /// `local_old` is this rank's old slice if it holds one; the part it keeps of that is sent
+    /// to `local` to copy (it is complete once `local`'s thread is done). Every rank calls it
+    /// for every tensor in the same order.
+    fn tensor(
+        &self,
+        comm: &mut dyn Collective,
+        local: &mpsc::Sender<(Tensor, Tensor)>,
+        name: &str,
+        full: &[usize],
+        local_old: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let d = shard_dim(name).unwrap_or(0);
+        let n = full[d];
+        let mine = self.new_range(name, n, self.me);
+        let shape: Vec<i64> = self
+            .new_shard()
+            .local_shape(name, full)
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        let dst = Tensor::empty(&shape, (Kind::Float, Device::Cpu));
+        // `mine`'s part `r` of dst, by global index along d.
+        let part =
+            |r: &Range<usize>| dst.narrow(d as i64, (r.start - mine.start) as i64, r.len() as i64);
+        let src = local_old.map(|t| {
+            t.detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous()
+        });
+        for o in 0..self.old_tp {
+            let h = self.holders[o];
+            let held = self.old_range(name, n, o);
+            let overlap = |r: usize| intersect(&held, &self.new_range(name, n, r));
+            // Nothing to send when no other rank needs a part of this old slice.
+            let sends = (0..self.new_tp).any(|r| r != h && !overlap(r).is_empty());
+            if h == self.me {
+                let src = src.as_ref().expect("a holder has its old slice");
+                let cut = |r: &Range<usize>| {
+                    src.narrow(d as i64, (r.start - held.start) as i64, r.len() as i64)
+                };
+                let own = overlap(self.me);
+                if !own.is_empty() {
+                    local.send((part(&own), cut(&own))).map_err(|_| {
+                        Error::Invalid("reshard from peers: the local copy thread is gone".into())
+                    })?;
+                }
+                if sends {
+                    // Straight from the old slice's memory: one run for a row slice, one run
+                    // per row for a column slice.
+                    let (values, shape) = (host_f32(src), src.size());
+                    let pieces: Vec<Vec<&[f32]>> = (0..self.new_tp)
+                        .map(|r| {
+                            let ov = overlap(r);
+                            match r != h && !ov.is_empty() {
+                                true => runs(
+                                    values,
+                                    &shape,
+                                    d,
+                                    (ov.start - held.start)..(ov.end - held.start),
+                                ),
+                                false => Vec::new(),
+                            }
+                        })
+                        .collect();
+                    let refs: Vec<&[&[f32]]> = pieces.iter().map(|p| p.as_slice()).collect();
+                    comm.scatter(h, &refs, &mut [])?;
+                }
+            } else if sends {
+                let own = overlap(self.me);
+                if own.is_empty() {
+                    comm.scatter(h, &[], &mut [])?;
+                } else {
+                    let mut view = part(&own);
+                    if view.is_contiguous() {
+                        comm.scatter(h, &[], host_f32_mut(&mut view))?;
+                    } else {
+                        let mut staged = Tensor::empty(view.size(), (Kind::Float, Device::Cpu));
+                        comm.scatter(h, &[], host_f32_mut(&mut staged))?;
+                        view.copy_(&staged);
+                    }
+                }
+            }
+        }
+        Ok(dst)
+    }
+}
+
+/// Indices `range` of dimension `d` of a contiguous tensor (`values`, `shape`) as runs of
+/// contiguous values, in order.
+fn runs<'a>(values: &'a [f32], shape: &[i64], d: usize, range: Range<usize>) -> Vec<&'a [f32]> {
+    let inner: usize = shape[d + 1..].iter().map(|&x| x as usize).product();
+    let (stride, len) = (shape[d] as usize * inner, range.len() * inner);
+    values
+        .chunks_exact(stride.max(1))
+        .map(|block| &block[range.start * inner..range.start * inner + len])
+        .collect()
+}
+
+fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let (s, e) = (a.start.max(b.start), a.end.min(b.end));
+    s..e.max(s)
 }
