@@ -9,7 +9,7 @@
 //! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
 //! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::host::{host_f32_mut, to_host};
+use crate::host::{host_f32, host_f32_mut, to_host};
 use crate::model::{Llama, Precision, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
 use crate::parallel::{self, Groups};
@@ -224,21 +224,13 @@ impl Written {
     fn view(&self) -> TensorView<'_> {
         match self {
             Written::Host(h) => h.view(),
-            Written::InPlace(t, shape) => {
-                let n = t.numel();
-                let data: &[f32] = if n == 0 {
-                    &[]
-                } else {
-                    // SAFETY: `t` is contiguous fp32 in host memory (checked in
-                    // `Snap::into_written`), `n` elements from `data_ptr` (which includes the
-                    // storage offset), and `self` owns a handle on its storage for the borrow.
-                    // Nothing writes to it meanwhile: a shared snapshot is a growth
-                    // checkpoint's, whose tensors the rank no longer changes (the growth
-                    // replaced them, or the rank takes no step until this write is done).
-                    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
-                };
-                TensorView { shape, data }
-            }
+            // Nothing writes to it meanwhile: a shared snapshot is a growth checkpoint's, whose
+            // tensors the rank no longer changes (the growth replaced them, or the rank takes
+            // no step until this write is done).
+            Written::InPlace(t, shape) => TensorView {
+                shape,
+                data: host_f32(t),
+            },
         }
     }
 }
