@@ -23,7 +23,8 @@ bench: build
 	@$(ENV) && bench/run.sh
 
 # Growth latency (issue #6): online `coordctl grow` vs stop + offline grow + new job from
-# checkpoint.init_from, 3 -> 12 layers (142.6M parameters) on CPU; runs/bench-growth/ (docs/benchmarks.md)
+# checkpoint.init_from, 3 -> 12 layers (142.6M parameters) on CPU; runs/bench-growth/ (docs/benchmarks.md).
+# RUNS=5 make bench-growth: five runs, their medians and the issue 14 targets (runs/bench-growth/summary.md)
 bench-growth: build
 	@$(ENV) && bench/growth_latency.sh
 

@@ -36,6 +36,8 @@
 #   builds and initialises a throwaway 12-layer model that the restore then replaces, which costs
 #   seconds on CPU; see docs/benchmarks.md)
 #   KEEP_CHECKPOINTS=0 (1: keep the checkpoints under OUT/work/)  BIN_DIR=$CARGO_TARGET_DIR/release
+#   RUNS=1 (N > 1: N runs in a row into OUT/run-<i>/, then a per-run table, the medians and the
+#   issue 14 targets judged on the medians: OUT/summary.{json,md})
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -71,6 +73,61 @@ for b in trellis-coordinator trellis-worker coordctl; do
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+RUNS=${RUNS:-1}
+
+# RUNS > 1: this script once per run (same binaries, one data cache), then the medians.
+if ((RUNS > 1)); then
+  for i in $(seq "$RUNS"); do
+    printf '[%s] run %d of %d -> %s\n' "$(date +%H:%M:%S)" "$i" "$RUNS" "$OUT/run-$i"
+    RUNS=1 OUT="$OUT/run-$i" CACHE="$OUT/data-cache" "$HERE/growth_latency.sh" >"$OUT/run-$i.log" 2>&1 \
+      || { tail -n 30 "$OUT/run-$i.log" >&2; echo "error: run $i failed (log: $OUT/run-$i.log)" >&2; exit 1; }
+  done
+  "$PY" - "$OUT" "$RUNS" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+runs = [json.loads((out / f"run-{i}" / "results.json").read_text()) for i in range(1, n + 1)]
+step = "  of which the step itself (worker-measured)"
+cols = [
+    ("online to 1st grown step (s)", lambda r: r["online"]["total_seconds"]),
+    ("of which that step (s)", lambda r: r["online"]["phases"][step]),
+    ("online without that step (s)", lambda r: r["overhead_without_first_step_compute"]["online"]),
+    ("online 2nd grown step (s)", lambda r: r["step_seconds"]["grown_online_second_step"]),
+    ("offline total (s)", lambda r: r["offline"]["total_seconds"]),
+    ("offline first step (s)", lambda r: r["offline"]["phases"][step]),
+    ("offline / online, 1st", lambda r: r["ratio_offline_over_online"]),
+    ("offline / online, 2nd", lambda r: r["ratio_to_second_step"]),
+    ("growth committed after (s)", lambda r: r["online"]["growth_committed_after_seconds"]),
+]
+num = lambda v: "n/a" if v is None else f"{v:.2f}"
+med = {name: statistics.median([v for v in map(f, runs) if v is not None] or [float("nan")])
+       for name, f in cols}
+md = [f"# Growth latency: {n} runs, medians", "",
+      "| run | load at the end | " + " | ".join(c for c, _ in cols) + " |",
+      "|---|---|" + "---:|" * len(cols)]
+for i, r in enumerate(runs, 1):
+    md.append(f"| {i} | {r['machine']['load']} | " + " | ".join(num(f(r)) for _, f in cols) + " |")
+md.append("| **median** | | " + " | ".join(f"**{num(med[c])}**" for c, _ in cols) + " |")
+over, r1, r2 = (med["online without that step (s)"], med["offline / online, 1st"],
+                med["offline / online, 2nd"])
+targets = {
+    "online overhead to the first grown step without its compute <= 1.0 s": [over, over <= 1.0],
+    "offline / online to the first grown step >= 3": [r1, r1 >= 3.0],
+    "offline / online to the second grown step >= 1.5": [r2, r2 >= 1.5],
+}
+md += ["", "Issue 14 targets, on the medians:", ""]
+md += [f"- {k}: **{v:.2f}** ({'met' if ok else 'MISSED'})" for k, (v, ok) in targets.items()]
+md.append("")
+(out / "summary.json").write_text(json.dumps(
+    {"runs": n, "medians": med, "targets": {k: {"value": v, "met": ok} for k, (v, ok) in targets.items()},
+     "commits": sorted({r["commit"] for r in runs}), "binaries": runs[0]["binaries"]}, indent=2) + "\n")
+(out / "summary.md").write_text("\n".join(md))
+print("\n".join(md))
+print(f"per run: {out}/run-<i>/results.md; summary: {out}/summary.json, {out}/summary.md")
+PY
+  exit 0
+fi
 WORK=$OUT/work
 rm -rf "$WORK"
 mkdir -p "$WORK/bin" "$WORK/specs"
@@ -79,7 +136,7 @@ cp "$BIN_DIR/trellis-coordinator" "$BIN_DIR/trellis-worker" "$BIN_DIR/coordctl" 
 BIN=$WORK/bin
 COORDCTL=$BIN/coordctl
 CKPT=$WORK/ckpt
-CACHE=$OUT/data-cache   # tokenizer + token files, kept between runs (prepared before any timing)
+CACHE=${CACHE:-$OUT/data-cache}   # tokenizer + token files, kept between runs (prepared before any timing)
 export TRELLIS_LOG_FORMAT=json NO_COLOR=1
 
 # ---------------------------------------------------------------------------------------------
@@ -401,14 +458,17 @@ T_ISSUE=$(now)
 "$COORDCTL" --endpoint "$EP_A" --output json grow --factor "$FACTOR" >"$WORK/grow-answer.json" \
   || die "coordctl grow failed"
 T_ANSWER=$(now)
-# Keep the growth checkpoint's manifest (written in the background while the grown model trains).
+# Keep the growth checkpoint's manifest (written in the background once the grown model's
+# first step is done; under load that can take minutes: wait while the watcher does).
 m=
-for _ in $(seq 1200); do
+for _ in $(seq $((TIMEOUT * 20))); do
+  watching=1
+  kill -0 "$WATCH_PID" 2>/dev/null || watching=0 # ended: the growth is done (or failed)
   for d in "$CKPT"/growth-online/step-*; do
     [[ $d == *.tmp || $d == *.old ]] && continue
     [[ -f $d/manifest.json ]] && m=$d
   done
-  [[ -n $m ]] && break
+  [[ -n $m || $watching == 0 ]] && break
   sleep 0.05
 done
 if [[ -n $m ]]; then

@@ -1,8 +1,9 @@
 //! A [`Runner`] without libtorch, for protocol tests and the control-plane benchmark: "training"
 //! is arithmetic (a deterministic loss from the step and the data cursor), checkpoints are small
 //! JSON files in the real directory layout (`step-<N>.tmp/` → `step-<N>/`, `latest`).
-use crate::{Assignment, BoxError, GrowOrder, Runner, RunnerState, StepOutcome};
+use crate::{Assignment, BoxError, GrowOrder, Runner, RunnerState, ShardWriteJob, StepOutcome};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use trellis_core::checkpoint::{FileEntry, ShardReport};
@@ -61,6 +62,8 @@ pub struct FakeRunner {
     groups: crate::Collectives,
     st: FakeState,
     pending: Option<FakeState>,
+    /// `st.step`, readable by a background checkpoint write.
+    steps_done: Arc<AtomicU64>,
 }
 
 impl FakeRunner {
@@ -80,12 +83,14 @@ impl FakeRunner {
                 ..Default::default()
             },
         };
+        let steps_done = Arc::new(AtomicU64::new(st.step));
         let mut r = FakeRunner {
             cfg,
             a: a.clone(),
             groups,
             st,
             pending: None,
+            steps_done,
         };
         r.log("build");
         // A restore point of checkpoint + plan.
@@ -160,6 +165,7 @@ impl Runner for FakeRunner {
             std::thread::sleep(self.cfg.step_delay);
         }
         self.st.step += 1;
+        self.steps_done.store(self.st.step, Ordering::SeqCst);
         self.st.tokens += batch * self.a.spec.data.seq_len as u64;
         self.st.cursor = end;
         let secs = t0.elapsed().as_secs_f64();
@@ -213,6 +219,30 @@ impl Runner for FakeRunner {
                 sha256: String::new(),
             }],
             tensors: Default::default(),
+        }))
+    }
+
+    /// The files are written now, as in [`Runner::begin_checkpoint_shards`]'s default; the
+    /// background job logs `growth-write` with the step the runner has reached when the agent
+    /// lets it run (after the grown model's first step: docs/design.md §3).
+    fn begin_growth_checkpoint_shards(
+        &mut self,
+        job_root: &Path,
+    ) -> Result<ShardWriteJob, BoxError> {
+        let r = self.write_checkpoint_shards(job_root)?;
+        let (events, steps_done) = (self.cfg.events.clone(), self.steps_done.clone());
+        let (epoch, rank) = (self.a.epoch, self.a.rank.0);
+        let (generation, layers) = (self.st.generation, self.st.layers);
+        Ok(Box::new(move || {
+            events.lock().unwrap().push(Event {
+                epoch,
+                rank,
+                what: "growth-write".into(),
+                step: steps_done.load(Ordering::SeqCst),
+                generation,
+                layers,
+            });
+            Ok(r)
         }))
     }
 

@@ -768,6 +768,16 @@ struct PendingWrite {
     handle: std::thread::JoinHandle<std::result::Result<Option<ShardReport>, String>>,
     state: RunnerState,
     started: Instant,
+    /// A growth checkpoint's writer waits until this is dropped ([`PendingWrite::release`]):
+    /// after the grown model's first step, so the write does not take the CPU from it, or as
+    /// soon as the rank stops stepping or must wait for the write.
+    gate: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl PendingWrite {
+    fn release(&mut self) {
+        self.gate = None;
+    }
 }
 
 struct Trainer<F> {
@@ -1002,7 +1012,8 @@ impl<F: RunnerFactory> Trainer<F> {
     fn assign(&mut self, a: pb::Assignment) {
         // A checkpoint still being written finishes first (a later one may reuse its temp dir);
         // the old epoch's ack would be fenced anyway.
-        if let Some(w) = self.epoch.as_mut().and_then(|e| e.writing.take()) {
+        if let Some(mut w) = self.epoch.as_mut().and_then(|e| e.writing.take()) {
+            w.release();
             let _ = w.handle.join();
         }
         // Drop the old runner (and its collective) before forming the new group.
@@ -1191,6 +1202,9 @@ impl<F: RunnerFactory> Trainer<F> {
                 continue;
             };
             if e.failed {
+                if let Some(w) = e.writing.as_mut() {
+                    w.release();
+                }
                 self.progress.keep(Activity::Idle);
                 continue;
             }
@@ -1218,6 +1232,10 @@ impl<F: RunnerFactory> Trainer<F> {
                 continue;
             };
             if e.failed || e.paused || e.hold || e.runner.state().step >= e.a.spec.train.max_steps {
+                // No step to wait for: a gated write goes now.
+                if let Some(w) = e.writing.as_mut() {
+                    w.release();
+                }
                 self.progress.keep(if e.failed {
                     Activity::Idle
                 } else if e.paused {
@@ -1238,7 +1256,12 @@ impl<F: RunnerFactory> Trainer<F> {
             }
             let e = self.epoch.as_mut().expect("epoch");
             self.progress.begin(Activity::Step);
-            match e.runner.step() {
+            let stepped = e.runner.step();
+            // The grown model's first step is done (or failed): a gated growth write goes.
+            if let Some(w) = e.writing.as_mut() {
+                w.release();
+            }
+            match stepped {
                 Ok(o) => {
                     self.progress.step.store(o.step, Ordering::Relaxed);
                     self.progress
@@ -1295,7 +1318,8 @@ impl<F: RunnerFactory> Trainer<F> {
             Some(w) if wait || w.handle.is_finished() => {}
             _ => return,
         }
-        let w = e.writing.take().expect("checked");
+        let mut w = e.writing.take().expect("checked");
+        w.release();
         let r = w
             .handle
             .join()
@@ -1400,9 +1424,17 @@ impl<F: RunnerFactory> Trainer<F> {
                 };
                 match begun {
                     Ok(job) => {
+                        // A growth's write waits for the grown model's first step (the gate).
+                        let (gate, go) = std::sync::mpsc::channel::<()>();
+                        let gated = c.hold;
                         let spawned = std::thread::Builder::new()
                             .name("trellis-ckpt-write".into())
-                            .spawn(move || job().map_err(|e| e.to_string()));
+                            .spawn(move || {
+                                if gated {
+                                    let _ = go.recv(); // returns when the gate is dropped
+                                }
+                                job().map_err(|e| e.to_string())
+                            });
                         match spawned {
                             Ok(handle) => {
                                 e.writing = Some(PendingWrite {
@@ -1411,6 +1443,7 @@ impl<F: RunnerFactory> Trainer<F> {
                                     handle,
                                     state: st,
                                     started: t0,
+                                    gate: Some(gate),
                                 })
                             }
                             Err(err) => self.checkpoint_failed(

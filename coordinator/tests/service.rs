@@ -148,6 +148,16 @@ async fn grow_in_lockstep_and_bad_requests() {
             .all(|e| e.step == at && e.layers == 8 && e.generation == 1),
         "{grows:?}"
     );
+    // The growth checkpoint (of the small model) was written once the grown model's first
+    // step was done, not beside it (docs/design.md §3).
+    let writes: Vec<_> = ev.iter().filter(|e| e.what == "growth-write").collect();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    assert!(
+        writes
+            .iter()
+            .all(|e| e.step > at && e.layers == 2 && e.generation == 0),
+        "the growth checkpoint's write must wait for the first grown step (growth at step {at}): {writes:?}"
+    );
     let m = scrape(co.metrics_addr.unwrap()).await;
     assert!(m.contains("trellis_model_layers 8"), "{m}");
     assert!(m.contains("trellis_generation 1"), "{m}");

@@ -75,15 +75,15 @@ impl HostTensor {
     }
 
     fn check(&self, name: &str) -> Result<()> {
-        if self.numel() != self.data.len() {
-            return Err(Error::InvalidConfig(format!(
-                "tensor {name} has shape {:?} ({} elements) but {} values",
-                self.shape,
-                self.numel(),
-                self.data.len()
-            )));
+        self.view().check(name)
+    }
+
+    /// A borrow of this tensor, for the writers that take [`TensorView`]s.
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView {
+            shape: &self.shape,
+            data: &self.data,
         }
-        Ok(())
     }
 
     /// Rows/cols `range` of dimension `dim` (a copy).
@@ -162,6 +162,29 @@ impl safetensors::View for F32View<'_> {
     }
     fn data_len(&self) -> usize {
         std::mem::size_of_val(self.data)
+    }
+}
+
+/// A dense fp32 tensor, row-major, borrowed: a [`HostTensor`]'s ([`HostTensor::view`]) or
+/// memory the caller keeps alive and unchanged while it is written (a growth checkpoint's
+/// snapshot is written straight from the tensors it shares, without a host copy).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub shape: &'a [usize],
+    pub data: &'a [f32],
+}
+
+impl TensorView<'_> {
+    fn check(&self, name: &str) -> Result<()> {
+        let numel: usize = self.shape.iter().product();
+        if numel != self.data.len() {
+            return Err(Error::InvalidConfig(format!(
+                "tensor {name} has shape {:?} ({numel} elements) but {} values",
+                self.shape,
+                self.data.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -456,6 +479,12 @@ pub fn write_safetensors_bf16(path: &Path, tensors: &[(&str, &HostTensor)]) -> R
 }
 
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result<FileEntry> {
+    let views: Vec<(&str, TensorView)> = tensors.iter().map(|(n, t)| (*n, t.view())).collect();
+    write_safetensors_views(path, &views)
+}
+
+/// [`write_safetensors`] of borrowed tensors.
+pub fn write_safetensors_views(path: &Path, tensors: &[(&str, TensorView)]) -> Result<FileEntry> {
     for (name, t) in tensors {
         t.check(name)?;
     }
@@ -463,8 +492,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result
         (
             name.to_string(),
             F32View {
-                shape: &t.shape,
-                data: &t.data,
+                shape: t.shape,
+                data: t.data,
             },
         )
     });
@@ -527,13 +556,26 @@ fn write_shard_refs(
     model: &[(&str, &HostTensor)],
     optim: &[(&str, &HostTensor)],
 ) -> Result<ShardReport> {
+    let m: Vec<(&str, TensorView)> = model.iter().map(|(n, t)| (*n, t.view())).collect();
+    let o: Vec<(&str, TensorView)> = optim.iter().map(|(n, t)| (*n, t.view())).collect();
+    write_shard_views(tmp, tp_rank, tp, &m, &o)
+}
+
+/// [`write_shard`] of borrowed tensors.
+pub fn write_shard_views(
+    tmp: &Path,
+    tp_rank: usize,
+    tp: usize,
+    model: &[(&str, TensorView)],
+    optim: &[(&str, TensorView)],
+) -> Result<ShardReport> {
     check_tp(tp_rank, tp)?;
     std::fs::create_dir_all(tmp)
         .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
     let mut report = ShardReport::default();
     for (kind, tensors) in [(ShardKind::Model, model), (ShardKind::Optim, optim)] {
         let file = shard_file_name(kind, tp_rank, tp);
-        let mut selected: Vec<(&str, &HostTensor)> = Vec::new();
+        let mut selected: Vec<(&str, TensorView)> = Vec::new();
         for &(name, t) in tensors.iter() {
             t.check(name)?;
             let dim = shard_dim(name);
@@ -542,7 +584,7 @@ fn write_shard_refs(
                     if tp_rank != 0 {
                         continue; // replicated: only TP rank 0 writes it
                     }
-                    (t.shape.clone(), 0, t.shape.first().copied().unwrap_or(1))
+                    (t.shape.to_vec(), 0, t.shape.first().copied().unwrap_or(1))
                 }
                 Some(d) => {
                     if d >= t.shape.len() {
@@ -555,7 +597,7 @@ fn write_shard_refs(
                         ));
                     }
                     let local = t.shape[d];
-                    let mut global = t.shape.clone();
+                    let mut global = t.shape.to_vec();
                     global[d] = local * tp;
                     (global, tp_rank * local, local)
                 }
@@ -584,7 +626,7 @@ fn write_shard_refs(
         }
         report
             .files
-            .push(write_safetensors(&tmp.join(&file), &selected)?);
+            .push(write_safetensors_views(&tmp.join(&file), &selected)?);
     }
     Ok(report)
 }

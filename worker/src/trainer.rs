@@ -9,7 +9,7 @@
 //! from the global cursor (docs/design.md §Data cursor), and nothing else is random, so the same
 //! seed and data give the same losses and a resume from a checkpoint continues bit for bit.
 use crate::grow::GrowthTimings;
-use crate::host::{host_f32_mut, to_host};
+use crate::host::{host_f32, host_f32_mut, to_host};
 use crate::model::{Llama, Precision, Shard};
 use crate::optim::{AdamW, AdamWConfig, Moments};
 use crate::parallel::{self, Groups};
@@ -24,7 +24,7 @@ use tch::{Device, Kind, Tensor};
 use trellis_comm::Collective;
 use trellis_core::checkpoint::{
     self, Checkpoint, GrowthRecord, HostTensor, Layout, MaskState, ScheduleState, ShardKind,
-    ShardReport, TrainerState,
+    ShardReport, TensorView, TrainerState,
 };
 use trellis_core::config::ModelConfig;
 use trellis_core::growth::{GrowthSpec, OptimizerPolicy};
@@ -198,10 +198,39 @@ enum Snap {
 }
 
 impl Snap {
-    fn host(self) -> HostTensor {
+    /// What gets written: the host copy, or a shared tensor itself when it already is
+    /// contiguous fp32 in host memory (no copy; any other is copied to the host here).
+    fn into_written(self) -> Written {
         match self {
-            Snap::Host(h) => h,
-            Snap::Shared(t) => to_host(&t),
+            Snap::Host(h) => Written::Host(h),
+            Snap::Shared(t)
+                if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() =>
+            {
+                let shape = t.size().iter().map(|&d| d as usize).collect();
+                Written::InPlace(t, shape)
+            }
+            Snap::Shared(t) => Written::Host(to_host(&t)),
+        }
+    }
+}
+
+enum Written {
+    Host(HostTensor),
+    /// A shared tensor (contiguous fp32 on the CPU) and its shape.
+    InPlace(Tensor, Vec<usize>),
+}
+
+impl Written {
+    fn view(&self) -> TensorView<'_> {
+        match self {
+            Written::Host(h) => h.view(),
+            // Nothing writes to it meanwhile: a shared snapshot is a growth checkpoint's, whose
+            // tensors the rank no longer changes (the growth replaced them, or the rank takes
+            // no step until this write is done).
+            Written::InPlace(t, shape) => TensorView {
+                shape,
+                data: host_f32(t),
+            },
         }
     }
 }
@@ -218,16 +247,19 @@ pub struct ShardWrite {
 impl ShardWrite {
     /// Write and fsync the shard files; their report for the commit.
     pub fn write(self) -> Result<ShardReport> {
-        let host = |v: Vec<(String, Snap)>| -> Vec<(String, HostTensor)> {
-            v.into_iter().map(|(n, s)| (n, s.host())).collect()
+        let prepare = |v: Vec<(String, Snap)>| -> Vec<(String, Written)> {
+            v.into_iter().map(|(n, s)| (n, s.into_written())).collect()
         };
-        let (model, optim) = (host(self.model), host(self.optim));
-        Ok(checkpoint::write_shard(
+        let (model, optim) = (prepare(self.model), prepare(self.optim));
+        fn views(v: &[(String, Written)]) -> Vec<(&str, TensorView<'_>)> {
+            v.iter().map(|(n, w)| (n.as_str(), w.view())).collect()
+        }
+        Ok(checkpoint::write_shard_views(
             &self.tmp,
             self.tp_rank,
             self.tp,
-            &model,
-            &optim,
+            &views(&model),
+            &views(&optim),
         )?)
     }
 }

@@ -296,7 +296,9 @@ fn checkpoint_plus_plan_restores_the_online_growth_bit_for_bit() {
             optimizer,
         };
         online.grow(&gs, &POST).unwrap();
-        // Written after the growth (in the background, as online): still the old state.
+        // Written after the growth and the grown model's first step (in the background, as
+        // online, straight from the shared tensors): still the old state.
+        let first = losses(&mut online, 1);
         let report = w.write().unwrap();
         let tmp = trellis_core::checkpoint::tmp_dir(&root, 3);
         let dir = trellis_core::checkpoint::finalize(&tmp, &st, &[report]).unwrap();
@@ -305,6 +307,11 @@ fn checkpoint_plus_plan_restores_the_online_growth_bit_for_bit() {
         restored.restore(&dir).unwrap();
         assert_eq!(restored.generation(), 0);
         restored.grow(&gs, &POST).unwrap();
+        assert_eq!(
+            losses(&mut restored, 1),
+            first,
+            "{operator:?} {optimizer:?}"
+        );
         assert_eq!(
             online.state(),
             restored.state(),
