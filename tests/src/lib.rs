@@ -16,12 +16,14 @@ pub use cluster::{
     Cluster, Coord, Endpoint, TinyJob, LONG,
 };
 
-/// The repository root.
+/// The repository root. `cargo test` sets `CARGO_MANIFEST_DIR` when it runs a test, which
+/// is preferred to the value compiled into this library: a target dir shared by two checkouts
+/// (a CI clone beside a working tree) can link a copy compiled in the other one.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap().to_path_buf()
 }
 
 /// A workspace binary next to this test executable (`target/<profile>/<name>`).
