@@ -17,6 +17,7 @@
 pub mod reshard;
 pub mod tp;
 
+use crate::host::host_f32_mut;
 use crate::{Error, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -117,19 +118,6 @@ fn check_flat_f32(t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The memory of a contiguous fp32 CPU tensor as a slice.
-///
-/// # Safety
-/// `t` must be a contiguous fp32 CPU tensor ([`check_flat_f32`]) whose storage nothing else
-/// reads or writes while the slice lives.
-unsafe fn host_slice(t: &mut Tensor) -> &mut [f32] {
-    let n = t.numel();
-    if n == 0 {
-        return &mut [];
-    }
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n)
-}
-
 /// In-place element-wise sum of the contiguous fp32 tensor `t` over the group: NCCL in device
 /// memory for a CUDA tensor of an NCCL group (on the default stream, which libtorch computes
 /// on), the host collective on the tensor's own memory for a CPU tensor. A CUDA tensor in a
@@ -155,8 +143,7 @@ pub fn all_reduce_sum_(comm: &mut dyn Collective, t: &mut Tensor) -> Result<()> 
         tch::no_grad(|| t.copy_(&from_vec(&buf, &t.size(), t.device())));
         return Ok(());
     }
-    // SAFETY: checked contiguous fp32 CPU; `t` is borrowed mutably for the call.
-    comm.all_reduce_sum(unsafe { host_slice(t) })?;
+    comm.all_reduce_sum(host_f32_mut(t))?;
     Ok(())
 }
 
@@ -179,8 +166,7 @@ pub fn broadcast_(comm: &mut dyn Collective, t: &mut Tensor, root: usize) -> Res
         tch::no_grad(|| t.copy_(&from_vec(&buf, &t.size(), t.device())));
         return Ok(());
     }
-    // SAFETY: as in `all_reduce_sum_`.
-    comm.broadcast(unsafe { host_slice(t) }, root)?;
+    comm.broadcast(host_f32_mut(t), root)?;
     Ok(())
 }
 
